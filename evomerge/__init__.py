@@ -1,0 +1,3 @@
+"""evomerge: evolutionary search for model-merge recipes."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,79 @@
+"""Command-line interface: `evomerge zoo|eval|merge|search|resume|export|report`.
+
+Each command parses its options and hands over to a module that does the work; user errors
+(`EvomergeError`) are printed as one line and exit with status 2, leaving no partial output.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from evomerge.errors import EvomergeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Evolutionary search for model-merge recipes (mergekit-compatible).",
+)
+zoo_app = typer.Typer(no_args_is_help=True, help="The embedded toy model zoo.")
+app.add_typer(zoo_app, name="zoo")
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn an EvomergeError into `error: <message>` on stderr and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EvomergeError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+@zoo_app.command("build")
+@user_errors
+def zoo_build(
+    out_dir: Path = typer.Argument(..., help="Directory to write the zoo into (replaced atomically)."),
+    seed: int = typer.Option(0, help="Root seed: same seed, same bytes."),
+    mini: bool = typer.Option(False, "--mini", help="Tiny, fast zoo for tests (targets do not apply)."),
+) -> None:
+    """Train the toy base model and its experts, score them, write OUT_DIR/manifest.json."""
+    from evomerge.zoo import build_zoo
+
+    build_zoo(out_dir, seed=seed, mini=mini)
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    model_dir: Path = typer.Argument(..., help="A model directory (config.json + safetensors + tokenizer)."),
+    tasks: str = typer.Option("toy_add,toy_rev", help="Comma-separated lm-eval task names."),
+    limit: int | None = typer.Option(None, help="Score only the first N examples of each task."),
+    split: str = typer.Option("test", help="Which split to score: train, validation or test."),
+    include_path: list[Path] = typer.Option([], help="Extra folder of lm-eval task YAMLs."),
+    batch_size: int = typer.Option(64, help="lm-eval batch size."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Score a model directory on lm-eval tasks, offline."""
+    from evomerge.evaluation.cli_eval import run_eval
+
+    run_eval(model_dir, [t for t in tasks.split(",") if t], limit=limit, split=split,
+             include_paths=include_path, batch_size=batch_size, device=device, as_json=as_json)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(sys.argv[1:])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

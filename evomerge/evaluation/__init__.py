@@ -1,0 +1,1 @@
+"""Candidate evaluation: lm-eval tasks, fitness, materialization, executors."""
