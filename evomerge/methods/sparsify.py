@@ -1,0 +1,160 @@
+"""Sparsifiers of task vectors: magnitude top-k (TIES), magnitude band (Breadcrumbs), Bernoulli
+(DARE) and rank-dependent Bernoulli (DELLA's MagPrune).
+
+Ranks are ascending by |delta| with ties broken by flat index (a stable sort), so results are
+exactly defined. Selections avoid a full sort: a k-th value plus threshold compares, or a lookup
+in a precomputed `sorted_abs` (see `DeltaCache`) when the caller has one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def stable_row_ranks(magnitudes: torch.Tensor) -> torch.Tensor:
+    """Ascending 0-based rank of each entry within its row (rows = dim 0; 1-D = one row)."""
+    rows = _as_rows(magnitudes)
+    order = torch.sort(rows, dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order))
+    return ranks.reshape(magnitudes.shape)
+
+
+def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.dim() <= 1:
+        return tensor.reshape(1, -1)
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+def _kth_smallest(flat_abs: torch.Tensor, rank: int, sorted_abs: torch.Tensor | None) -> torch.Tensor:
+    """Value with 0-based ascending rank `rank`."""
+    if sorted_abs is not None:
+        return sorted_abs[rank]
+    return torch.kthvalue(flat_abs, rank + 1).values
+
+
+def rank_band_mask(flat_abs: torch.Tensor, lo: int, hi: int,
+                   sorted_abs: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask of entries whose stable ascending rank lies in `[lo, hi)`."""
+    n = flat_abs.numel()
+    lo, hi = max(0, lo), min(n, hi)
+    if lo >= hi:
+        return torch.zeros_like(flat_abs, dtype=torch.bool)
+    if lo == 0 and hi == n:
+        return torch.ones_like(flat_abs, dtype=torch.bool)
+    v_lo = _kth_smallest(flat_abs, lo, sorted_abs)
+    v_hi = _kth_smallest(flat_abs, hi - 1, sorted_abs)
+    mask = (flat_abs > v_lo) & (flat_abs < v_hi)
+    _add_tied(mask, flat_abs, v_lo, lo, hi, sorted_abs)
+    if not bool(v_hi == v_lo):
+        _add_tied(mask, flat_abs, v_hi, lo, hi, sorted_abs)
+    return mask
+
+
+def _add_tied(mask: torch.Tensor, flat_abs: torch.Tensor, value: torch.Tensor, lo: int, hi: int,
+              sorted_abs: torch.Tensor | None) -> None:
+    """Entries equal to `value` take consecutive ranks in index order; keep those in [lo, hi)."""
+    if sorted_abs is not None:
+        first = int(torch.searchsorted(sorted_abs, value, right=False))
+    else:
+        first = int((flat_abs < value).sum())
+    tied = (flat_abs == value).nonzero().flatten()
+    start, stop = max(0, lo - first), max(0, hi - first)
+    mask[tied[start:stop]] = True
+
+
+def rescale_l1(original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Scale `masked` so its L1 norm equals the original's (mergekit's `rescale`)."""
+    before = original.abs().sum()
+    after = masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def magnitude_topk(delta: torch.Tensor, density: float, *, sorted_abs: torch.Tensor | None = None,
+                   rescale: bool = False) -> torch.Tensor:
+    """Keep the `int(density * n)` largest |delta| (at least one if density > 0), zero the rest."""
+    n = delta.numel()
+    if density >= 1 or n == 0:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * n))
+    flat_abs = delta.abs().reshape(-1)
+    mask = rank_band_mask(flat_abs, n - k, n, sorted_abs).reshape(delta.shape)
+    kept = delta * mask
+    return rescale_l1(delta, kept) if rescale else kept
+
+
+def magnitude_band(delta: torch.Tensor, density: float, gamma: float, *,
+                   sorted_abs: torch.Tensor | None = None, rescale: bool = False) -> torch.Tensor:
+    """Breadcrumbs: drop the top `int(gamma * n)` outliers, then the smallest, keeping
+    `int(density * n)`; the top cut shrinks when both cuts would remove more than `1 - density`."""
+    n = delta.numel()
+    if density >= 1 or n == 0:
+        return delta
+    target = int(max(density, 0.0) * n)
+    if target == 0:
+        return torch.zeros_like(delta)
+    n_top = int(max(gamma, 0.0) * n)
+    n_bottom = max(0, n - target - n_top)
+    flat_abs = delta.abs().reshape(-1)
+    mask = rank_band_mask(flat_abs, n_bottom, n_bottom + target, sorted_abs).reshape(delta.shape)
+    kept = delta * mask
+    return rescale_l1(delta, kept) if rescale else kept
+
+
+def bernoulli_drop(delta: torch.Tensor, density: float, generator: torch.Generator, *,
+                   rescale: bool = True, rescale_norm: str = "inverse") -> torch.Tensor:
+    """DARE: keep each entry with probability `density`; rescale kept entries by 1/density
+    (unbiased, the paper) or to the original L1 norm (`rescale_norm: l1`, mergekit)."""
+    if density >= 1 or delta.numel() == 0:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    keep = torch.rand(delta.shape, generator=generator, device=delta.device) < density
+    return apply_keep_mask(delta, keep, density, rescale=rescale, rescale_norm=rescale_norm)
+
+
+def apply_keep_mask(delta: torch.Tensor, keep: torch.Tensor, probs: torch.Tensor | float, *,
+                    rescale: bool, rescale_norm: str = "inverse") -> torch.Tensor:
+    """Zero the dropped entries; rescale the kept ones by 1/keep-probability or by L1 matching."""
+    kept = delta * keep
+    if not rescale:
+        return kept
+    if rescale_norm == "l1":
+        return rescale_l1(delta, kept)
+    if isinstance(probs, float):
+        return kept / probs
+    return torch.where(keep, delta / probs.clamp_min(1e-12), torch.zeros_like(delta))
+
+
+def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float,
+                             row_ranks: torch.Tensor | None = None) -> torch.Tensor:
+    """MagPrune keep probabilities per row: linear in the |delta| rank from `density - eps`
+    (smallest) to `density + eps` (largest); mean exactly `density`. Epsilon is clipped to
+    `[0, min(density, 1 - density)]` so probabilities stay in [0, 1]."""
+    eps = max(0.0, min(epsilon, density, 1.0 - density))
+    rows = _as_rows(delta)
+    n = rows.shape[1]
+    if n <= 1 or eps == 0:
+        return torch.full_like(delta, density)
+    ranks = row_ranks if row_ranks is not None else stable_row_ranks(delta.abs())
+    ranks = _as_rows(ranks).to(delta.dtype)
+    probs = (density - eps) + (2 * eps / (n - 1)) * ranks
+    return probs.reshape(delta.shape)
+
+
+def della_magprune(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator, *,
+                   row_ranks: torch.Tensor | None = None, rescale: bool = True,
+                   rescale_norm: str = "inverse") -> torch.Tensor:
+    """DELLA drop: Bernoulli with rank-dependent keep probability q; kept entries divided by q
+    (unbiased, the paper) or rescaled to the original L1 norm (`rescale_norm: l1`, mergekit)."""
+    if density >= 1 or delta.numel() == 0:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    probs = della_keep_probabilities(delta, density, epsilon, row_ranks)
+    keep = torch.rand(delta.shape, generator=generator, device=delta.device) < probs
+    return apply_keep_mask(delta, keep, probs, rescale=rescale, rescale_norm=rescale_norm)

@@ -1,0 +1,121 @@
+"""The task-vector family: task_arithmetic, ties, dare_*, breadcrumbs*, della*.
+
+All share one shape: task vectors `delta_i = theta_i - theta_base` (computed in fp32, a deliberate
+difference from mergekit, which subtracts in the base's dtype), an optional sparsifier per task
+vector, weights, an optional TIES sign election, an optional normalisation by the (agreeing)
+weights, a global `lambda`, and `base + result`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from evomerge.methods.base import MethodCall
+from evomerge.methods.sparsify import bernoulli_drop, della_magprune, magnitude_band, magnitude_topk
+
+Sparsifier = Literal["magnitude", "band", "bernoulli", "della"] | None
+Consensus = Literal["sum", "count"] | None
+
+
+def sparsified_delta(call: MethodCall, i: int, sparsifier: Sparsifier) -> torch.Tensor:
+    """Task vector i after its sparsifier, with that input's own density/gamma/epsilon."""
+    delta = call.delta(i)
+    if sparsifier is None:
+        return delta
+    p = call.input_params[i]
+    density = float(p.get("density", 1.0))
+    rescale = bool(call.params.get("rescale", False))
+    norm = str(call.params.get("rescale_norm", "inverse"))
+    cache = call.cache(i)
+    if sparsifier == "magnitude":
+        return magnitude_topk(delta, density, sorted_abs=cache and cache.sorted_abs, rescale=rescale)
+    if sparsifier == "band":
+        return magnitude_band(delta, density, float(p.get("gamma", 0.01)),
+                              sorted_abs=cache and cache.sorted_abs, rescale=rescale)
+    if sparsifier == "bernoulli":
+        return bernoulli_drop(delta, density, call.generator(i), rescale=rescale, rescale_norm=norm)
+    if sparsifier == "della":
+        return della_magprune(delta, density, float(p.get("epsilon", 0.15)), call.generator(i),
+                              row_ranks=cache and cache.row_ranks, rescale=rescale, rescale_norm=norm)
+    raise ValueError(f"unknown sparsifier {sparsifier!r}")
+
+
+def elect_signs(weighted: list[torch.Tensor], consensus: str) -> torch.Tensor:
+    """TIES election: True where the elected sign is +, i.e. where the total (`sum`) or the
+    vote count (`count`) is >= 0; an exact tie elects +."""
+    if consensus == "sum":
+        return _sum(weighted) >= 0
+    votes = torch.zeros_like(weighted[0])
+    for w in weighted:
+        votes += torch.sign(w)
+    return votes >= 0
+
+
+def generalized_task_arithmetic(call: MethodCall, sparsifier: Sparsifier, consensus: Consensus) -> torch.Tensor:
+    if call.base is None:
+        raise RuntimeError(f"{call.tensor_name}: task-vector methods need the base tensor")
+    count = len(call.inputs)
+    weights = [float(call.input_params[i]["weight"]) for i in range(count)]
+    weighted = [sparsified_delta(call, i, sparsifier) * weights[i] for i in range(count)]
+    reference = weighted[0]
+    if consensus is not None:
+        positive = elect_signs(weighted, consensus)
+        mixed = torch.zeros_like(reference)
+        divisor = torch.zeros_like(reference)
+        for w_delta, w in zip(weighted, weights, strict=False):
+            agrees = torch.where(positive, w_delta > 0, w_delta < 0)
+            mixed += torch.where(agrees, w_delta, 0.0)
+            divisor += agrees * w
+        divisor = torch.where(divisor == 0, 1.0, divisor)
+    else:
+        mixed = _sum(weighted)
+        total = sum(weights)
+        divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total, device=reference.device)
+    if call.params.get("normalize", False):
+        mixed = mixed / divisor
+    scale = float(call.params.get("lambda", 1.0))
+    if scale != 1.0:
+        mixed = mixed * scale
+    return call.base + mixed
+
+
+def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Elementwise sum without stacking (one extra tensor of memory, not k)."""
+    total = tensors[0].clone()
+    for t in tensors[1:]:
+        total += t
+    return total
+
+
+def task_arithmetic(call: MethodCall) -> torch.Tensor:
+    return generalized_task_arithmetic(call, None, None)
+
+
+def ties(call: MethodCall) -> torch.Tensor:
+    return generalized_task_arithmetic(call, "magnitude", call.params.get("consensus", "sum"))
+
+
+def dare_ties(call: MethodCall) -> torch.Tensor:
+    return generalized_task_arithmetic(call, "bernoulli", call.params.get("consensus", "sum"))
+
+
+def dare_linear(call: MethodCall) -> torch.Tensor:
+    return generalized_task_arithmetic(call, "bernoulli", None)
+
+
+def breadcrumbs(call: MethodCall) -> torch.Tensor:
+    return generalized_task_arithmetic(call, "band", None)
+
+
+def breadcrumbs_ties(call: MethodCall) -> torch.Tensor:
+    return generalized_task_arithmetic(call, "band", call.params.get("consensus", "sum"))
+
+
+def della(call: MethodCall) -> torch.Tensor:
+    return generalized_task_arithmetic(call, "della", call.params.get("consensus", "sum"))
+
+
+def della_linear(call: MethodCall) -> torch.Tensor:
+    return generalized_task_arithmetic(call, "della", None)
