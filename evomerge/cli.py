@@ -71,6 +71,32 @@ def eval_cmd(
              include_paths=include_path, batch_size=batch_size, device=device, as_json=as_json)
 
 
+def _merge_help() -> str:
+    from evomerge.methods.registry import REGISTRY
+
+    methods = "\n\n".join(f"  {m.name}: {m.summary}" for m in REGISTRY.values())
+    return ("Merge models as a mergekit-style RECIPE.yaml describes, into OUT_DIR (written atomically).\n\n"
+            f"Methods:\n\n{methods}")
+
+
+@app.command("merge", help=_merge_help())
+@user_errors
+def merge_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (mergekit schema)."),
+    out_dir: Path = typer.Argument(..., help="Output model directory (appears only when complete)."),
+    seed: int | None = typer.Option(None, help="Seed for random methods (default: the recipe's seed, else 0)."),
+    device: str = typer.Option("cpu", help="cpu or cuda: where the merge math runs."),
+    max_shard_size: str = typer.Option("2GB", help="Largest output shard, e.g. 2GB, 500MB."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; write nothing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    from evomerge.merge import merge_from_file
+
+    merge_from_file(recipe, out_dir, seed=seed, device=device, max_shard_size=max_shard_size,
+                    dry_run=dry_run, overwrite=overwrite, progress=not quiet, echo=typer.echo)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(sys.argv[1:])
 
