@@ -26,6 +26,8 @@ def sparsified_delta(call: MethodCall, i: int, sparsifier: Sparsifier) -> torch.
         return delta
     p = call.input_params[i]
     density = float(p.get("density", 1.0))
+    if density >= 1:
+        return delta  # every sparsifier keeps everything at density 1 (Breadcrumbs' gamma included)
     rescale = bool(call.params.get("rescale", False))
     norm = str(call.params.get("rescale_norm", "inverse"))
     cache = call.cache(i)

@@ -1,0 +1,104 @@
+"""Fixtures for the merge-engine tests: tiny but real transformers checkpoints on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+LLAMA_KW = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                tie_word_embeddings=False)
+
+
+def make_llama(path: Path, seed: int, *, base: Path | None = None, noise: float = 0.02,
+               dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    """A random LlamaForCausalLM saved with save_pretrained; with `base`, a 'fine-tune' of it
+    (base weights plus seeded noise), so task vectors are small like real ones."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**LLAMA_KW, **overrides}))
+    if base is not None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(base / "model.safetensors"))
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in state:
+                    param.copy_(state[name] + noise * torch.randn(param.shape, generator=generator))
+    model.to(dtype).save_pretrained(path)
+    return path
+
+
+def make_gpt2(path: Path, seed: int, *, base: Path | None = None, noise: float = 0.02) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=80, n_positions=32, n_embd=32, n_layer=3, n_head=4))
+    if base is not None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(base / "model.safetensors"))
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in state:
+                    param.copy_(state[name] + noise * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(path)
+    return path
+
+
+def write_tokenizer(path: Path) -> None:
+    """Minimal tokenizer files, enough to check they are copied."""
+    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64, "marker": path.name}))
+    (path / "special_tokens_map.json").write_text("{}")
+
+
+@pytest.fixture(scope="session")
+def llama_zoo(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("llama_zoo")
+    base = make_llama(root / "base", 0)
+    write_tokenizer(base)
+    zoo = {"base": base}
+    for i, name in enumerate(["ft1", "ft2", "ft3"], start=1):
+        zoo[name] = make_llama(root / name, i, base=base)
+        write_tokenizer(zoo[name])
+    zoo["deep"] = make_llama(root / "deep", 9, num_hidden_layers=6)
+    return zoo
+
+
+@pytest.fixture(scope="session")
+def gpt2_zoo(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gpt2_zoo")
+    base = make_gpt2(root / "base", 0)
+    return {"base": base, "ft1": make_gpt2(root / "ft1", 1, base=base), "ft2": make_gpt2(root / "ft2", 2, base=base)}
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def fake_llama(path: Path, layers: int, *, seed: int = 0, hidden: int = 8, vocab: int = 16) -> Path:
+    """A Llama-layout checkpoint written directly with safetensors (fast; for planning tests)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g),
+               "model.norm.weight": torch.ones(hidden), "lm_head.weight": torch.randn(vocab, hidden, generator=g)}
+    for i in range(layers):
+        for suffix in ("self_attn.q_proj.weight", "mlp.down_proj.weight"):
+            tensors[f"model.layers.{i}.{suffix}"] = torch.randn(hidden, hidden, generator=g)
+        tensors[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(hidden)
+    save_file(tensors, str(path / "model.safetensors"))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": layers,
+              "hidden_size": hidden, "vocab_size": vocab, "tie_word_embeddings": False}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
