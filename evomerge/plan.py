@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from evomerge.architecture import Architecture, detect_architecture, num_layers, output_config
-from evomerge.checkpoint import CheckpointReader, dtype_name, parse_dtype
+from evomerge.checkpoint import CheckpointReader, dtype_name, parse_dtype, read_config
 from evomerge.errors import EvomergeError
 from evomerge.methods.base import MergeMethod, make_generator
 from evomerge.recipe import OutputSlice, Parameters, Recipe, SliceSource, evaluate_setting
@@ -119,6 +119,7 @@ class ModelCatalog:
         path = self._locate(reference, where)
         info = self._infos.get(path)
         if info is None:
+            detect_architecture(read_config(path, where), where)  # fail on the config before the weights
             reader = CheckpointReader(path, where)
             info = ModelInfo.from_reader(reference, reader, where)
             reader.close()

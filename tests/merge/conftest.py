@@ -40,7 +40,8 @@ def make_gpt2(path: Path, seed: int, *, base: Path | None = None, noise: float =
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=80, n_positions=32, n_embd=32, n_layer=3, n_head=4))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=80, n_positions=32, n_embd=32, n_layer=3, n_head=4,
+                                           bos_token_id=0, eos_token_id=0))
     if base is not None:
         from safetensors.torch import load_file
 

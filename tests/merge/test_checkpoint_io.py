@@ -1,0 +1,233 @@
+"""Reading and writing model directories: sharding, atomicity, configs, tokenizers, architectures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_llama, write_tokenizer
+from safetensors.torch import load_file
+
+from evomerge.checkpoint import CheckpointReader, TensorEntry, parse_size, shard_layout
+from evomerge.errors import EvomergeError
+from evomerge.merge import RECIPE_FILE, merge_from_file
+from evomerge.recipe import load_recipe
+
+
+def read_all(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(file)))
+    return out
+
+
+def merge(tmp_path: Path, text: str, out_name: str = "out", **kw) -> Path:
+    recipe = tmp_path / f"{out_name}.yml"
+    recipe.write_text(text)
+    out = tmp_path / out_name
+    merge_from_file(recipe, out, progress=False, **kw)
+    return out
+
+
+def identity_recipe(model: Path) -> str:
+    return f"merge_method: passthrough\nmodels: [{{model: {model}}}]\n"
+
+
+def test_parse_size():
+    assert parse_size("2GB") == 2_000_000_000
+    assert parse_size("500MB") == 500_000_000
+    assert parse_size("1.5GiB") == int(1.5 * 1024**3)
+    assert parse_size("1234") == 1234
+    with pytest.raises(EvomergeError, match="--max-shard-size"):
+        parse_size("two gigs")
+
+
+def test_shard_layout_packs_in_order():
+    entries = [TensorEntry(f"t{i}", (10,), torch.float32) for i in range(5)]  # 40 bytes each
+    layout = shard_layout(entries, 100)
+    assert [[e.name for e in shard] for shard in layout] == [["t0", "t1"], ["t2", "t3"], ["t4"]]
+    assert [len(s) for s in shard_layout(entries, 10)] == [1, 1, 1, 1, 1]  # oversized tensors alone
+
+
+def test_reads_sharded_checkpoint_and_writes_sharded_output(tmp_path, llama_zoo):
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded_in"
+    AutoModelForCausalLM.from_pretrained(llama_zoo["ft1"]).save_pretrained(sharded, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    reader = CheckpointReader(sharded)
+    original = load_file(str(llama_zoo["ft1"] / "model.safetensors"))
+    assert set(reader.names()) == set(original)
+    assert torch.equal(reader.get("model.layers.3.mlp.up_proj.weight"), original["model.layers.3.mlp.up_proj.weight"])
+
+    out = merge(tmp_path, identity_recipe(sharded), max_shard_size="30KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {s.name for s in shards}
+    for shard in shards:
+        tensors = load_file(str(shard))
+        assert shard.stat().st_size <= 30_000 + 4096 or len(tensors) == 1
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in original.values())
+    merged = read_all(out)
+    assert merged.keys() == original.keys()
+    assert all(torch.equal(merged[k], original[k]) for k in original)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    reference = AutoModelForCausalLM.from_pretrained(llama_zoo["ft1"])
+    torch.testing.assert_close(reloaded(ids).logits, reference(ids).logits, atol=0, rtol=0)
+
+
+def test_output_directory_contents(tmp_path, llama_zoo):
+    text = f"""
+merge_method: dare_ties
+base_model: {llama_zoo['base']}
+models:
+  - model: {llama_zoo['ft1']}
+    parameters: {{weight: 0.6, density: 0.5}}
+  - model: {llama_zoo['ft2']}
+    parameters: {{weight: 0.4, density: 0.5}}
+tokenizer_source: {llama_zoo['ft2']}
+"""
+    out = merge(tmp_path, text, seed=11)
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer_config.json", RECIPE_FILE} <= names
+    assert json.loads((out / "tokenizer_config.json").read_text())["marker"] == "ft2"
+    written = load_recipe(out / RECIPE_FILE)
+    assert written.seed == 11 and written.merge_method == "dare_ties"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    out2 = merge(tmp_path, text.replace(f"tokenizer_source: {llama_zoo['ft2']}\n", ""), "out2")
+    assert json.loads((out2 / "tokenizer_config.json").read_text())["marker"] == "base"
+
+
+class _Interrupt(KeyboardInterrupt):
+    pass
+
+
+def test_interrupted_merge_leaves_nothing(tmp_path, llama_zoo, monkeypatch):
+    from evomerge.methods import task_arithmetic
+
+    calls = {"n": 0}
+    real = task_arithmetic.generalized_task_arithmetic
+
+    def flaky(call, sparsifier, consensus):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise _Interrupt()
+        return real(call, sparsifier, consensus)
+
+    monkeypatch.setattr(task_arithmetic, "generalized_task_arithmetic", flaky)
+    text = f"""
+merge_method: ties
+base_model: {llama_zoo['base']}
+models: [{{model: {llama_zoo['ft1']}, parameters: {{weight: 1, density: 0.3}}}}]
+"""
+    with pytest.raises(_Interrupt):
+        merge(tmp_path, text, max_shard_size="20KB")
+    assert calls["n"] == 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.yml"]
+
+    previous = tmp_path / "out"
+    previous.mkdir()
+    (previous / "config.json").write_text("{}")
+    calls["n"] = 0
+    with pytest.raises(_Interrupt):
+        merge(tmp_path, text, overwrite=True)
+    assert sorted(p.name for p in previous.iterdir()) == ["config.json"]  # old output intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.yml"]
+
+
+def test_layer_stack_config_and_weights(tmp_path, llama_zoo):
+    from transformers import AutoModelForCausalLM
+
+    text = f"""
+merge_method: passthrough
+slices:
+  - sources: [{{model: {llama_zoo['ft1']}, layer_range: [0, 3]}}]
+  - sources:
+      - model: {llama_zoo['ft2']}
+        layer_range: [1, 4]
+        parameters:
+          scale: [{{filter: o_proj, value: 0.5}}, {{value: 1.0}}]
+dtype: bfloat16
+"""
+    out = merge(tmp_path, text)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6 and config["dtype"] == "bfloat16"
+    merged = read_all(out)
+    ft1 = load_file(str(llama_zoo["ft1"] / "model.safetensors"))
+    ft2 = load_file(str(llama_zoo["ft2"] / "model.safetensors"))
+    assert torch.equal(merged["model.layers.2.mlp.up_proj.weight"], ft1["model.layers.2.mlp.up_proj.weight"].bfloat16())
+    assert torch.equal(merged["model.layers.3.mlp.up_proj.weight"], ft2["model.layers.1.mlp.up_proj.weight"].bfloat16())
+    assert torch.equal(merged["model.layers.5.self_attn.o_proj.weight"],
+                       (ft2["model.layers.3.self_attn.o_proj.weight"].bfloat16().float() * 0.5).bfloat16())
+    assert torch.equal(merged["model.embed_tokens.weight"], ft1["model.embed_tokens.weight"].bfloat16())
+    assert torch.equal(merged["lm_head.weight"], ft2["lm_head.weight"].bfloat16())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert len(model.model.layers) == 6
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_gpt2_and_tied_embeddings(tmp_path, gpt2_zoo):
+    from transformers import AutoModelForCausalLM
+
+    text = f"""
+merge_method: ties
+base_model: {gpt2_zoo['base']}
+models:
+  - model: {gpt2_zoo['ft1']}
+    parameters: {{weight: 1.0, density: 0.5}}
+  - model: {gpt2_zoo['ft2']}
+    parameters: {{weight: 1.0, density: 0.5}}
+"""
+    out = merge(tmp_path, text)
+    merged = read_all(out)
+    assert "lm_head.weight" not in merged and "transformer.wte.weight" in merged
+    assert json.loads((out / "config.json").read_text())["n_layer"] == 3
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(model.lm_head.weight, merged["transformer.wte.weight"])
+
+
+def test_tied_and_untied_llama_mix(tmp_path, llama_zoo):
+    tied = make_llama(tmp_path / "tied", 5, base=llama_zoo["base"], tie_word_embeddings=True)
+    assert "lm_head.weight" not in load_file(str(tied / "model.safetensors"))
+    text = f"""
+merge_method: linear
+models:
+  - model: {tied}
+    parameters: {{weight: 1.0}}
+  - model: {llama_zoo['ft1']}
+    parameters: {{weight: 1.0}}
+"""
+    out = merge(tmp_path, text)
+    merged = read_all(out)
+    tied_state = load_file(str(tied / "model.safetensors"))
+    ft1 = load_file(str(llama_zoo["ft1"] / "model.safetensors"))
+    # the tied model contributes its embedding matrix as its lm_head
+    expected = (tied_state["model.embed_tokens.weight"] + ft1["lm_head.weight"]) / 2
+    torch.testing.assert_close(merged["lm_head.weight"], expected, atol=1e-7, rtol=0)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+
+    only_tied = merge(tmp_path, f"merge_method: passthrough\nmodels: [{{model: {tied}}}]\n", "out2")
+    assert "lm_head.weight" not in read_all(only_tied)
+    assert json.loads((only_tied / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_unsupported_architecture_and_vocab_mismatch(tmp_path, llama_zoo):
+    other = make_llama(tmp_path / "vocab", 3, vocab_size=100)
+    write_tokenizer(other)
+    text = f"""
+merge_method: task_arithmetic
+base_model: {llama_zoo['base']}
+models: [{{model: {other}, parameters: {{weight: 1}}}}]
+"""
+    with pytest.raises(EvomergeError, match="vocabulary sizes differ"):
+        merge(tmp_path, text)
+    weird = tmp_path / "weird"
+    weird.mkdir()
+    (weird / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+    with pytest.raises(EvomergeError, match="unsupported architecture BertModel"):
+        merge(tmp_path, identity_recipe(weird), "out3")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out3").exists()
+
