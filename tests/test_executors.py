@@ -8,6 +8,7 @@ both actors are alive again, so they do not depend on each other's order.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import math
 import shutil
@@ -27,6 +28,14 @@ PENALTY = -100.0
 SPEC = WorkerSpec(ProbeWorker, {"seed": 3})
 TIMEOUT = 2.0
 GRACE = 1.0
+
+
+@pytest.fixture(autouse=True)
+def watchdog() -> Iterator[None]:
+    """A hung Ray call must fail the run with a traceback, not stall it."""
+    faulthandler.dump_traceback_later(180, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 def plain(n: int, prefix: str = "c") -> list[Candidate]:
@@ -51,7 +60,9 @@ def local_pool() -> Iterator[LocalExecutor]:
 
 
 def local_outcomes(pool: LocalExecutor, candidates: list[Candidate]) -> dict[str, tuple]:
-    return {r.candidate_id: r.outcome() for r in pool.map_unordered(candidates)}
+    """The in-process pool's outcomes for the same candidates (sleeps dropped: they change no score)."""
+    undelayed = [Candidate(c.id, {k: v for k, v in c.payload.items() if k != "sleep"}) for c in candidates]
+    return {r.candidate_id: r.outcome() for r in pool.map_unordered(undelayed)}
 
 
 # ---- in-process pool and shared bookkeeping -----------------------------------------------------
@@ -117,6 +128,12 @@ def test_ledger_requeues_a_dead_workers_candidate_then_gives_up() -> None:
     assert "a" not in ledger.open_ids
 
 
+def test_results_round_trip_through_plain_dicts() -> None:
+    result = EvalResult.success("c", -1.5, {"acc": 0.5}, timings={"forward": 0.1})
+    result.worker, result.attempts, result.seconds = "ray-1", 2, 0.25
+    assert EvalResult.from_dict(result.to_dict()) == result
+
+
 def test_worker_spec_accepts_a_dotted_factory_name() -> None:
     spec = WorkerSpec("evomerge.evaluation.probe_worker:ProbeWorker", {"seed": 3})
     assert spec.resolve_factory() is ProbeWorker
@@ -132,6 +149,8 @@ def test_pool_plan_is_one_actor_per_gpu_else_per_cpu() -> None:
     assert (cpu.n_workers, cpu.num_gpus, cpu.torch_threads) == (2, 0.0, 1)
     assert cpu.actor_options() == {"num_cpus": 0.5}, "fractional, so plain tasks are never starved"
     assert plan_pool({"CPU": 2.0}, n_workers=3).n_workers == 3
+    with pytest.raises(ValueError, match="needs 3 GPUs"):
+        plan_pool({"CPU": 64.0, "GPU": 2.0}, n_workers=3)
     with pytest.raises(ValueError):
         plan_pool({"CPU": 2.0}, n_workers=0)
 
@@ -202,6 +221,24 @@ def test_a_free_worker_takes_the_next_candidate_without_waiting_for_a_slow_one(p
     pool.submit([slow, *quick])
     order = [r.candidate_id for r in pool.as_completed()]
     assert order[-1] == "slow" and sorted(order[:-1]) == sorted(c.id for c in quick)
+
+
+def test_pipelined_calls_start_their_clock_when_they_reach_the_head(
+    pool: RayExecutor, local_pool: LocalExecutor
+) -> None:
+    # Two sleepers queued on each actor: the second one finishes 3.6 s after dispatch, past the
+    # hard deadline (TIMEOUT + GRACE = 3 s) if its clock started at dispatch instead of at its turn.
+    sleepers = [Candidate(f"s{i}", {"seed": i, "sleep": 1.8}) for i in range(4)]
+    batch = sleepers + plain(4, "d")
+    pool.in_flight_per_worker = 2
+    try:
+        pool.submit(batch)
+        assert sorted(len(ids) for ids in pool.in_flight().values()) == [2, 2]
+        results = collect(pool.as_completed(), len(batch))
+    finally:
+        pool.in_flight_per_worker = 1
+    assert {cid: r.outcome() for cid, r in results.items()} == local_outcomes(local_pool, batch)
+    assert all(r.attempts == 1 for r in results.values())
 
 
 def test_actor_killed_mid_evaluation_is_retried_elsewhere_and_restarts(

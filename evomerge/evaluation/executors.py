@@ -176,13 +176,11 @@ class RayExecutor(Executor):
         super().__init__(penalty, max_attempts=max_attempts, timeout=timeout)
         import ray
 
-        if in_flight_per_worker < 1:
-            raise ValueError(f"in_flight_per_worker must be at least 1, got {in_flight_per_worker}")
         if max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
         self._ray = ray
         self._owns_ray = init_ray(ray_address, temp_dir=ray_temp_dir)
-        self._depth = in_flight_per_worker
+        self.in_flight_per_worker = in_flight_per_worker
         self._max_restarts = max_restarts
         self._grace = timeout_grace if timeout_grace is not None else max(2.0, 0.25 * (timeout or 0.0))
         self._start_timeout = start_timeout
@@ -206,6 +204,18 @@ class RayExecutor(Executor):
             self._start_watch(slot)
 
     # ---- public extras -------------------------------------------------------------------------
+
+    @property
+    def in_flight_per_worker(self) -> int:
+        """Calls queued on each actor: 1 = strict one-at-a-time, 2 = the next candidate is already
+        waiting in the actor when the current one ends (hides the driver round trip)."""
+        return self._depth
+
+    @in_flight_per_worker.setter
+    def in_flight_per_worker(self, depth: int) -> None:
+        if depth < 1:
+            raise ValueError(f"in_flight_per_worker must be at least 1, got {depth}")
+        self._depth = depth
 
     def submit(self, candidates: Iterable[Candidate]) -> None:
         """Queue candidates and start them on idle slots right away."""

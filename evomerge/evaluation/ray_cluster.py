@@ -104,6 +104,8 @@ def plan_pool(
         raise ValueError(f"n_workers must be at least 1, got {n_workers}")
     if gpus >= gpus_per_worker > 0:
         count = n_workers if n_workers is not None else int(gpus // gpus_per_worker)
+        if count * gpus_per_worker > gpus:
+            raise ValueError(f"n_workers={count} needs {count * gpus_per_worker:g} GPUs; the cluster has {gpus:g}")
         return PoolPlan(count, cpus_per_worker, gpus_per_worker, None)
     count = n_workers if n_workers is not None else max(1, int(cpus))
     return PoolPlan(count, cpus_per_worker, 0.0, 1)
