@@ -42,11 +42,18 @@ def rank_band_mask(flat_abs: torch.Tensor, lo: int, hi: int,
         return torch.zeros_like(flat_abs, dtype=torch.bool)
     if lo == 0 and hi == n:
         return torch.ones_like(flat_abs, dtype=torch.bool)
-    v_lo = _kth_smallest(flat_abs, lo, sorted_abs)
-    v_hi = _kth_smallest(flat_abs, hi - 1, sorted_abs)
-    mask = (flat_abs > v_lo) & (flat_abs < v_hi)
-    _add_tied(mask, flat_abs, v_lo, lo, hi, sorted_abs)
-    if not bool(v_hi == v_lo):
+    # Bounds only where the band has an edge: a top-k needs one order statistic, not two.
+    v_lo = _kth_smallest(flat_abs, lo, sorted_abs) if lo > 0 else None
+    v_hi = _kth_smallest(flat_abs, hi - 1, sorted_abs) if hi < n else None
+    if v_lo is not None and v_hi is not None:
+        mask = (flat_abs > v_lo) & (flat_abs < v_hi)
+    elif v_lo is not None:
+        mask = flat_abs > v_lo
+    else:
+        mask = flat_abs < v_hi
+    if v_lo is not None:
+        _add_tied(mask, flat_abs, v_lo, lo, hi, sorted_abs)
+    if v_hi is not None and (v_lo is None or not bool(v_hi == v_lo)):
         _add_tied(mask, flat_abs, v_hi, lo, hi, sorted_abs)
     return mask
 

@@ -285,3 +285,16 @@ def test_registry_has_every_required_method():
     assert required <= set(REGISTRY)
     assert {m.name for m in REGISTRY.values() if m.random} == {"dare_ties", "dare_linear", "della",
                                                                "della_linear", "arcee_fusion"}
+
+
+def test_rank_band_mask_matches_a_stable_sort_with_many_ties():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        values = torch.randint(0, 5, (n,), generator=g).float()  # heavy ties
+        lo = int(torch.randint(0, n + 1, (1,), generator=g))
+        hi = int(torch.randint(lo, n + 1, (1,), generator=g))
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[torch.sort(values, stable=True).indices[lo:hi]] = True
+        assert torch.equal(rank_band_mask(values, lo, hi), expected)
+        assert torch.equal(rank_band_mask(values, lo, hi, values.sort().values), expected)
