@@ -7,6 +7,7 @@ Each command parses its options and hands over to a module that does the work; u
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 import typer
 
 from evomerge.errors import EvomergeError
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # rich shows progress; silence the libraries' tqdm bars
 
 app = typer.Typer(
     add_completion=False,

@@ -1,0 +1,148 @@
+"""lm-eval glue: load task objects once, score any in-memory model with them, offline.
+
+Building lm-eval tasks costs far more than scoring a tiny model, so a worker loads them once
+(`load_tasks`) and reuses the objects for every candidate (`score_tasks`). We use
+`evaluator.evaluate` directly: unlike `simple_evaluate` it does not reseed the global RNGs, which
+would otherwise freeze a CMA-ES that draws from them (reference/stack.md §4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import EvomergeError
+from evomerge.paths import tasks_dir
+
+SPLITS = ("train", "validation", "test")
+SPLIT_KEYS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
+
+
+def quiet_offline_env() -> None:
+    """No hub access at run time, and no progress-bar noise from the HF libraries."""
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(key, "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+@contextlib.contextmanager
+def _cwd(path: Path) -> Iterator[None]:
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+@dataclass
+class LoadedTasks:
+    """lm-eval task objects built once, plus the split each one scores."""
+
+    task_dict: dict[str, Any]
+    split: str
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.task_dict["tasks"])
+
+    def size(self, name: str) -> int:
+        return len(self.task_dict["tasks"][name].eval_docs)
+
+
+def task_manager(include_paths: Sequence[Path] = ()):
+    """A TaskManager over our tasks/ folder (+ user folders), without lm-eval's 17 s default index."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(tasks_dir())] + [str(Path(p).resolve()) for p in include_paths]
+    return TaskManager(include_path=paths, include_defaults=False, verbosity="ERROR")
+
+
+def load_tasks(names: Sequence[str], split: str = "test", include_paths: Sequence[Path] = ()) -> LoadedTasks:
+    """Build the named tasks so that they score `split`.
+
+    Relative `data_files` in a task YAML are resolved against the YAML's own folder, so task folders
+    work from any working directory (lm-eval itself resolves them against the CWD).
+    """
+    quiet_offline_env()
+    if split not in SPLITS:
+        raise EvomergeError(f"split: unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    manager = task_manager(include_paths)
+    merged: dict[str, Any] = {"tasks": {}, "groups": {}, "group_map": {}}
+    for name in names:
+        entry = manager.task_index.get(name)
+        if entry is None:
+            raise EvomergeError(
+                f"tasks: unknown lm-eval task {name!r}; known here: {', '.join(manager.all_subtasks) or 'none'}"
+                " (add a folder of task YAMLs with --include-path)")
+        folder = Path(entry.yaml_path).parent if entry.yaml_path else Path.cwd()
+        with _cwd(folder):
+            loaded = manager.load([name])
+        for key in merged:
+            merged[key].update(loaded[key])
+    for name, task in merged["tasks"].items():
+        _select_split(task, name, split)
+        task.set_config(key="num_fewshot", value=0)
+    return LoadedTasks(merged, split)
+
+
+def _select_split(task: Any, name: str, split: str) -> None:
+    """Make lm-eval's eval_docs (which prefers test_split) return `split`."""
+    configured = getattr(task.config, SPLIT_KEYS[split])
+    if configured is None or configured not in task.dataset:
+        raise EvomergeError(f"split: task {name!r} has no {split} split; its YAML must set {SPLIT_KEYS[split]}")
+    task.set_config(key="test_split", value=configured)
+
+
+def seeded_subset(size: int, limit: int | None, seed: int) -> list[int] | None:
+    """A fixed random subset of item indices (sorted), or None for all items."""
+    if limit is None or limit >= size:
+        return None
+    return sorted(random.Random(seed).sample(range(size), limit))
+
+
+def make_lm(model: Any, tokenizer: Any, batch_size: int = 64, device: str | None = None):
+    """An HFLM around an already-built transformers model (no reload per candidate)."""
+    import logging
+
+    from lm_eval.models.huggingface import HFLM
+
+    logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
+    device = device or str(next(model.parameters()).device)
+    max_length = getattr(model.config, "max_position_embeddings", 2048)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                device=device)
+
+
+def score_tasks(lm: Any, tasks: LoadedTasks, samples: dict[str, list[int]] | None = None,
+                log_samples: bool = False) -> dict[str, Any]:
+    """Run lm-eval on resident task objects; returns lm-eval's result dict (never reseeds RNGs)."""
+    import logging
+
+    from lm_eval import evaluator
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    samples = {k: v for k, v in (samples or {}).items() if v is not None} or None
+    return evaluator.evaluate(lm=lm, task_dict=tasks.task_dict, samples=samples, bootstrap_iters=0,
+                              log_samples=log_samples, verbosity="ERROR")
+
+
+def metric_values(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} from lm-eval's results, dropping stderr and alias entries."""
+    out: dict[str, dict[str, float]] = {}
+    for task, metrics in results["results"].items():
+        out[task] = {
+            key.split(",")[0]: float(value)
+            for key, value in metrics.items()
+            if "," in key and "_stderr" not in key and isinstance(value, (int, float))
+        }
+    return out

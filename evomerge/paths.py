@@ -1,0 +1,17 @@
+"""Where the project's bundled resources live (tasks/, search_spaces/)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def tasks_dir() -> Path:
+    """The bundled lm-eval task folder; EVOMERGE_TASKS_DIR overrides it."""
+    return Path(os.environ.get("EVOMERGE_TASKS_DIR", REPO_ROOT / "tasks"))
+
+
+def search_spaces_dir() -> Path:
+    return REPO_ROOT / "search_spaces"

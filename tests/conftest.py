@@ -1,0 +1,23 @@
+"""Shared fixtures: one mini toy zoo per test session (built for real, ~20 s on 2 cores)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def mini_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real mini zoo (base + three experts), built once per session with seed 0."""
+    from evomerge.zoo import build_zoo
+
+    out = tmp_path_factory.mktemp("zoo") / "mini"
+    build_zoo(out, seed=0, mini=True, quiet=True)
+    return out
