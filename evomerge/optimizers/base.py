@@ -1,0 +1,30 @@
+"""The ask/tell contract every optimizer adapter follows (pycma now; optuna samplers later).
+
+The driver asks for one generation of genomes, evaluates them, and tells the fitnesses back in
+the order asked; fitness is *maximized* (an adapter over a minimizer negates it). An adapter must
+pickle to a checkpoint that continues bit-identically in a fresh process: it owns every random
+state it draws from, so nothing else in the process (lm-eval reseeding the global RNGs, for one)
+can change its trajectory.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+
+class AskTellOptimizer(ABC):
+    name: str = "optimizer"
+
+    @abstractmethod
+    def ask(self) -> list[list[float]]:
+        """One generation of genomes inside the bounds (plain floats)."""
+
+    @abstractmethod
+    def tell(self, genomes: Sequence[Sequence[float]], fitnesses: Sequence[float]) -> None:
+        """The fitness (higher is better) of each genome of the last `ask`, in the same order."""
+
+    @property
+    @abstractmethod
+    def generation(self) -> int:
+        """Generations told so far."""

@@ -1,0 +1,240 @@
+"""The search-space YAML as typed objects, validated with one-line errors that name the field.
+
+A search space says what may vary (PS genes, DFS path), what fitness is (lm-eval tasks and
+weights), which split each phase scores, and the budget. It holds no model data: model layer
+counts are read from config.json when the space is bound (`evomerge.space.SearchSpace`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import EvomergeError
+
+SPLITS = ("train", "validation", "test")
+PS_METHODS = ("ties", "dare_ties", "task_arithmetic", "linear", "della", "breadcrumbs",
+              "dare_linear", "della_linear", "breadcrumbs_ties")
+DEFAULT_WORKER = "evomerge.evaluation.fitness:FitnessWorker"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskSpec(_Strict):
+    """One lm-eval task in the fitness: fitness = sum of weight * metric over tasks."""
+
+    name: str = Field(min_length=1)
+    metric: str = "exact_match"
+    weight: float = 1.0
+    limit: int | None = Field(default=None, ge=1)  # items per evaluation (a fixed seeded subset)
+
+
+class Splits(_Strict):
+    """Which split the search optimizes, which chooses the final recipe, which is reported once."""
+
+    search: Literal["train", "validation", "test"] = "train"
+    select: Literal["train", "validation", "test"] = "validation"
+    report: Literal["train", "validation", "test"] = "test"
+
+    @model_validator(mode="after")
+    def _report_held_out(self) -> Splits:
+        if self.report in (self.search, self.select):
+            raise ValueError(f"splits.report: {self.report!r} is also searched or used for selection; "
+                             "report on a held-out split (e.g. test)")
+        return self
+
+
+class Budget(_Strict):
+    max_evals: int = Field(default=200, ge=1)
+    popsize: int | None = Field(default=None, ge=2)  # None: 4 + floor(3 ln n_genes), as in the paper
+    sigma0: float = Field(default=1 / 6, gt=0, le=1)  # fraction of each gene's range
+    select_top_k: int = Field(default=5, ge=1)  # re-scored on the selection split at the end
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["cma"] = "cma"
+    options: dict[str, Any] = Field(default_factory=dict)  # passed to cma.CMAEvolutionStrategy
+
+
+class WorkerConfig(_Strict):
+    """How workers are built: `factory` is 'package.module:attr', called with `kwargs` plus the
+    sources, tasks and include paths of the space (see evomerge.search.worker_spec)."""
+
+    factory: str = DEFAULT_WORKER
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    penalty: float = 0.0  # fitness of a failed evaluation
+    timeout: float | None = Field(default=None, gt=0)  # seconds per candidate
+
+
+Bounds = tuple[float, float]
+
+
+class PSConfig(_Strict):
+    """Parameter-space merging: one value per source model per layer group for each gene kind."""
+
+    method: str = "dare_ties"
+    granularity: Literal["whole", "layer"] | int = "whole"  # an int k: blocks of k layers
+    split_attn_mlp: bool = False  # separate genes for attention and MLP tensors
+    embedding_genes: bool = False  # separate groups for embeddings (pre) and final norm / head (post)
+    genes: dict[str, Bounds] | None = None  # gene kind -> bounds; default: weight and density in [0, 1]
+    x0: dict[str, float] = Field(default_factory=dict)  # gene kind -> start value (default: mid-range)
+    parameters: dict[str, Any] = Field(default_factory=dict)  # fixed global method parameters
+    mask_seed: Literal["run", "candidate"] = "run"  # one DARE/DELLA mask seed per run, or per candidate
+    decimals: int = Field(default=6, ge=1, le=12)  # values are rounded so recipes read well and dedupe
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in PS_METHODS:
+            raise ValueError(f"unknown PS method {value!r} (use one of {', '.join(PS_METHODS)})")
+        return value
+
+    @field_validator("granularity")
+    @classmethod
+    def _positive_block(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"block size must be >= 1 (got {value}); or use 'whole' / 'layer'")
+        return value
+
+    @field_validator("genes")
+    @classmethod
+    def _ordered_bounds(cls, value: dict[str, Bounds] | None) -> dict[str, Bounds] | None:
+        for kind, (low, high) in (value or {}).items():
+            if not low < high:
+                raise ValueError(f"{kind}: bounds must be [low, high] with low < high (got [{low}, {high}])")
+        return value
+
+
+class DFSConfig(_Strict):
+    """Data-flow-space merging: which layers of which models the path takes, and transition scales."""
+
+    models: list[str] | None = None  # the DFS sources in layout order; default: the space's models
+    repeats: int = Field(default=3, ge=1)  # r: the layout is repeated r times
+    anchor: str | None = None  # supplies embeddings, first and last layer; default: the first DFS model
+    anchor_layers: bool = True  # fix the anchor's first and last layers as the path's ends (the paper)
+    max_path_length: int | None = Field(default=None, ge=1)
+    scales: Literal["layer_pair", "model_pair"] = "layer_pair"  # W_ij per layer pair, or per model pair
+    scale_bounds: Bounds = (0.5, 2.0)
+    indicator_bounds: Bounds = (-1.0, 1.0)
+    indicator_on: float | None = None  # x0 of the anchor's first-repeat slots; default 2 sigma (paper)
+    indicator_off: float = 0.0  # x0 of every other slot (paper: 0)
+
+    @field_validator("scale_bounds")
+    @classmethod
+    def _positive_scales(cls, value: Bounds) -> Bounds:
+        low, high = value
+        if not 0 < low < high:
+            raise ValueError(f"must be [low, high] with 0 < low < high (got [{low}, {high}]): the scale "
+                             "fold into output projections is exact only for positive scales")
+        return value
+
+    @field_validator("indicator_bounds")
+    @classmethod
+    def _straddles_zero(cls, value: Bounds) -> Bounds:
+        low, high = value
+        if not low < 0 < high:
+            raise ValueError(f"must be [low, high] with low < 0 < high (got [{low}, {high}]): a slot is used "
+                             "iff its gene is > 0")
+        return value
+
+
+class SpaceConfig(_Strict):
+    """The whole search-space file."""
+
+    name: str | None = None
+    models: list[str] = Field(min_length=1)
+    base_model: str | None = None
+    tasks: list[TaskSpec] = Field(min_length=1)
+    include_paths: list[str] = Field(default_factory=list)
+    splits: Splits = Field(default_factory=Splits)
+    budget: Budget = Field(default_factory=Budget)
+    seed: int = Field(default=0, ge=0)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    ps: PSConfig | None = None
+    dfs: DFSConfig | None = None
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SpaceConfig:
+        if self.ps is None and self.dfs is None:
+            raise ValueError("ps/dfs: give a `ps:` block, a `dfs:` block, or both")
+        if self.ps is not None and self.ps.method != "linear" and not self.base_model:
+            raise ValueError(f"base_model: PS method {self.ps.method} needs a base model")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError("tasks: each task may appear once")
+        if self.dfs is not None and self.dfs.anchor is not None:
+            dfs_models = self.dfs.models or self.models
+            if self.ps is None and self.dfs.anchor not in dfs_models:
+                raise ValueError(f"dfs.anchor: {self.dfs.anchor!r} is not one of the DFS models "
+                                 f"({', '.join(dfs_models)})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "ps+dfs" if self.ps and self.dfs else ("ps" if self.ps else "dfs")
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def _format_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    path = ""
+    for part in first["loc"]:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif isinstance(part, str) and ("[" in part or part in {"int", "str", "literal", "function-after"}):
+            continue
+        else:
+            path += ("." if path else "") + str(part)
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"{path}: unknown key"
+    if first["type"] == "missing":
+        return f"{path}: required field is missing"
+    if first["type"].startswith("value_error") or first["type"] == "assertion_error":
+        return f"{path}: {msg}" if path else msg
+    return f"{path or 'space'}: {msg} (got {first.get('input')!r})"
+
+
+def parse_space(data: Any, source: str = "search space") -> SpaceConfig:
+    if not isinstance(data, Mapping):
+        raise EvomergeError(f"{source}: expected a mapping with models, tasks and ps/dfs")
+    try:
+        return SpaceConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        raise EvomergeError(f"{_format_error(exc)} (in {source})") from None
+
+
+def load_space_config(path: str | Path) -> SpaceConfig:
+    """Read a search-space YAML safely; relative model paths stay relative (bound later)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EvomergeError(f"search space: {path} does not exist") from None
+    except OSError as exc:
+        raise EvomergeError(f"search space: cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise EvomergeError(f"{path}: {getattr(exc, 'problem', None) or 'invalid YAML'}{where}") from None
+    return parse_space(data, source=str(path))
+
+
+def dump_space_config(config: SpaceConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
