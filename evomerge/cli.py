@@ -100,6 +100,50 @@ def merge_cmd(
                     dry_run=dry_run, overwrite=overwrite, progress=not quiet, echo=typer.echo)
 
 
+@app.command("search")
+@user_errors
+def search_cmd(
+    space: Path = typer.Argument(..., help="Search space YAML (search_spaces/*.yaml)."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="New run directory, e.g. runs/NAME."),
+    workers: int = typer.Option(1, help="Evaluation workers: 1 = in process; N > 1 = a local Ray pool."),
+    ray_address: str | None = typer.Option(None, help="Join a Ray cluster ('auto' or host:port)."),
+    max_evals: int | None = typer.Option(None, help="Override the space's budget.max_evals."),
+    seed: int | None = typer.Option(None, help="Override the space's root seed."),
+) -> None:
+    """Run an evolutionary merge search; journal every evaluation; write final.yaml and summary.json."""
+    from evomerge.search_cli import run_search
+
+    run_search(space, run_dir, workers=workers, ray_address=ray_address, max_evals=max_evals, seed=seed,
+               echo=typer.echo)
+
+
+@app.command("resume")
+@user_errors
+def resume_cmd(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `evomerge search`."),
+    max_evals: int | None = typer.Option(None, help="Raise the budget to extend a finished run."),
+    workers: int = typer.Option(1, help="Evaluation workers: 1 = in process; N > 1 = a local Ray pool."),
+    ray_address: str | None = typer.Option(None, help="Join a Ray cluster ('auto' or host:port)."),
+) -> None:
+    """Continue a run where it stopped (journaled evaluations are reused, never recomputed)."""
+    from evomerge.search_cli import run_resume
+
+    run_resume(run_dir, max_evals=max_evals, workers=workers, ray_address=ray_address, echo=typer.echo)
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    out: Path = typer.Option(..., "-o", "--out", help="Where to write the recipe YAML."),
+    merge: Path | None = typer.Option(None, "--merge", help="Also merge the recipe into this model directory."),
+) -> None:
+    """Write the run's final recipe (mergekit schema); optionally merge it like `evomerge merge`."""
+    from evomerge.search_cli import run_export
+
+    run_export(run_dir, out, merge_dir=merge, echo=typer.echo)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(sys.argv[1:])
 

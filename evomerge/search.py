@@ -1,0 +1,355 @@
+"""The search driver: ask -> dispatch -> journal -> tell -> checkpoint, then select and report.
+
+Determinism: the run's root seed derives the optimizer seed, the DARE/DELLA mask seed (stored in
+each recipe) and each split's item-subset seed; eval ids are positions (`g0003-02`), not times.
+
+Never waste an evaluation: every result is journaled (fsync) the moment it arrives; a recipe whose
+cache key (canonical recipe + seed + task config) was already evaluated is answered from the
+journal; a resumed run replays journaled results instead of recomputing them, and continues the
+optimizer from its checkpoint (pickled after every ask and every tell), so an interrupted run
+produces the same genomes, fitnesses and final recipe as an uninterrupted one.
+
+Never die on a candidate: a genome that does not decode, a worker error, a NaN or a dead worker
+is a failed evaluation with the penalty fitness and a reason in the journal.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from evomerge.errors import EvomergeError
+from evomerge.evaluation.candidate import Candidate, EvalResult, WorkerSpec
+from evomerge.optimizers import make_optimizer
+from evomerge.payload import cache_key, derive_seed, make_payload, recipe_sha, sha256, source_recipe
+from evomerge.recipe import Recipe, dump_recipe, parse_recipe
+from evomerge.run import BEST_FILE, FINAL_FILE, SPACE_FILE, SUMMARY_FILE, Checkpoint, RunDir
+from evomerge.space import SearchSpace, dump_space_config
+from evomerge.summary import weighted_ci95
+
+ExecutorFactory = Callable[[WorkerSpec, float, "float | None"], Any]
+
+
+@dataclass
+class Item:
+    """One evaluation to journal: a genome of a generation, or a re-score in the final phase."""
+
+    eval_id: str
+    phase: str  # search | select | report
+    split: str
+    recipe: Recipe | None
+    genome: list[float] | None = None
+    generation: int | None = None
+    index: int | None = None
+    error: str | None = None  # decoding failed
+    label: str | None = None  # report phase: "final" or a source model path
+
+
+@dataclass
+class Progress:
+    """What a display needs; the driver updates it and calls the observer after each record."""
+
+    kind: str
+    budget: int
+    popsize: int
+    generation: int = 0
+    done: int = 0
+    failed: int = 0
+    evaluated_here: int = 0  # computed by a worker in this process (not replayed, not cached)
+    best: float | None = None
+    phase: str = "search"
+    started: float = field(default_factory=time.monotonic)
+
+
+def space_sha(space: SearchSpace) -> str:
+    """Identity of the problem: everything but the budget, which `resume --max-evals` may raise."""
+    data = space.config.model_dump(mode="json")
+    data["budget"].pop("max_evals", None)
+    return sha256(data)
+
+
+def worker_spec(space: SearchSpace) -> WorkerSpec:
+    """The worker factory of the space, given the models, tasks and task folders it will need."""
+    cfg = space.config
+    kwargs = {**cfg.worker.kwargs, "sources": list(dict.fromkeys(space.source_models + space.compared_models)),
+              "tasks": [t.model_dump(mode="json") for t in cfg.tasks], "include_paths": list(cfg.include_paths)}
+    return WorkerSpec(cfg.worker.factory, kwargs)
+
+
+class Search:
+    def __init__(self, run: RunDir, space: SearchSpace, executor_factory: ExecutorFactory,
+                 observer: Callable[[Progress, dict[str, Any] | None], None] | None = None):
+        self.run = run
+        self.space = space
+        self.cfg = space.config
+        self._make_executor = executor_factory
+        self._executor: Any = None
+        self.observer = observer or (lambda progress, record: None)
+        self.journal = run.open_journal()
+        self.records: dict[str, dict[str, Any]] = {}
+        self.cache: dict[str, dict[str, Any]] = {}
+        for record in self.journal.records():
+            self._remember(record)
+        self.mask_seed = derive_seed(self.cfg.seed, "mask")
+        budget = self.cfg.budget
+        self.generations = max(1, budget.max_evals // space.popsize)
+        self.progress = Progress(space.kind, self.generations * space.popsize, space.popsize)
+        search = [r for r in self.records.values() if r["phase"] == "search"]
+        self.progress.done = len(search)
+        self.progress.failed = sum(r["status"] != "ok" for r in search)
+        ok = [r["fitness"] for r in search if r["status"] == "ok"]
+        self.progress.best = max(ok) if ok else None
+
+    # -- top level -------------------------------------------------------------------------------
+
+    def run_all(self) -> dict[str, Any]:
+        try:
+            self.search()
+            return self.finish()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
+        self.journal.close()
+
+    def search(self) -> None:
+        checkpoint = self.run.load_checkpoint()
+        sha = space_sha(self.space)
+        if checkpoint is None:
+            optimizer = make_optimizer(self.space, derive_seed(self.cfg.seed, "optimizer"))
+            checkpoint = Checkpoint(optimizer=optimizer, generation=0, space_sha=sha)
+        elif checkpoint.space_sha != sha:
+            raise EvomergeError(f"{self.run.space_file}: the search space changed since the checkpoint was "
+                                "written; only budget.max_evals may change on resume")
+        while checkpoint.generation < self.generations:
+            self.progress.generation = checkpoint.generation
+            if checkpoint.pending is None:
+                checkpoint.pending = checkpoint.optimizer.ask()
+                self.run.save_checkpoint(checkpoint)
+            genomes = checkpoint.pending
+            items = [self._search_item(checkpoint.generation, i, g) for i, g in enumerate(genomes)]
+            records = self.evaluate(items)
+            checkpoint.optimizer.tell(genomes, [r["fitness"] for r in records])
+            checkpoint.generation += 1
+            checkpoint.pending = None
+            self.run.save_checkpoint(checkpoint)
+        self.progress.generation = checkpoint.generation
+
+    def _search_item(self, generation: int, index: int, genome: list[float]) -> Item:
+        eval_id = f"g{generation:04d}-{index:03d}"
+        seed = self.mask_seed if self._mask_mode() == "run" else derive_seed(self.cfg.seed, "mask", eval_id)
+        item = Item(eval_id, "search", self.cfg.splits.search, None, list(genome), generation, index)
+        try:
+            item.recipe = self.space.decode(genome, seed=seed)
+        except EvomergeError as exc:
+            item.error = f"decode: {exc}"
+        return item
+
+    def _mask_mode(self) -> str:
+        return self.cfg.ps.mask_seed if self.cfg.ps is not None else "run"
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    def evaluate(self, items: list[Item]) -> list[dict[str, Any]]:
+        """A record per item, in item order: replayed from the journal, from the cache, or computed."""
+        leaders: dict[str, Item] = {}
+        followers: dict[str, list[Item]] = {}
+        to_run: list[Candidate] = []
+        for item in items:
+            if item.eval_id in self.records:
+                continue
+            if item.recipe is None:
+                self._journal(item, None, status="failed", reason=item.error)
+                continue
+            payload = make_payload(item.recipe, self.cfg, item.split)
+            key = cache_key(payload)
+            if key in self.cache:
+                self._journal(item, key, source=self.cache[key])
+            elif key in leaders:
+                followers[key].append(item)
+            else:
+                leaders[key] = item
+                followers[key] = []
+                to_run.append(Candidate(item.eval_id, payload))
+        if to_run:
+            executor = self._executor_or_start()
+            by_id = {leaders[k].eval_id: k for k in leaders}
+            executor.submit(to_run)
+            for result in executor.as_completed():
+                key = by_id[result.candidate_id]
+                record = self._journal(leaders[key], key, result=result)
+                for follower in followers[key]:
+                    self._journal(follower, key, source=record)
+        return [self.records[item.eval_id] for item in items]
+
+    def _executor_or_start(self) -> Any:
+        if self._executor is None:
+            worker = self.cfg.worker
+            self._executor = self._make_executor(worker_spec(self.space), worker.penalty, worker.timeout)
+        return self._executor
+
+    def _journal(self, item: Item, key: str | None, *, result: EvalResult | None = None,
+                 source: dict[str, Any] | None = None, status: str | None = None,
+                 reason: str | None = None) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "eval_id": item.eval_id, "phase": item.phase, "generation": item.generation, "index": item.index,
+            "genome": item.genome, "recipe_sha": recipe_sha(item.recipe) if item.recipe else None,
+            "cache_key": key, "seed": item.recipe.seed if item.recipe else None, "split": item.split,
+            "label": item.label,
+        }
+        if result is not None:
+            record.update(metrics=result.metrics, fitness=result.fitness, status=result.status,
+                          seconds=round(result.seconds, 6), worker=result.worker, reason=result.reason,
+                          attempts=result.attempts, cached_from=None)
+            self.progress.evaluated_here += 1
+        elif source is not None:
+            record.update(metrics=source["metrics"], fitness=source["fitness"], status=source["status"],
+                          seconds=0.0, worker=None, reason=source["reason"], attempts=0,
+                          cached_from=source["cached_from"] or source["eval_id"])
+        else:
+            record.update(metrics={}, fitness=self.cfg.worker.penalty, status=status or "failed", seconds=0.0,
+                          worker=None, reason=reason, attempts=0, cached_from=None)
+        record["recipe"] = dump_recipe(item.recipe) if item.recipe else None
+        record["time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.journal.append(record)
+        self._remember(record)
+        self._after_record(record)
+        return record
+
+    def _remember(self, record: dict[str, Any]) -> None:
+        self.records[record["eval_id"]] = record
+        if record["status"] == "ok" and record.get("cache_key") and record["cache_key"] not in self.cache:
+            self.cache[record["cache_key"]] = record
+
+    def _after_record(self, record: dict[str, Any]) -> None:
+        if record["phase"] == "search":
+            self.progress.done += 1
+            self.progress.failed += record["status"] != "ok"
+            if record["status"] == "ok" and (self.progress.best is None or record["fitness"] > self.progress.best):
+                self.progress.best = record["fitness"]
+                self.run.write_text(BEST_FILE, record["recipe"])
+        self.observer(self.progress, record)
+
+    # -- the end: select on the selection split, report on the report split ------------------------
+
+    def top_k(self) -> list[dict[str, Any]]:
+        """Best search records, one per distinct recipe, ties broken by eval order."""
+        seen: set[str] = set()
+        ranked = []
+        ordered = sorted((r for r in self.records.values() if r["phase"] == "search" and r["status"] == "ok"),
+                         key=lambda r: (-r["fitness"], r["eval_id"]))
+        for record in ordered:
+            if record["recipe_sha"] not in seen:
+                seen.add(record["recipe_sha"])
+                ranked.append(record)
+        return ranked[: self.cfg.budget.select_top_k]
+
+    def finish(self) -> dict[str, Any]:
+        self.progress.phase = "select"
+        self.observer(self.progress, None)
+        top = self.top_k()
+        split = self.cfg.splits
+        if not top:
+            summary = {"final": None, "sources": {}, "evaluations": self.progress.done,
+                       "failed": self.progress.failed, "reason": "no candidate evaluated successfully"}
+            self.run.write_json(SUMMARY_FILE, summary)
+            return summary
+        items = [Item(f"select-{r['recipe_sha'][:16]}", "select", split.select, parse_recipe_text(r["recipe"]),
+                      r["genome"], r["generation"], r["index"], label=r["eval_id"]) for r in top]
+        selected = self.evaluate(items)
+        best_i = max(range(len(top)), key=lambda i: (selected[i]["status"] == "ok", selected[i]["fitness"],
+                                                     top[i]["fitness"], -i))
+        final_recipe = items[best_i].recipe
+        assert final_recipe is not None
+        self.run.write_text(FINAL_FILE, dump_recipe(final_recipe))
+        self.progress.phase = "report"
+        self.observer(self.progress, None)
+        sha = recipe_sha(final_recipe)
+        report_items = [Item(f"report-final-{sha[:16]}", "report", split.report, final_recipe, label="final")]
+        for model in self.space.source_models:
+            report_items.append(Item(f"report-source-{sha256(model)[:16]}", "report", split.report,
+                                     source_recipe(model), label=model))
+        reports = self.evaluate(report_items)
+        summary = self._summary(top[best_i], selected[best_i], reports)
+        self.run.write_json(SUMMARY_FILE, summary)
+        self.progress.phase = "done"
+        self.observer(self.progress, None)
+        return summary
+
+    def _summary(self, search_record: dict, select_record: dict, reports: list[dict]) -> dict[str, Any]:
+        final, sources = reports[0], reports[1:]
+        split = self.cfg.splits
+
+        def score(record: dict) -> dict[str, Any]:
+            out: dict[str, Any] = {"score": record["fitness"] if record["status"] == "ok" else None,
+                                   "metrics": record["metrics"], "status": record["status"]}
+            if record["status"] != "ok":
+                out["reason"] = record["reason"]
+            return out
+
+        final_block = {"recipe": FINAL_FILE, "eval_id": search_record["eval_id"],
+                       split.search: {"score": search_record["fitness"]},
+                       split.select: score(select_record), split.report: score(final)}
+        if final["status"] == "ok":
+            final_block[split.report]["ci95"] = weighted_ci95(final["fitness"], final["metrics"], self.cfg.tasks)
+        compared = set(self.space.compared_models)
+        return {
+            "final": final_block,
+            "sources": {r["label"]: {"role": "source" if r["label"] in compared else "base",
+                                     split.report: score(r)} for r in sources},
+            "evaluations": self.progress.done,
+            "failed": self.progress.failed,
+            "kind": self.space.kind,
+            "splits": {"search": split.search, "select": split.select, "report": split.report},
+            "seed": self.cfg.seed,
+            "space": SPACE_FILE,
+        }
+
+
+def parse_recipe_text(text: str) -> Recipe:
+    import yaml
+
+    return parse_recipe(yaml.safe_load(text), source="journal recipe")
+
+
+# -- entry points used by the CLI ------------------------------------------------------------------
+
+
+def start_run(space: SearchSpace, run: RunDir) -> None:
+    run.create()
+    run.write_text(SPACE_FILE, dump_space_config(space.config))
+
+
+def set_max_evals(space: SearchSpace, run: RunDir, max_evals: int) -> SearchSpace:
+    budget = space.config.budget.model_copy(update={"max_evals": max_evals})
+    space.config = space.config.model_copy(update={"budget": budget})
+    run.write_text(SPACE_FILE, dump_space_config(space.config))
+    return space
+
+
+def local_or_ray_executor(workers: int, ray_address: str | None, ray_temp_dir: str | None = None) -> ExecutorFactory:
+    """One in-process worker by default; a Ray pool for `--workers N > 1` or a `--ray-address`."""
+
+    def factory(spec: WorkerSpec, penalty: float, timeout: float | None) -> Any:
+        if ray_address is None and workers <= 1:
+            from evomerge.evaluation.executors import LocalExecutor
+
+            return LocalExecutor(spec, penalty=penalty, timeout=timeout, torch_threads=1)
+        from evomerge.evaluation.executors import RayExecutor
+
+        return RayExecutor(spec, n_workers=workers if workers > 0 else None, ray_address=ray_address,
+                           ray_temp_dir=ray_temp_dir, penalty=penalty, timeout=timeout)
+
+    return factory
+
+
+def journal_genomes(records: Iterable[dict[str, Any]]) -> list[tuple[str, list[float] | None, float]]:
+    """(eval_id, genome, fitness) of the search phase in eval order (what resume tests compare)."""
+    search = sorted((r for r in records if r["phase"] == "search"), key=lambda r: r["eval_id"])
+    return [(r["eval_id"], r["genome"], r["fitness"]) for r in search]
