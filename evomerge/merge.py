@@ -77,11 +77,13 @@ def compute_tensor(plan: MergePlan, job: TensorJob, source: TensorSource, *, dev
     inputs are not fetched at all; task-vector methods read the deltas from the caches.
     """
 
-    def load(ref: TensorRef) -> torch.Tensor:
-        tensor = source.get(ref)
-        if plan.input_dtype is not None:
-            tensor = tensor.to(plan.input_dtype)
-        return tensor.to(device=device, dtype=torch.float32)
+    def load(ref: TensorRef, owned: bool = False) -> torch.Tensor:
+        raw = source.get(ref)
+        tensor = raw.to(plan.input_dtype) if plan.input_dtype is not None else raw
+        tensor = tensor.to(device=device, dtype=torch.float32)
+        # Sources may hand out views of shared memory (safetensors mmap, resident weights): a tensor
+        # the method may overwrite must be a copy.
+        return tensor.clone() if owned and tensor.data_ptr() == raw.data_ptr() else tensor
 
     if plan.method.name == "passthrough" and job.input_params[0].get("scale") is None:
         tensor = source.get(job.inputs[0])  # a pure copy: no fp32 round trip
@@ -89,9 +91,10 @@ def compute_tensor(plan: MergePlan, job: TensorJob, source: TensorSource, *, dev
             tensor = tensor.to(plan.input_dtype)
         return tensor.to(device=device, dtype=job.out_dtype)
     base = load(job.base) if job.base is not None else None
-    inputs = [load(ref) if load_inputs else None for ref in job.inputs]
+    inputs = [load(ref, owned=True) if load_inputs else None for ref in job.inputs]
     call = MethodCall(tensor_name=job.name, base=base, inputs=inputs, input_params=job.input_params,
-                      params=job.params, generators=plan.generators(job, device), caches=caches)
+                      params=job.params, generators=plan.generators(job, device), caches=caches,
+                      inputs_owned=True)
     result = plan.method.fn(call)
     return result.to(job.out_dtype)
 

@@ -103,6 +103,7 @@ class MethodCall:
     params: Mapping[str, Any]
     generators: Sequence[torch.Generator | None] = ()
     caches: Sequence[DeltaCache | None] = ()
+    inputs_owned: bool = False  # the caller hands the input tensors over: methods may overwrite them
 
     def cache(self, i: int) -> DeltaCache | None:
         return self.caches[i] if i < len(self.caches) else None
@@ -114,6 +115,17 @@ class MethodCall:
             return cached.delta
         assert self.base is not None and self.inputs[i] is not None
         return self.inputs[i] - self.base  # type: ignore[operator]
+
+    def take_delta(self, i: int) -> tuple[torch.Tensor, bool]:
+        """Task vector i and whether the caller may overwrite it. Owned inputs are turned into
+        their task vector in place (input i is consumed); cached deltas are shared, never owned."""
+        cached = self.cache(i)
+        if cached is not None:
+            return cached.delta, False
+        assert self.base is not None and self.inputs[i] is not None
+        if self.inputs_owned:
+            return self.inputs[i].sub_(self.base), True  # type: ignore[union-attr]
+        return self.inputs[i] - self.base, True  # type: ignore[operator]
 
     def generator(self, i: int) -> torch.Generator:
         if i >= len(self.generators) or self.generators[i] is None:

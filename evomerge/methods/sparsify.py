@@ -27,10 +27,36 @@ def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _kth_smallest(flat_abs: torch.Tensor, rank: int, sorted_abs: torch.Tensor | None) -> torch.Tensor:
-    """Value with 0-based ascending rank `rank`."""
+    """Value with 0-based ascending rank `rank` (exact)."""
     if sorted_abs is not None:
         return sorted_abs[rank]
+    if flat_abs.numel() >= SAMPLED_SELECTION_MIN:
+        value = _kth_by_sampling(flat_abs, rank)
+        if value is not None:
+            return value
     return torch.kthvalue(flat_abs, rank + 1).values
+
+
+SAMPLED_SELECTION_MIN = 1 << 20
+_SAMPLE = 1 << 18
+
+
+def _kth_by_sampling(flat: torch.Tensor, rank: int) -> torch.Tensor | None:
+    """Exact k-th value via a bracket from a strided sample: count what lies below the bracket,
+    select inside it. None when the bracket misses (then the caller does a full selection)."""
+    n = flat.numel()
+    sample = flat[:: max(1, n // _SAMPLE)].sort().values
+    m = sample.numel()
+    centre = rank / max(1, n - 1) * (m - 1)
+    spread = 6.0 * m**0.5 + 2  # about 12 standard deviations of the sample quantile
+    low = sample[max(0, int(centre - spread))]
+    high = sample[min(m - 1, int(centre + spread) + 1)]
+    below = int(torch.count_nonzero(flat < low))
+    inside = flat[(flat >= low) & (flat <= high)]
+    offset = rank - below
+    if not 0 <= offset < inside.numel():
+        return None
+    return torch.kthvalue(inside, offset + 1).values
 
 
 def rank_band_mask(flat_abs: torch.Tensor, lo: int, hi: int,
@@ -45,6 +71,15 @@ def rank_band_mask(flat_abs: torch.Tensor, lo: int, hi: int,
     # Bounds only where the band has an edge: a top-k needs one order statistic, not two.
     v_lo = _kth_smallest(flat_abs, lo, sorted_abs) if lo > 0 else None
     v_hi = _kth_smallest(flat_abs, hi - 1, sorted_abs) if hi < n else None
+    if v_lo is not None and v_hi is not None:
+        mask = (flat_abs >= v_lo) & (flat_abs <= v_hi)
+    elif v_lo is not None:
+        mask = flat_abs >= v_lo
+    else:
+        mask = flat_abs <= v_hi
+    if int(torch.count_nonzero(mask)) == hi - lo:
+        return mask  # no equal magnitudes straddle an edge: the inclusive band is exact
+    # Equal magnitudes at an edge: they take consecutive ranks in index order.
     if v_lo is not None and v_hi is not None:
         mask = (flat_abs > v_lo) & (flat_abs < v_hi)
     elif v_lo is not None:
@@ -64,7 +99,7 @@ def _add_tied(mask: torch.Tensor, flat_abs: torch.Tensor, value: torch.Tensor, l
     if sorted_abs is not None:
         first = int(torch.searchsorted(sorted_abs, value, right=False))
     else:
-        first = int((flat_abs < value).sum())
+        first = int(torch.count_nonzero(flat_abs < value))
     tied = (flat_abs == value).nonzero().flatten()
     start, stop = max(0, lo - first), max(0, hi - first)
     mask[tied[start:stop]] = True
@@ -79,23 +114,29 @@ def rescale_l1(original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) 
     return masked * (before / after)
 
 
+def _masked(delta: torch.Tensor, mask: torch.Tensor, rescale: bool, inplace: bool) -> torch.Tensor:
+    if rescale:
+        return rescale_l1(delta, delta * mask)
+    return delta.mul_(mask) if inplace else delta * mask
+
+
 def magnitude_topk(delta: torch.Tensor, density: float, *, sorted_abs: torch.Tensor | None = None,
-                   rescale: bool = False) -> torch.Tensor:
-    """Keep the `int(density * n)` largest |delta| (at least one if density > 0), zero the rest."""
+                   rescale: bool = False, inplace: bool = False) -> torch.Tensor:
+    """Keep the `int(density * n)` largest |delta| (at least one if density > 0), zero the rest.
+    With `inplace`, `delta` itself is overwritten (saves a tensor-sized allocation)."""
     n = delta.numel()
     if density >= 1 or n == 0:
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * n))
-    flat_abs = delta.abs().reshape(-1)
-    mask = rank_band_mask(flat_abs, n - k, n, sorted_abs).reshape(delta.shape)
-    kept = delta * mask
-    return rescale_l1(delta, kept) if rescale else kept
+    mask = rank_band_mask(delta.abs().reshape(-1), n - k, n, sorted_abs).reshape(delta.shape)
+    return _masked(delta, mask, rescale, inplace)
 
 
 def magnitude_band(delta: torch.Tensor, density: float, gamma: float, *,
-                   sorted_abs: torch.Tensor | None = None, rescale: bool = False) -> torch.Tensor:
+                   sorted_abs: torch.Tensor | None = None, rescale: bool = False,
+                   inplace: bool = False) -> torch.Tensor:
     """Breadcrumbs: drop the top `int(gamma * n)` outliers, then the smallest, keeping
     `int(density * n)`; the top cut shrinks when both cuts would remove more than `1 - density`."""
     n = delta.numel()
@@ -106,14 +147,12 @@ def magnitude_band(delta: torch.Tensor, density: float, gamma: float, *,
         return torch.zeros_like(delta)
     n_top = int(max(gamma, 0.0) * n)
     n_bottom = max(0, n - target - n_top)
-    flat_abs = delta.abs().reshape(-1)
-    mask = rank_band_mask(flat_abs, n_bottom, n_bottom + target, sorted_abs).reshape(delta.shape)
-    kept = delta * mask
-    return rescale_l1(delta, kept) if rescale else kept
+    mask = rank_band_mask(delta.abs().reshape(-1), n_bottom, n_bottom + target, sorted_abs).reshape(delta.shape)
+    return _masked(delta, mask, rescale, inplace)
 
 
 def bernoulli_drop(delta: torch.Tensor, density: float, generator: torch.Generator, *,
-                   rescale: bool = True, rescale_norm: str = "inverse") -> torch.Tensor:
+                   rescale: bool = True, rescale_norm: str = "inverse", inplace: bool = False) -> torch.Tensor:
     """DARE: keep each entry with probability `density`; rescale kept entries by 1/density
     (unbiased, the paper) or to the original L1 norm (`rescale_norm: l1`, mergekit)."""
     if density >= 1 or delta.numel() == 0:
@@ -121,20 +160,20 @@ def bernoulli_drop(delta: torch.Tensor, density: float, generator: torch.Generat
     if density <= 0:
         return torch.zeros_like(delta)
     keep = torch.rand(delta.shape, generator=generator, device=delta.device) < density
-    return apply_keep_mask(delta, keep, density, rescale=rescale, rescale_norm=rescale_norm)
+    return apply_keep_mask(delta, keep, float(density), rescale=rescale, rescale_norm=rescale_norm, inplace=inplace)
 
 
 def apply_keep_mask(delta: torch.Tensor, keep: torch.Tensor, probs: torch.Tensor | float, *,
-                    rescale: bool, rescale_norm: str = "inverse") -> torch.Tensor:
+                    rescale: bool, rescale_norm: str = "inverse", inplace: bool = False) -> torch.Tensor:
     """Zero the dropped entries; rescale the kept ones by 1/keep-probability or by L1 matching."""
-    kept = delta * keep
+    if rescale and rescale_norm == "l1":
+        return rescale_l1(delta, delta * keep)
+    kept = delta.mul_(keep) if inplace else delta * keep
     if not rescale:
         return kept
-    if rescale_norm == "l1":
-        return rescale_l1(delta, kept)
     if isinstance(probs, float):
-        return kept / probs
-    return torch.where(keep, delta / probs.clamp_min(1e-12), torch.zeros_like(delta))
+        return kept.div_(probs)
+    return kept.div_(torch.where(keep, probs, 1.0))
 
 
 def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float,
@@ -155,7 +194,7 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
 
 def della_magprune(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator, *,
                    row_ranks: torch.Tensor | None = None, rescale: bool = True,
-                   rescale_norm: str = "inverse") -> torch.Tensor:
+                   rescale_norm: str = "inverse", inplace: bool = False) -> torch.Tensor:
     """DELLA drop: Bernoulli with rank-dependent keep probability q; kept entries divided by q
     (unbiased, the paper) or rescaled to the original L1 norm (`rescale_norm: l1`, mergekit)."""
     if density >= 1 or delta.numel() == 0:
@@ -164,4 +203,4 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float, generato
         return torch.zeros_like(delta)
     probs = della_keep_probabilities(delta, density, epsilon, row_ranks)
     keep = torch.rand(delta.shape, generator=generator, device=delta.device) < probs
-    return apply_keep_mask(delta, keep, probs, rescale=rescale, rescale_norm=rescale_norm)
+    return apply_keep_mask(delta, keep, probs, rescale=rescale, rescale_norm=rescale_norm, inplace=inplace)

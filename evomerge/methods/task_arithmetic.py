@@ -20,31 +20,33 @@ Consensus = Literal["sum", "count"] | None
 
 
 def sparsified_delta(call: MethodCall, i: int, sparsifier: Sparsifier) -> torch.Tensor:
-    """Task vector i after its sparsifier, with that input's own density/gamma/epsilon."""
-    delta = call.delta(i)
-    if sparsifier is None:
-        return delta
+    """Task vector i after its sparsifier (with that input's density/gamma/epsilon), as a tensor
+    the caller owns and may modify in place."""
+    delta, owned = call.take_delta(i)
     p = call.input_params[i]
     density = float(p.get("density", 1.0))
-    if density >= 1:
-        return delta  # every sparsifier keeps everything at density 1 (Breadcrumbs' gamma included)
+    if sparsifier is None or density >= 1:
+        # every sparsifier keeps everything at density 1 (Breadcrumbs' gamma included)
+        return delta if owned else delta.clone()
     rescale = bool(call.params.get("rescale", False))
     norm = str(call.params.get("rescale_norm", "inverse"))
     cache = call.cache(i)
     if sparsifier == "magnitude":
-        return magnitude_topk(delta, density, sorted_abs=cache and cache.sorted_abs, rescale=rescale)
+        return magnitude_topk(delta, density, sorted_abs=cache and cache.sorted_abs, rescale=rescale,
+                              inplace=owned)
     if sparsifier == "band":
-        return magnitude_band(delta, density, float(p.get("gamma", 0.01)),
-                              sorted_abs=cache and cache.sorted_abs, rescale=rescale)
+        return magnitude_band(delta, density, float(p.get("gamma", 0.01)), sorted_abs=cache and cache.sorted_abs,
+                              rescale=rescale, inplace=owned)
     if sparsifier == "bernoulli":
-        return bernoulli_drop(delta, density, call.generator(i), rescale=rescale, rescale_norm=norm)
+        return bernoulli_drop(delta, density, call.generator(i), rescale=rescale, rescale_norm=norm, inplace=owned)
     if sparsifier == "della":
         return della_magprune(delta, density, float(p.get("epsilon", 0.15)), call.generator(i),
-                              row_ranks=cache and cache.row_ranks, rescale=rescale, rescale_norm=norm)
+                              row_ranks=cache and cache.row_ranks, rescale=rescale, rescale_norm=norm,
+                              inplace=owned)
     raise ValueError(f"unknown sparsifier {sparsifier!r}")
 
 
-def elect_signs(weighted: list[torch.Tensor], consensus: str) -> torch.Tensor:
+def elect_positive(weighted: list[torch.Tensor], consensus: str) -> torch.Tensor:
     """TIES election: True where the elected sign is +, i.e. where the total (`sum`) or the
     vote count (`count`) is >= 0; an exact tie elects +."""
     if consensus == "sum":
@@ -56,36 +58,51 @@ def elect_signs(weighted: list[torch.Tensor], consensus: str) -> torch.Tensor:
 
 
 def generalized_task_arithmetic(call: MethodCall, sparsifier: Sparsifier, consensus: Consensus) -> torch.Tensor:
+    """Sums run in input order (bit-for-bit the same sums as mergekit's), in place where possible:
+    peak memory is the inputs plus about three tensors."""
     if call.base is None:
         raise RuntimeError(f"{call.tensor_name}: task-vector methods need the base tensor")
     count = len(call.inputs)
     weights = [float(call.input_params[i]["weight"]) for i in range(count)]
-    weighted = [sparsified_delta(call, i, sparsifier) * weights[i] for i in range(count)]
-    reference = weighted[0]
+    weighted = []
+    for i in range(count):
+        delta = sparsified_delta(call, i, sparsifier)
+        weighted.append(delta.mul_(weights[i]) if weights[i] != 1.0 else delta)
+    normalize = bool(call.params.get("normalize", False))
     if consensus is not None:
-        positive = elect_signs(weighted, consensus)
-        mixed = torch.zeros_like(reference)
-        divisor = torch.zeros_like(reference)
-        for w_delta, w in zip(weighted, weights, strict=False):
+        positive = elect_positive(weighted, consensus)
+        divisor = torch.zeros_like(weighted[0]) if normalize else None
+        for w_delta, w in zip(weighted, weights, strict=True):
             agrees = torch.where(positive, w_delta > 0, w_delta < 0)
-            mixed += torch.where(agrees, w_delta, 0.0)
-            divisor += agrees * w
-        divisor = torch.where(divisor == 0, 1.0, divisor)
+            w_delta.mul_(agrees)
+            if divisor is not None:
+                divisor.add_(agrees, alpha=w)
+        del positive
+        mixed = _sum_into_first(weighted)
+        if divisor is not None:
+            mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
     else:
-        mixed = _sum(weighted)
+        mixed = _sum_into_first(weighted)
         total = sum(weights)
-        divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total, device=reference.device)
-    if call.params.get("normalize", False):
-        mixed = mixed / divisor
+        if normalize:
+            mixed.div_(1.0 if abs(total) < 1e-8 else total)
     scale = float(call.params.get("lambda", 1.0))
     if scale != 1.0:
-        mixed = mixed * scale
-    return call.base + mixed
+        mixed.mul_(scale)
+    return mixed.add_(call.base)
 
 
 def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Elementwise sum without stacking (one extra tensor of memory, not k)."""
+    """Elementwise sum in order, without stacking (one extra tensor of memory, not k)."""
     total = tensors[0].clone()
+    for t in tensors[1:]:
+        total += t
+    return total
+
+
+def _sum_into_first(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Elementwise sum in order, accumulated in the first (owned) tensor."""
+    total = tensors[0]
     for t in tensors[1:]:
         total += t
     return total

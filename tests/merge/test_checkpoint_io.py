@@ -231,3 +231,20 @@ models: [{{model: {other}, parameters: {{weight: 1}}}}]
         merge(tmp_path, identity_recipe(weird), "out3")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out3").exists()
 
+
+
+def test_shared_source_tensor_is_not_overwritten_between_jobs(tmp_path, llama_zoo):
+    """A tied model's embedding feeds both the embedding job and the lm_head job; the first job
+    must not change what the second reads (safetensors hands out views of one mapping)."""
+    tied = make_llama(tmp_path / "tied2", 6, base=llama_zoo["base"], tie_word_embeddings=True)
+    text = f"""
+merge_method: task_arithmetic
+base_model: {llama_zoo['ft1']}
+models: [{{model: {tied}, parameters: {{weight: 0.5}}}}]
+"""
+    merged = read_all(merge(tmp_path, text))
+    embed = load_file(str(tied / "model.safetensors"))["model.embed_tokens.weight"]
+    ft1 = load_file(str(llama_zoo["ft1"] / "model.safetensors"))
+    for name, base in (("model.embed_tokens.weight", ft1["model.embed_tokens.weight"]),
+                       ("lm_head.weight", ft1["lm_head.weight"])):
+        torch.testing.assert_close(merged[name], base + 0.5 * (embed - base), atol=1e-6, rtol=0)
