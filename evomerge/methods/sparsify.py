@@ -38,7 +38,7 @@ def _kth_smallest(flat_abs: torch.Tensor, rank: int, sorted_abs: torch.Tensor | 
 
 
 SAMPLED_SELECTION_MIN = 1 << 20
-_SAMPLE = 1 << 18
+_SAMPLE = 1 << 16
 
 
 def _kth_by_sampling(flat: torch.Tensor, rank: int) -> torch.Tensor | None:
