@@ -1,0 +1,195 @@
+"""The search driver with the toy fitness worker: determinism, failures, cache, journal, resume, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from search_worker import make_models, write_space
+
+from evomerge.errors import EvomergeError
+from evomerge.run import RunDir, read_journal
+from evomerge.search import journal_genomes
+from evomerge.search_cli import run_export, run_resume, run_search
+
+SPACE = """\
+models: [models/a, models/b]
+base_model: models/base
+tasks: [{{name: toy_add, weight: 0.6}}, {{name: toy_rev, weight: 0.4, limit: 50}}]
+budget: {{max_evals: {max_evals}, popsize: 6, select_top_k: 3}}
+seed: {seed}
+worker: {{factory: "search_worker:ToyFitnessWorker", kwargs: {kwargs}}}
+ps: {{method: dare_ties, granularity: 2}}
+"""
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("search")
+    make_models(root / "models")
+    return root
+
+
+def space(root: Path, name: str, *, max_evals: int = 24, seed: int = 3, **kwargs) -> Path:
+    return write_space(root / f"{name}.yaml", SPACE.format(max_evals=max_evals, seed=seed,
+                                                           kwargs=json.dumps(kwargs)))
+
+
+def search(space_path: Path, run_dir: Path, **options):
+    return run_search(space_path, run_dir, workers=1, ray_address=None, max_evals=options.get("max_evals"),
+                      seed=options.get("seed"), echo=lambda *_: None)
+
+
+def journal(run_dir: Path) -> list[dict]:
+    return list(read_journal(run_dir / "journal.jsonl"))
+
+
+def log_ids(log: Path) -> list[str]:
+    return [json.loads(line)["eval_id"] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_a_run_writes_journal_checkpoint_best_final_and_summary(root, tmp_path):
+    run_dir = tmp_path / "run"
+    summary = search(space(root, "basic"), run_dir)
+    records = journal(run_dir)
+    search_records = [r for r in records if r["phase"] == "search"]
+    assert len(search_records) == 24
+    for key in ("eval_id", "generation", "genome", "recipe_sha", "seed", "metrics", "fitness", "status",
+                "seconds", "worker", "reason"):
+        assert all(key in r for r in records), key
+    assert {r["generation"] for r in search_records} == {0, 1, 2, 3}
+    assert len({r["seed"] for r in search_records}) == 1  # one mask seed per run, stored in each recipe
+    checkpoint = RunDir(run_dir).load_checkpoint()
+    assert checkpoint.generation == 4 and checkpoint.pending is None
+    assert checkpoint.optimizer.es.countiter == 4
+    # summary.json in the issue's shape; the final's test score is the weighted fitness on test
+    assert summary["final"]["recipe"] == "final.yaml"
+    test = summary["final"]["test"]
+    assert test["ci95"][0] < test["score"] < test["ci95"][1]
+    assert test["score"] == pytest.approx(0.6 * test["metrics"]["toy_add/exact_match"]
+                                          + 0.4 * test["metrics"]["toy_rev/exact_match"])
+    assert set(summary["sources"]) == {str((root / "models" / n).resolve()) for n in ("base", "a", "b")}
+    assert summary["evaluations"] == 24 and summary["failed"] == 0
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    final = yaml.safe_load((run_dir / "final.yaml").read_text())
+    top = max(search_records, key=lambda r: r["fitness"])
+    assert yaml.safe_load((run_dir / "best.yaml").read_text()) == yaml.safe_load(top["recipe"])
+    assert final["merge_method"] == "dare_ties" and final["seed"] == search_records[0]["seed"]
+    # the search climbed: the last generation beats the first on average
+    mean = [sum(r["fitness"] for r in search_records if r["generation"] == g) / 6 for g in (0, 3)]
+    assert mean[1] > mean[0]
+
+
+def test_same_seed_same_genomes_other_seed_other_genomes(root, tmp_path):
+    path = space(root, "seeded")
+    search(path, tmp_path / "one")
+    search(path, tmp_path / "two")
+    search(path, tmp_path / "three", seed=4)
+    one, two, three = (journal_genomes(journal(tmp_path / n)) for n in ("one", "two", "three"))
+    assert one == two
+    assert [g for _, g, _ in one] != [g for _, g, _ in three]
+    assert (tmp_path / "one" / "final.yaml").read_text() == (tmp_path / "two" / "final.yaml").read_text()
+
+
+def test_failed_candidates_get_the_penalty_and_the_search_goes_on(root, tmp_path):
+    run_dir = tmp_path / "run"
+    summary = search(space(root, "failing", fail_above=0.55), run_dir)
+    failed = [r for r in journal(run_dir) if r["status"] == "failed"]
+    assert failed and summary["failed"] == len([r for r in failed if r["phase"] == "search"])
+    assert all(r["fitness"] == 0.0 and "weight above 0.55" in r["reason"] for r in failed)
+    assert summary["final"]["test"]["score"] is not None
+
+
+def test_identical_recipes_are_evaluated_once(root, tmp_path):
+    """DFS genomes collapse onto few paths: each distinct recipe reaches the worker once."""
+    log = tmp_path / "worker.log"
+    path = write_space(root / "dfs.yaml", f"""\
+models: [models/a, models/b]
+tasks: [{{name: toy_add}}]
+budget: {{max_evals: 40, popsize: 8, select_top_k: 2}}
+worker: {{factory: "search_worker:ToyFitnessWorker", kwargs: {{log: "{log}"}}}}
+dfs: {{repeats: 1, scales: model_pair, scale_bounds: [0.999999, 1.000001], max_path_length: 3}}
+""")
+    run_dir = tmp_path / "run"
+    search(path, run_dir)
+    records = journal(run_dir)
+    keys = {r["cache_key"] for r in records if r["cache_key"]}
+    assert len(log_ids(log)) == len(keys) < len([r for r in records if r["cache_key"]])
+    by_id = {r["eval_id"]: r for r in records}
+    hits = [r for r in records if r["cached_from"]]
+    assert hits
+    for hit in hits:
+        source = by_id[hit["cached_from"]]
+        assert (hit["cache_key"], hit["fitness"], hit["metrics"]) == (source["cache_key"], source["fitness"],
+                                                                      source["metrics"])
+        assert hit["worker"] is None and hit["eval_id"] not in log_ids(log)
+
+
+def test_resume_extends_a_run_exactly_and_recomputes_nothing(root, tmp_path):
+    log = tmp_path / "worker.log"
+    path = space(root, "extend", log=str(log))
+    search(path, tmp_path / "straight", max_evals=36)
+    straight = journal_genomes(journal(tmp_path / "straight"))
+    log.unlink()
+
+    search(path, tmp_path / "split", max_evals=18)
+    first = {r["eval_id"] for r in journal(tmp_path / "split")}
+    before = len(log_ids(log))
+    run_resume(tmp_path / "split", max_evals=36, workers=1, ray_address=None, echo=lambda *_: None)
+    assert journal_genomes(journal(tmp_path / "split")) == straight
+    assert not set(log_ids(log)[before:]) & first
+    assert (tmp_path / "split" / "final.yaml").read_text() == (tmp_path / "straight" / "final.yaml").read_text()
+    space_yaml = yaml.safe_load((tmp_path / "split" / "space.yaml").read_text())
+    assert space_yaml["budget"]["max_evals"] == 36
+
+
+def test_resume_of_a_finished_run_evaluates_nothing(root, tmp_path):
+    log = tmp_path / "worker.log"
+    search(space(root, "finished", log=str(log)), tmp_path / "run", max_evals=12)
+    count = len(log_ids(log))
+    lines = (tmp_path / "run" / "journal.jsonl").read_text()
+    summary = run_resume(tmp_path / "run", max_evals=None, workers=1, ray_address=None, echo=lambda *_: None)
+    assert len(log_ids(log)) == count and (tmp_path / "run" / "journal.jsonl").read_text() == lines
+    assert summary == json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
+def test_a_torn_last_journal_line_is_dropped_on_resume(root, tmp_path):
+    run_dir = tmp_path / "run"
+    search(space(root, "torn"), run_dir, max_evals=12)
+    records = journal(run_dir)
+    with open(run_dir / "journal.jsonl", "a") as handle:
+        handle.write('{"eval_id": "g0002-000", "phase": "sea')
+    run_resume(run_dir, max_evals=18, workers=1, ray_address=None, echo=lambda *_: None)
+    text = (run_dir / "journal.jsonl").read_text()
+    assert '"phase": "sea\n' not in text and text.endswith("\n")
+    assert [r["eval_id"] for r in journal(run_dir)][: len(records)] == [r["eval_id"] for r in records]
+
+
+def test_resume_refuses_a_changed_space(root, tmp_path):
+    run_dir = tmp_path / "run"
+    search(space(root, "changed"), run_dir, max_evals=6)
+    text = (run_dir / "space.yaml").read_text().replace("granularity: 2", "granularity: 1")
+    (run_dir / "space.yaml").write_text(text)
+    with pytest.raises(EvomergeError, match="the search space changed since the checkpoint"):
+        run_resume(run_dir, max_evals=12, workers=1, ray_address=None, echo=lambda *_: None)
+
+
+def test_search_refuses_an_existing_run_and_resume_a_missing_one(root, tmp_path):
+    run_dir = tmp_path / "run"
+    search(space(root, "exists"), run_dir, max_evals=6)
+    with pytest.raises(EvomergeError, match="already holds a run; use `evomerge resume"):
+        search(space(root, "exists"), run_dir, max_evals=6)
+    with pytest.raises(EvomergeError, match="is not a run directory"):
+        run_resume(tmp_path / "nothing", max_evals=None, workers=1, ray_address=None, echo=lambda *_: None)
+
+
+def test_export_writes_the_final_recipe_and_merges_it(root, tmp_path):
+    run_dir = tmp_path / "run"
+    search(space(root, "export"), run_dir, max_evals=6)
+    out = tmp_path / "recipe.yaml"
+    run_export(run_dir, out, merge_dir=tmp_path / "merged", echo=lambda *_: None)
+    assert out.read_text() == (run_dir / "final.yaml").read_text()
+    assert (tmp_path / "merged" / "config.json").exists()
+    assert list((tmp_path / "merged").glob("*.safetensors"))
