@@ -111,14 +111,18 @@ def run_search(space_path: Path, run_dir: Path, *, workers: int, ray_address: st
             raise EvomergeError("--max-evals: must be >= 1")
         update["budget"] = config.budget.model_copy(update={"max_evals": max_evals})
     config = config.model_copy(update=update)
-    if config.kind == "ps+dfs":
-        raise EvomergeError("ps/dfs: PS+DFS spaces (two stages) are not supported yet; run the PS space, then a "
-                            "DFS space whose models include the exported PS merge")
     _check_workers(workers)
-    space = SearchSpace(config, root=Path(space_path).resolve().parent)
+    root = Path(space_path).resolve().parent
     run = RunDir(run_dir)
+    factory = local_or_ray_executor(workers, ray_address)
+    if config.kind == "ps+dfs":
+        from evomerge.staged import resolve_staged
+
+        resolved = resolve_staged(config, root)
+        return _staged(run, resolved, factory, echo, new=True, max_evals=None)
+    space = SearchSpace(config, root=root)
     start_run(space, run)
-    return _drive(Search, space, run, local_or_ray_executor(workers, ray_address), echo)
+    return _drive(Search, space, run, factory, echo)
 
 
 def run_resume(run_dir: Path, *, max_evals: int | None, workers: int, ray_address: str | None,
@@ -129,12 +133,16 @@ def run_resume(run_dir: Path, *, max_evals: int | None, workers: int, ray_addres
     run = RunDir(run_dir)
     run.require()
     _check_workers(workers)
-    space = SearchSpace(load_space_config(run.space_file), root=run.path.resolve())
+    if max_evals is not None and max_evals < 1:
+        raise EvomergeError("--max-evals: must be >= 1")
+    config = load_space_config(run.space_file)
+    factory = local_or_ray_executor(workers, ray_address)
+    if config.kind == "ps+dfs":
+        return _staged(run, config, factory, echo, new=False, max_evals=max_evals)
+    space = SearchSpace(config, root=run.path.resolve())
     if max_evals is not None:
-        if max_evals < 1:
-            raise EvomergeError("--max-evals: must be >= 1")
         set_max_evals(space, run, max_evals)
-    return _drive(Search, space, run, local_or_ray_executor(workers, ray_address), echo)
+    return _drive(Search, space, run, factory, echo)
 
 
 def _check_workers(workers: int) -> None:
@@ -142,9 +150,24 @@ def _check_workers(workers: int) -> None:
         raise EvomergeError("--workers: must be >= 0 (0: one per GPU, else per CPU, on Ray)")
 
 
-def _drive(search_cls: Any, space: Any, run: RunDir, factory: Any, echo: Any) -> dict[str, Any]:
-    with SearchDisplay(run.path.name) as display:
+def _drive(search_cls: Any, space: Any, run: RunDir, factory: Any, echo: Any, *, quiet: bool = False,
+           name: str | None = None) -> dict[str, Any]:
+    with SearchDisplay(name or run.path.name) as display:
         summary = search_cls(run, space, factory, observer=display).run_all()
+    if not quiet:
+        _print_summary(summary, echo)
+    return summary
+
+
+def _staged(run: RunDir, config: Any, factory: Any, echo: Any, *, new: bool, max_evals: int | None) -> dict:
+    from evomerge.search import Search
+    from evomerge.staged import run_staged
+
+    def drive(space: Any, stage_run: RunDir) -> dict[str, Any]:
+        return _drive(Search, space, stage_run, factory, echo, quiet=True,
+                      name=f"{run.path.name}/{stage_run.path.name}")
+
+    summary = run_staged(run, config, drive, new=new, max_evals=max_evals)
     _print_summary(summary, echo)
     return summary
 

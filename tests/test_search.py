@@ -193,3 +193,30 @@ def test_export_writes_the_final_recipe_and_merges_it(root, tmp_path):
     assert out.read_text() == (run_dir / "final.yaml").read_text()
     assert (tmp_path / "merged" / "config.json").exists()
     assert list((tmp_path / "merged").glob("*.safetensors"))
+
+
+def test_ps_plus_dfs_runs_two_stages_and_resumes_without_recomputing(root, tmp_path):
+    log = tmp_path / "worker.log"
+    path = write_space(root / "psdfs.yaml", f"""\
+models: [models/a, models/b]
+base_model: models/base
+tasks: [{{name: toy_add}}]
+budget: {{max_evals: 12, select_top_k: 2}}
+worker: {{factory: "search_worker:ToyFitnessWorker", kwargs: {{log: "{log}"}}}}
+ps: {{method: ties}}
+dfs: {{repeats: 1, scales: model_pair, models: [models/b]}}
+""")
+    run_dir = tmp_path / "run"
+    summary = search(path, run_dir)
+    ps_model = (run_dir / "ps" / "model").resolve()
+    assert (ps_model / "config.json").exists()
+    final = yaml.safe_load((run_dir / "final.yaml").read_text())
+    assert final["merge_method"] == "passthrough"
+    assert final["slices"][0]["sources"][0]["model"] == str(ps_model)  # the PS result is the anchor
+    assert (run_dir / "final.yaml").read_text() == (run_dir / "dfs" / "final.yaml").read_text()
+    assert summary["kind"] == "ps+dfs" and summary["sources"][str(ps_model)]["role"] == "ps"
+    stage_evals = [json.loads((run_dir / s / "summary.json").read_text())["evaluations"] for s in ("ps", "dfs")]
+    assert summary["evaluations"] == sum(stage_evals)
+    count = len(log_ids(log))
+    assert run_resume(run_dir, max_evals=None, workers=1, ray_address=None, echo=lambda *_: None) == summary
+    assert len(log_ids(log)) == count
