@@ -191,7 +191,14 @@ class Search:
     def _executor_or_start(self) -> Any:
         if self._executor is None:
             worker = self.cfg.worker
-            self._executor = self._make_executor(worker_spec(self.space), worker.penalty, worker.timeout)
+            try:
+                self._executor = self._make_executor(worker_spec(self.space), worker.penalty, worker.timeout)
+            except EvomergeError:
+                raise
+            except Exception as exc:  # the worker factory itself is broken: nothing can be evaluated
+                first = (str(exc).strip().splitlines() or [""])[0]
+                raise EvomergeError(f"worker.factory: cannot build {worker.factory!r} ({type(exc).__name__}: "
+                                    f"{first}); the run is saved, fix the worker and `evomerge resume`") from None
         return self._executor
 
     def _journal(self, item: Item, key: str | None, *, result: EvalResult | None = None,

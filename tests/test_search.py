@@ -220,3 +220,23 @@ dfs: {{repeats: 1, scales: model_pair, models: [models/b]}}
     count = len(log_ids(log))
     assert run_resume(run_dir, max_evals=None, workers=1, ray_address=None, echo=lambda *_: None) == summary
     assert len(log_ids(log)) == count
+
+
+def test_a_broken_worker_factory_is_a_one_line_error_and_the_run_stays_resumable(root, tmp_path):
+    path = write_space(root / "broken.yaml", space(root, "ok").read_text().replace("ToyFitnessWorker", "Missing"))
+    with pytest.raises(EvomergeError, match="worker.factory: cannot build 'search_worker:Missing'"):
+        search(path, tmp_path / "run", max_evals=6)
+    assert RunDir(tmp_path / "run").load_checkpoint().pending is not None
+
+
+@pytest.mark.slow
+def test_a_ray_pool_of_two_gives_the_same_run_as_one_local_worker(root, tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    path = space(root, "ray")
+    search(path, tmp_path / "local", max_evals=12)
+    run_search(path, tmp_path / "ray", workers=2, ray_address=None, max_evals=12, seed=None, echo=lambda *_: None)
+    assert journal_genomes(journal(tmp_path / "ray")) == journal_genomes(journal(tmp_path / "local"))
+    assert (tmp_path / "ray" / "final.yaml").read_text() == (tmp_path / "local" / "final.yaml").read_text()
