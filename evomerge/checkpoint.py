@@ -72,14 +72,20 @@ def parse_size(text: str) -> int:
 
 
 class CheckpointReader:
-    """Lazy access to the tensors of one model directory (single or sharded safetensors)."""
+    """Lazy access to the tensors of one model directory (single or sharded safetensors).
+
+    Headers are parsed once; each tensor is read with one positioned read into fresh memory.
+    Unlike a memory map, this keeps pages of tensors already merged out of the process's RSS,
+    and the caller owns (and may overwrite) every tensor it gets.
+    """
 
     def __init__(self, model_dir: Path, where: str = "model"):
         self.dir = Path(model_dir)
         self.where = where
         self.config = read_config(self.dir, where)
         self._shard_of = _tensor_locations(self.dir, where)
-        self._handles: dict[str, Any] = {}
+        self._headers: dict[str, _ShardHeader] = {}
+        self._files: dict[str, BinaryIO] = {}
 
     def names(self) -> list[str]:
         return list(self._shard_of)
@@ -87,31 +93,65 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self._shard_of
 
-    def _handle(self, name: str) -> Any:
-        from safetensors import safe_open
-
+    def _entry(self, name: str) -> tuple[str, dict[str, Any], int]:
         shard = self._shard_of[name]
-        handle = self._handles.get(shard)
-        if handle is None:
-            try:
-                handle = safe_open(str(self.dir / shard), framework="pt", device="cpu")
-            except Exception as exc:  # corrupt or truncated file
-                raise EvomergeError(f"{self.where}: cannot open {self.dir / shard}: {exc}") from None
-            self._handles[shard] = handle
-        return handle
+        header = self._headers.get(shard)
+        if header is None:
+            header = self._headers[shard] = _read_header(self.dir / shard, self.where)
+        try:
+            return shard, header.entries[name], header.data_start
+        except KeyError:
+            raise EvomergeError(f"{self.where}: {name} is listed in the index but missing from {shard}") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return tuple(self._entry(name)[1]["shape"])
 
     def dtype(self, name: str) -> torch.dtype:
-        code = self._handle(name).get_slice(name).get_dtype()
-        return CODE_TO_DTYPE.get(code, torch.float32)
+        code = self._entry(name)[1]["dtype"]
+        if code not in CODE_TO_DTYPE:
+            raise EvomergeError(f"{self.where}: tensor {name} has unsupported dtype {code}")
+        return CODE_TO_DTYPE[code]
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        shard, entry, data_start = self._entry(name)
+        begin, end = entry["data_offsets"]
+        fh = self._files.get(shard)
+        if fh is None:
+            fh = self._files[shard] = open(self.dir / shard, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        fh.seek(data_start + begin)
+        view = memoryview(buffer.numpy())
+        done = 0
+        while done < len(view):
+            count = fh.readinto(view[done:])
+            if not count:
+                raise EvomergeError(f"{self.where}: {self.dir / shard} is truncated (tensor {name})")
+            done += count
+        return buffer.view(self.dtype(name)).reshape(entry["shape"])
 
     def close(self) -> None:
-        self._handles.clear()
+        for fh in self._files.values():
+            fh.close()
+        self._files.clear()
+
+
+@dataclass(frozen=True)
+class _ShardHeader:
+    entries: dict[str, dict[str, Any]]
+    data_start: int
+
+
+def _read_header(path: Path, where: str) -> _ShardHeader:
+    try:
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(fh.read(length))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError):
+        raise EvomergeError(f"{where}: {path} is not a valid safetensors file") from None
+    header.pop("__metadata__", None)
+    return _ShardHeader(entries=header, data_start=8 + length)
 
 
 def read_config(model_dir: Path, where: str) -> dict[str, Any]:
@@ -151,13 +191,7 @@ def _tensor_locations(model_dir: Path, where: str) -> dict[str, str]:
 
 
 def _header_names(path: Path, where: str) -> list[str]:
-    try:
-        with open(path, "rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(length))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError):
-        raise EvomergeError(f"{where}: {path} is not a valid safetensors file") from None
-    return [k for k in header if k != "__metadata__"]
+    return list(_read_header(path, where).entries)
 
 
 # -- writing -------------------------------------------------------------------------------------

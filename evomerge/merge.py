@@ -55,7 +55,9 @@ class TensorSink(Protocol):
 
 
 class CheckpointSource:
-    """Reads input tensors lazily from the plan's model directories (mmap, one tensor at a time)."""
+    """Reads input tensors lazily from the plan's model directories, one tensor at a time."""
+
+    fresh_tensors = True  # every get() returns new memory the caller may overwrite
 
     def __init__(self, plan: MergePlan):
         self._readers = [CheckpointReader(m.path, m.reference) for m in plan.models]
@@ -83,7 +85,8 @@ def compute_tensor(plan: MergePlan, job: TensorJob, source: TensorSource, *, dev
         tensor = tensor.to(device=device, dtype=torch.float32)
         # Sources may hand out views of shared memory (safetensors mmap, resident weights): a tensor
         # the method may overwrite must be a copy.
-        return tensor.clone() if owned and tensor.data_ptr() == raw.data_ptr() else tensor
+        shared = not getattr(source, "fresh_tensors", False) and tensor.data_ptr() == raw.data_ptr()
+        return tensor.clone() if owned and shared else tensor
 
     if plan.method.name == "passthrough" and job.input_params[0].get("scale") is None:
         tensor = source.get(job.inputs[0])  # a pure copy: no fp32 round trip
@@ -99,14 +102,22 @@ def compute_tensor(plan: MergePlan, job: TensorJob, source: TensorSource, *, dev
     return result.to(job.out_dtype)
 
 
+DeltaCaches = Callable[[TensorJob], "Sequence[DeltaCache] | None"]
+"""Resident task-vector data for a job's inputs (None: load the inputs); see `compute_tensor`."""
+
+
 def run_plan(plan: MergePlan, sink: TensorSink, source: TensorSource, *, device: torch.device | str = "cpu",
-             progress: bool = False) -> None:
-    """Every job of the plan into the sink; on any exception (Ctrl-C included) the sink aborts."""
+             progress: bool = False, caches: DeltaCaches | None = None) -> None:
+    """Every job of the plan into the sink; on any exception (Ctrl-C included) the sink aborts.
+
+    `caches` is how an in-memory materializer hands its resident task vectors to the methods."""
     sink.begin(plan)
     try:
         with _progress(len(plan.jobs), enabled=progress) as advance:
             for job in plan.jobs:
-                sink.write(job, compute_tensor(plan, job, source, device=device))
+                job_caches = caches(job) if caches is not None else None
+                sink.write(job, compute_tensor(plan, job, source, device=device, caches=job_caches or (),
+                                               load_inputs=job_caches is None))
                 advance(job.name)
         sink.commit()
     except BaseException:
@@ -249,8 +260,29 @@ def merge_from_file(recipe_path: Path, out_dir: Path, *, seed: int | None = None
         return plan
     source = CheckpointSource(plan)
     try:
-        run_plan(plan, FileSink(out_dir, max_shard_bytes=max_bytes, overwrite=overwrite), source,
-                 device=device, progress=progress)
+        with _terminate_as_interrupt():
+            run_plan(plan, FileSink(out_dir, max_shard_bytes=max_bytes, overwrite=overwrite), source,
+                     device=device, progress=progress)
     finally:
         source.close()
     return plan
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C while merging, so the sink removes its temporary directory."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

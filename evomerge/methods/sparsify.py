@@ -80,6 +80,8 @@ def rank_band_mask(flat_abs: torch.Tensor, lo: int, hi: int,
     if int(torch.count_nonzero(mask)) == hi - lo:
         return mask  # no equal magnitudes straddle an edge: the inclusive band is exact
     # Equal magnitudes at an edge: they take consecutive ranks in index order.
+    if v_hi is None or v_lo is None:
+        return _one_edge_with_ties(flat_abs, lo, hi, v_lo, v_hi)
     if v_lo is not None and v_hi is not None:
         mask = (flat_abs > v_lo) & (flat_abs < v_hi)
     elif v_lo is not None:
@@ -90,6 +92,23 @@ def rank_band_mask(flat_abs: torch.Tensor, lo: int, hi: int,
         _add_tied(mask, flat_abs, v_lo, lo, hi, sorted_abs)
     if v_hi is not None and (v_lo is None or not bool(v_hi == v_lo)):
         _add_tied(mask, flat_abs, v_hi, lo, hi, sorted_abs)
+    return mask
+
+
+def _one_edge_with_ties(flat_abs: torch.Tensor, lo: int, hi: int, v_lo: torch.Tensor | None,
+                        v_hi: torch.Tensor | None) -> torch.Tensor:
+    """Top band [lo, n) or bottom band [0, hi) when entries equal to the edge value straddle it:
+    all strictly inside, plus the last (top) or first (bottom) tied entries by index."""
+    if v_lo is not None:  # top band: keep the `need` tied entries with the highest ranks
+        mask = flat_abs > v_lo
+        need = (hi - lo) - int(torch.count_nonzero(mask))
+        tied = (flat_abs == v_lo).nonzero().flatten()
+        mask[tied[tied.numel() - need:]] = True
+    else:  # bottom band: keep the `need` tied entries with the lowest ranks
+        mask = flat_abs < v_hi
+        need = hi - int(torch.count_nonzero(mask))
+        tied = (flat_abs == v_hi).nonzero().flatten()
+        mask[tied[:need]] = True
     return mask
 
 

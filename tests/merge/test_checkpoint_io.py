@@ -248,3 +248,64 @@ models: [{{model: {tied}, parameters: {{weight: 0.5}}}}]
     for name, base in (("model.embed_tokens.weight", ft1["model.embed_tokens.weight"]),
                        ("lm_head.weight", ft1["lm_head.weight"])):
         torch.testing.assert_close(merged[name], base + 0.5 * (embed - base), atol=1e-6, rtol=0)
+
+
+def test_resident_sources_are_never_modified(llama_zoo):
+    """A source that hands out the same tensors every time (as a search worker's resident store
+    does) must give identical results on repeated merges."""
+    from evomerge.merge import CheckpointSource, compute_tensor
+    from evomerge.plan import ModelCatalog, plan_merge
+    from evomerge.recipe import loads_recipe
+
+    recipe = loads_recipe(f"""
+merge_method: ties
+base_model: {llama_zoo['base']}
+models:
+  - {{model: {llama_zoo['ft1']}, parameters: {{weight: 0.7, density: 0.4}}}}
+  - {{model: {llama_zoo['ft2']}, parameters: {{weight: 1.0, density: 0.8}}}}
+dtype: float32
+""")
+    plan = plan_merge(recipe, ModelCatalog())
+    files = CheckpointSource(plan)
+    resident: dict = {}
+
+    class Resident:
+        def get(self, ref):
+            return resident.setdefault((ref.model, ref.name), files.get(ref))
+
+    first = {job.name: compute_tensor(plan, job, Resident()) for job in plan.jobs}
+    second = {job.name: compute_tensor(plan, job, Resident()) for job in plan.jobs}
+    from_files = {job.name: compute_tensor(plan, job, files) for job in plan.jobs}
+    assert all(torch.equal(first[n], second[n]) and torch.equal(first[n], from_files[n]) for n in first)
+
+
+def test_sigterm_leaves_no_partial_output(tmp_path, llama_zoo):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = tmp_path / "slow.yml"
+    recipe.write_text(f"""
+merge_method: dare_ties
+base_model: {llama_zoo['base']}
+models: [{{model: {llama_zoo['ft1']}, parameters: {{weight: 1, density: 0.5}}}}]
+""")
+    code = (
+        "import time, evomerge.merge as m\n"
+        "real = m.compute_tensor\n"
+        "def slow(*a, **k):\n    time.sleep(0.2)\n    return real(*a, **k)\n"
+        "m.compute_tensor = slow\n"
+        f"m.merge_from_file({str(recipe)!r}, {str(tmp_path / 'out')!r}, progress=False)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".out.partial") for p in tmp_path.iterdir()):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slow.yml"]
