@@ -26,6 +26,9 @@ class Architecture:
     post_prefixes: tuple[str, ...]
     embedding: tuple[str, ...]  # input-embedding tensor names (lm_head may be tied to the first present)
     lm_head: str = "lm_head.weight"
+    # Substrings naming the layer tensors that write into the residual stream (attention output and
+    # MLP down projections): scaling them by 1/c equals scaling a pre-norm layer's input by c.
+    residual_outputs: tuple[str, ...] = ()
 
     def classify(self, name: str) -> tuple[Position, int | None, str]:
         """(position, layer index or None, suffix within the layer or the full name)."""
@@ -59,6 +62,7 @@ LLAMA_LIKE = Architecture(
     pre_prefixes=("model.embed_tokens.",),
     post_prefixes=("model.norm.", "lm_head."),
     embedding=("model.embed_tokens.weight",),
+    residual_outputs=("o_proj", "down_proj"),
 )
 
 GPT2 = Architecture(
@@ -68,6 +72,7 @@ GPT2 = Architecture(
     pre_prefixes=("transformer.wte.", "transformer.wpe.", "wte.", "wpe."),
     post_prefixes=("transformer.ln_f.", "ln_f.", "lm_head."),
     embedding=("transformer.wte.weight", "wte.weight"),
+    residual_outputs=("c_proj",),
 )
 
 _BY_CLASS = {

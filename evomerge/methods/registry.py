@@ -38,14 +38,22 @@ def _rescale(default: bool) -> ParamSpec:
     return ParamSpec("rescale", bool, "global", default=default, help="rescale entries kept by the sparsifier")
 
 
+# `extra["delta_cache"]`: the method reads its non-base inputs only as task vectors (through
+# `MethodCall.take_delta`), and these `DeltaCache` fields speed it up; an in-memory materializer
+# keeps such caches resident and skips loading the inputs. Methods without the key read raw inputs.
+def _delta_cache(*fields: str) -> dict[str, tuple[str, ...]]:
+    return {"delta_cache": fields}
+
+
 def _task_vector_method(name, fn, *, extra=(), normalize=False, rescale=False, random=False,
-                        consensus=False, summary=""):
+                        consensus=False, summary="", cache=()):
     params = (WEIGHT, DENSITY, *extra, LAMBDA, _normalize(normalize), _rescale(rescale), INT8_MASK)
     if consensus:
         params += (CONSENSUS,)
     if random:
         params += (RESCALE_NORM,)
-    return MergeMethod(name=name, fn=fn, params=params, base="required", random=random, summary=summary)
+    return MergeMethod(name=name, fn=fn, params=params, base="required", random=random, summary=summary,
+                       extra=_delta_cache(*cache))
 
 
 _METHODS: tuple[MergeMethod, ...] = (
@@ -62,22 +70,23 @@ _METHODS: tuple[MergeMethod, ...] = (
     MergeMethod(
         name="task_arithmetic", fn=task_arithmetic.task_arithmetic, base="required",
         summary="base + lambda * sum of weighted task vectors",
-        params=(WEIGHT, LAMBDA, _normalize(False), INT8_MASK),
+        params=(WEIGHT, LAMBDA, _normalize(False), INT8_MASK), extra=_delta_cache(),
     ),
     _task_vector_method("ties", task_arithmetic.ties, normalize=True, consensus=True,
-                        summary="magnitude trim, sign election, disjoint mean"),
+                        summary="magnitude trim, sign election, disjoint mean", cache=("sorted_abs",)),
     _task_vector_method("dare_ties", task_arithmetic.dare_ties, rescale=True, random=True, consensus=True,
                         summary="random drop and rescale, sign election"),
     _task_vector_method("dare_linear", task_arithmetic.dare_linear, rescale=True, random=True,
                         summary="random drop and rescale, weighted sum"),
     _task_vector_method("breadcrumbs", task_arithmetic.breadcrumbs, extra=(GAMMA,),
-                        summary="drop largest outliers and smallest entries, weighted sum"),
+                        summary="drop largest outliers and smallest entries, weighted sum", cache=("sorted_abs",)),
     _task_vector_method("breadcrumbs_ties", task_arithmetic.breadcrumbs_ties, extra=(GAMMA,), consensus=True,
-                        summary="breadcrumbs with sign election"),
+                        summary="breadcrumbs with sign election", cache=("sorted_abs",)),
     _task_vector_method("della", task_arithmetic.della, extra=(EPSILON,), normalize=True, rescale=True,
-                        random=True, consensus=True, summary="magnitude-ranked random drop, sign election"),
+                        random=True, consensus=True, summary="magnitude-ranked random drop, sign election",
+                        cache=("row_ranks",)),
     _task_vector_method("della_linear", task_arithmetic.della_linear, extra=(EPSILON,), rescale=True,
-                        random=True, summary="magnitude-ranked random drop, weighted sum"),
+                        random=True, summary="magnitude-ranked random drop, weighted sum", cache=("row_ranks",)),
     MergeMethod(
         name="model_stock", fn=model_stock.model_stock, base="required", min_inputs=2,
         summary="interpolate base -> mean of fine-tunes by their task-vector angle",
