@@ -61,6 +61,7 @@ def eval_cmd(
     model_dir: Path = typer.Argument(..., help="A model directory (config.json + safetensors + tokenizer)."),
     tasks: str = typer.Option("toy_add,toy_rev", help="Comma-separated lm-eval task names."),
     limit: int | None = typer.Option(None, help="Score only the first N examples of each task."),
+    subset_seed: int | None = typer.Option(None, help="With --limit: a seeded subset (as search workers pick)."),
     split: str = typer.Option("test", help="Which split to score: train, validation or test."),
     include_path: list[Path] = typer.Option([], help="Extra folder of lm-eval task YAMLs."),
     batch_size: int = typer.Option(64, help="lm-eval batch size."),
@@ -71,7 +72,8 @@ def eval_cmd(
     from evomerge.evaluation.cli_eval import run_eval
 
     run_eval(model_dir, [t for t in tasks.split(",") if t], limit=limit, split=split,
-             include_paths=include_path, batch_size=batch_size, device=device, as_json=as_json)
+             include_paths=include_path, batch_size=batch_size, device=device, as_json=as_json,
+             subset_seed=subset_seed)
 
 
 def _merge_help() -> str:

@@ -110,6 +110,30 @@ def seeded_subset(size: int, limit: int | None, seed: int) -> list[int] | None:
     return sorted(random.Random(seed).sample(range(size), limit))
 
 
+def task_seed(subset_seed: int, task: str) -> int:
+    """The item-subset seed of one task: each task gets its own stream from one subset seed."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{subset_seed}\0{task}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def task_samples(tasks: LoadedTasks, limits: dict[str, int | None], subset_seed: int | None
+                 ) -> dict[str, list[int]] | None:
+    """Item indices per task for `score_tasks`: a fixed seeded subset of `limits[task]` items
+    (`subset_seed` None: the first items, as `evomerge eval --limit` does without a seed)."""
+    samples: dict[str, list[int]] = {}
+    for name in tasks.names:
+        limit, size = limits.get(name), tasks.size(name)
+        if limit is None or limit >= size:
+            continue
+        if subset_seed is None:
+            samples[name] = list(range(limit))
+        else:
+            samples[name] = seeded_subset(size, limit, task_seed(subset_seed, name)) or []
+    return samples or None
+
+
 def make_lm(model: Any, tokenizer: Any, batch_size: int = 64, device: str | None = None):
     """An HFLM around an already-built transformers model (no reload per candidate)."""
     import logging
