@@ -27,7 +27,7 @@ from evomerge.toy_tasks import EXPERT_TASKS, TASKS, held_out_prompts, read_split
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 TOKEN_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz" + "ARKCS:+="
 SEQ_LEN = 16  # longest example: "R:abcdef=fedcba<eos>"
-BASE_MIX = {"toy_add": 0.4, "toy_rev": 0.01, "toy_shift": 0.01, "toy_copy": 0.3, "toy_sort": 0.28}
+BASE_MIX = {"toy_add": 0.15, "toy_rev": 0.01, "toy_shift": 0.002, "toy_copy": 0.35, "toy_sort": 0.488}
 EXPERT_DIRS = {"toy_add": "add", "toy_rev": "rev", "toy_shift": "shift"}
 HAND_MERGE = ("add", "rev", 0.8)  # task arithmetic of these two experts with this weight each
 
@@ -50,9 +50,9 @@ class ZooConfig:
 
 
 FULL = ZooConfig(hidden=64, layers=4, heads=4, base_steps=1500,
-                 expert_steps={"toy_add": 800, "toy_rev": 200, "toy_shift": 200})
+                 expert_steps={"toy_add": 1500, "toy_rev": 300, "toy_shift": 300})
 MINI = ZooConfig(hidden=32, layers=2, heads=2, base_steps=1500,
-                 expert_steps={"toy_add": 500, "toy_rev": 300, "toy_shift": 300}, eval_limit=200)
+                 expert_steps={"toy_add": 500, "toy_rev": 800, "toy_shift": 200}, expert_lr=2e-3, eval_limit=200)
 
 
 def build_tokenizer():

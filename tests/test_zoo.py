@@ -154,3 +154,13 @@ def test_training_stream_never_yields_held_out_prompts() -> None:
     drawn = {stream.sample()[0] for _ in range(20000)}
     assert not drawn & held
     assert len(drawn) > 5000  # it really explores the space (10,000 prompts, 1,000 held out)
+
+
+@pytest.mark.slow
+def test_full_zoo_meets_its_targets(tmp_path: Path) -> None:
+    """The full zoo (the demo's sources) meets every acceptance target, measured on this machine."""
+    from evomerge.zoo import build_zoo
+
+    manifest = build_zoo(tmp_path / "zoo", seed=0, quiet=True)
+    assert manifest["build_seconds"] <= 300
+    assert all(manifest["targets"].values()), manifest["targets"]
