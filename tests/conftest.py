@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,3 +22,21 @@ def mini_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("zoo") / "mini"
     build_zoo(out, seed=0, mini=True, quiet=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_instance() -> Iterator[None]:
+    """One real local Ray instance (2 CPUs, private temp dir, no auth) shared by every Ray test."""
+    import logging
+    import shutil
+    import tempfile
+
+    import ray
+
+    from evomerge.evaluation.ray_cluster import init_ray
+
+    temp_dir = tempfile.mkdtemp(prefix="evomerge-ray-")
+    init_ray("local", temp_dir=temp_dir, num_cpus=2, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)

@@ -9,10 +9,7 @@ both actors are alive again, so they do not depend on each other's order.
 from __future__ import annotations
 
 import faulthandler
-import logging
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 
@@ -167,15 +164,7 @@ def test_init_ray_refuses_a_temp_dir_too_long_for_sockets(tmp_path) -> None:
 # ---- Ray pool on a real local instance ----------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def ray_instance() -> Iterator[None]:
-    import ray
-
-    temp_dir = tempfile.mkdtemp(prefix="evomerge-ray-")
-    init_ray("local", temp_dir=temp_dir, num_cpus=2, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
+# `ray_instance` (one real local Ray instance with 2 CPUs per session) lives in conftest.py.
 
 
 @pytest.fixture(scope="module")
