@@ -4,9 +4,10 @@ Generates three Llama-shaped checkpoints (a base and two fine-tunes, bf16, ~100M
 under benchmarks/work/, then runs the same `ties` and `dare_ties` recipes through both CLIs,
 alternating which goes first, several repetitions each. Each run is a fresh process (startup and
 imports count, as they do for a user); its wall time and peak RSS (`wait4` rusage of that child)
-are recorded. Prints a table and writes benchmarks/results/merge_speed-<timestamp>.json.
+are recorded. Both tools get the same number of torch threads (`--threads`, default 1). Prints a
+table and writes benchmarks/results/merge_speed-<timestamp>.json.
 
-    .venv/bin/python benchmarks/merge_speed.py [--repeats 3] [--keep-models]
+    .venv/bin/python benchmarks/merge_speed.py [--repeats 3] [--threads 1] [--keep-models]
 """
 
 from __future__ import annotations
@@ -86,11 +87,13 @@ models:
     return recipes
 
 
-def command(tool: str, recipe: Path, out: Path) -> list[str]:
+def command(tool: str, recipe: Path, out: Path, threads: int | None) -> list[str]:
     if tool == "evomerge":
-        return [str(BIN / "evomerge"), "merge", str(recipe), str(out), "--quiet", "--overwrite", "--seed", "0"]
+        extra = ["--threads", str(threads)] if threads else []
+        return [str(BIN / "evomerge"), "merge", str(recipe), str(out), "--quiet", "--overwrite", "--seed", "0", *extra]
+    extra = ["--num-threads", str(threads)] if threads else []
     return [str(BIN / "mergekit-yaml"), str(recipe), str(out), "--no-copy-tokenizer", "--no-write-model-card",
-            "--quiet", "--random-seed", "0"]
+            "--quiet", "--random-seed", "0", *extra]
 
 
 def timed_run(cmd: list[str]) -> tuple[float, float]:
@@ -135,6 +138,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep-models", action="store_true", help="keep benchmarks/work/ afterwards")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads given to both tools (0: each tool's default). One thread avoids "
+                             "OpenMP spin-waiting on a shared, oversubscribed machine")
     args = parser.parse_args()
 
     have_mergekit = (BIN / "mergekit-yaml").exists()
@@ -154,7 +160,7 @@ def main() -> None:
             for tool in order:
                 out = WORK / f"out-{tool}-{method}"
                 shutil.rmtree(out, ignore_errors=True)
-                wall, rss = timed_run(command(tool, recipe, out))
+                wall, rss = timed_run(command(tool, recipe, out, args.threads or None))
                 runs.append({"method": method, "tool": tool, "repeat": rep, "wall_s": round(wall, 3),
                              "peak_rss_mb": round(rss, 1)})
                 print(f"  {method:9s} {tool:9s} rep {rep}: {wall:6.2f} s  {rss:7.1f} MB", flush=True)
@@ -185,7 +191,8 @@ def main() -> None:
     now = dt.datetime.now(dt.timezone.utc)
     payload = {"benchmark": "merge_speed", "date": now.isoformat(timespec="seconds"), "machine": machine(),
                "models": {"parameters_each": params, "dtype": "bfloat16", "shape": SHAPE, "count": 3},
-               "repeats": args.repeats, "statistic": "median wall time, max peak RSS over repeats",
+               "repeats": args.repeats, "threads": args.threads or "default",
+               "load_average_at_end": os.getloadavg(), "statistic": "median wall time, max peak RSS over repeats",
                "summary": summary, "runs": runs,
                "targets": {"wall_ratio_max": 0.33, "rss_ratio_max": 1.0}}
     RESULTS.mkdir(parents=True, exist_ok=True)
