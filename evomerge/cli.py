@@ -152,6 +152,20 @@ def export_cmd(
     run_export(run_dir, out, merge_dir=merge, echo=typer.echo)
 
 
+@app.command("report")
+@user_errors
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="A run directory (finished or still going)."),
+    out: Path | None = typer.Option(None, "-o", "--out", help="Output folder (default: RUN_DIR/report)."),
+) -> None:
+    """Plot fitness, per-layer parameters, the DFS path (and a Pareto front); write PNGs + index.html."""
+    from rich.console import Console
+
+    from evomerge.report import build_report, print_report
+
+    print_report(build_report(run_dir, out), Console())
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(sys.argv[1:])
 
