@@ -113,6 +113,10 @@ def run_search(space_path: Path, run_dir: Path, *, workers: int, ray_address: st
     config = config.model_copy(update=update)
     _check_workers(workers)
     root = Path(space_path).resolve().parent
+    if config.zoo is not None:
+        from evomerge.zoo import ensure_zoo
+
+        ensure_zoo(root / config.zoo.path, seed=config.zoo.seed, mini=config.zoo.mini)
     run = RunDir(run_dir)
     factory = local_or_ray_executor(workers, ray_address)
     if config.kind == "ps+dfs":

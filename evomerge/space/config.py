@@ -144,10 +144,19 @@ class DFSConfig(_Strict):
         return value
 
 
+class ZooRef(_Strict):
+    """Build the embedded toy zoo at `path` (relative to the space file) on first use; reuse it after."""
+
+    path: str
+    seed: int = Field(default=0, ge=0)
+    mini: bool = False
+
+
 class SpaceConfig(_Strict):
     """The whole search-space file."""
 
     name: str | None = None
+    zoo: ZooRef | None = None  # the demo spaces: their models live in a zoo built on first use
     models: list[str] = Field(min_length=1)
     base_model: str | None = None
     tasks: list[TaskSpec] = Field(min_length=1)
