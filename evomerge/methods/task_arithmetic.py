@@ -46,15 +46,17 @@ def sparsified_delta(call: MethodCall, i: int, sparsifier: Sparsifier) -> torch.
     raise ValueError(f"unknown sparsifier {sparsifier!r}")
 
 
-def elect_positive(weighted: list[torch.Tensor], consensus: str) -> torch.Tensor:
-    """TIES election: True where the elected sign is +, i.e. where the total (`sum`) or the
-    vote count (`count`) is >= 0; an exact tie elects +."""
+def elected_signs(weighted: list[torch.Tensor], consensus: str) -> torch.Tensor:
+    """TIES election as +1.0 / -1.0: the sign of the total (`sum`) or of the vote count
+    (`count`); an exact tie elects +1."""
     if consensus == "sum":
-        return _sum(weighted) >= 0
-    votes = torch.zeros_like(weighted[0])
-    for w in weighted:
-        votes += torch.sign(w)
-    return votes >= 0
+        score = _sum(weighted)
+    else:
+        score = torch.zeros_like(weighted[0])
+        for w in weighted:
+            score += torch.sign(w)
+    # sign(x) + 0.5 is -0.5, 0.5 or 1.5, so its sign maps 0 to +1 (float ops; no boolean masks)
+    return score.sign_().add_(0.5).sign_()
 
 
 def generalized_task_arithmetic(call: MethodCall, sparsifier: Sparsifier, consensus: Consensus) -> torch.Tensor:
@@ -70,14 +72,18 @@ def generalized_task_arithmetic(call: MethodCall, sparsifier: Sparsifier, consen
         weighted.append(delta.mul_(weights[i]) if weights[i] != 1.0 else delta)
     normalize = bool(call.params.get("normalize", False))
     if consensus is not None:
-        positive = elect_positive(weighted, consensus)
+        # Float arithmetic instead of boolean masks (several times faster on CPU):
+        # elected = +1/-1, agree = max(sign(w_delta) * elected, 0) is 1 exactly where the signs
+        # agree (never for zeros), 0 elsewhere.
+        elected = elected_signs(weighted, consensus)
         divisor = torch.zeros_like(weighted[0]) if normalize else None
         for w_delta, w in zip(weighted, weights, strict=True):
-            agrees = torch.where(positive, w_delta > 0, w_delta < 0)
+            agrees = torch.sign(w_delta).mul_(elected).clamp_(min=0)
             w_delta.mul_(agrees)
             if divisor is not None:
                 divisor.add_(agrees, alpha=w)
-        del positive
+            del agrees
+        del elected
         mixed = _sum_into_first(weighted)
         if divisor is not None:
             mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
