@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -97,7 +98,7 @@ def compute_tensor(plan: MergePlan, job: TensorJob, source: TensorSource, *, dev
     inputs = [load(ref, owned=True) if load_inputs else None for ref in job.inputs]
     call = MethodCall(tensor_name=job.name, base=base, inputs=inputs, input_params=job.input_params,
                       params=job.params, generators=plan.generators(job, device), caches=caches,
-                      inputs_owned=True)
+                      inputs_owned=True, context=plan.prepared.for_job(job) if plan.prepared is not None else None)
     result = plan.method.fn(call)
     return result.to(job.out_dtype)
 
@@ -110,7 +111,12 @@ def run_plan(plan: MergePlan, sink: TensorSink, source: TensorSource, *, device:
              progress: bool = False, caches: DeltaCaches | None = None) -> None:
     """Every job of the plan into the sink; on any exception (Ctrl-C included) the sink aborts.
 
-    `caches` is how an in-memory materializer hands its resident task vectors to the methods."""
+    `caches` is how an in-memory materializer hands its resident task vectors to the methods.
+    A data-aware method (`extra["prepare"]`) first computes its model-level data (statistics,
+    permutations); after that every job is again a pure function of its inputs."""
+    prepare = plan.method.extra.get("prepare")
+    if prepare is not None and plan.prepared is None:
+        plan = dataclasses.replace(plan, prepared=prepare(plan, source, device))
     sink.begin(plan)
     try:
         with _progress(len(plan.jobs), enabled=progress) as advance:

@@ -89,6 +89,7 @@ class MergePlan:
     donor: int  # model whose config and extra files the output inherits
     tokenizer_model: int  # model whose tokenizer files are copied
     layer_sources: list[tuple[int, int]] = field(default_factory=list)  # output layer -> (model, layer)
+    prepared: Any = None  # model-level pre-pass result of a data-aware method (`run_plan` fills it)
 
     def generators(self, job: TensorJob, device: torch.device | str = "cpu") -> list[torch.Generator | None]:
         """Per-input RNGs for random methods, seeded from (seed, input position, output tensor name):

@@ -110,7 +110,14 @@ class Recipe(BaseModel):
                 known = sorted(set(Recipe.model_fields) | set(_RECIPE_BLOCKS))
                 raise ValueError(f"{key}: unknown top-level key (known: {', '.join(known)})")
             if not isinstance(value, block):
-                self.model_extra[key] = block.model_validate(value)  # type: ignore[index]
+                try:
+                    self.model_extra[key] = block.model_validate(value)  # type: ignore[index]
+                except ValidationError as exc:  # name the block's field: `calibration.examples: ...`
+                    first = exc.errors()[0]
+                    where = ".".join(str(p) for p in (key, *first["loc"]) if not _is_union_tag(p))
+                    msg = first["msg"].removeprefix("Value error, ")
+                    got = "" if first["type"].startswith("value_error") else f" (got {first.get('input')!r})"
+                    raise ValueError(f"{where}: {msg}{got}") from None
         return self
 
     @model_validator(mode="after")

@@ -25,6 +25,9 @@ def validate_recipe(recipe: Recipe) -> MergeMethod:
     for path, params, level in _parameter_blocks(recipe):
         _check_parameters(method, path, params, level)
     _check_layout(method, recipe)
+    from evomerge.data_aware.checks import check_data_aware
+
+    check_data_aware(recipe, method)
     return method
 
 

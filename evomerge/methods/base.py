@@ -104,6 +104,9 @@ class MethodCall:
     generators: Sequence[torch.Generator | None] = ()
     caches: Sequence[DeltaCache | None] = ()
     inputs_owned: bool = False  # the caller hands the input tensors over: methods may overwrite them
+    # Model-level data a data-aware method's pre-pass computed for this job (statistics, permutations,
+    # REPAIR folds); see `MergeMethod.extra["prepare"]` and evomerge.data_aware. None for other methods.
+    context: Any = None
 
     def cache(self, i: int) -> DeltaCache | None:
         return self.caches[i] if i < len(self.caches) else None
