@@ -10,6 +10,7 @@ from __future__ import annotations
 from evomerge.errors import EvomergeError
 from evomerge.methods import fusion, linear, model_stock, slerp, task_arithmetic
 from evomerge.methods.base import MergeMethod, ParamSpec
+from evomerge.methods.data_aware_methods import DATA_AWARE_METHODS
 
 UNIT = {"low": 0.0, "high": 1.0}
 
@@ -105,7 +106,7 @@ _METHODS: tuple[MergeMethod, ...] = (
     ),
 )
 
-REGISTRY: dict[str, MergeMethod] = {m.name: m for m in _METHODS}
+REGISTRY: dict[str, MergeMethod] = {m.name: m for m in (*_METHODS, *DATA_AWARE_METHODS)}
 
 
 def method_names() -> list[str]:
