@@ -18,7 +18,8 @@ from evomerge.errors import EvomergeError
 
 SPLITS = ("train", "validation", "test")
 PS_METHODS = ("ties", "dare_ties", "task_arithmetic", "linear", "della", "breadcrumbs",
-              "dare_linear", "della_linear", "breadcrumbs_ties")
+              "dare_linear", "della_linear", "breadcrumbs_ties", "fisher", "regmean", "rebasin", "repair")
+BASELESS_PS_METHODS = ("linear", "fisher", "regmean")  # methods that merge the listed models without a base
 DEFAULT_WORKER = "evomerge.evaluation.fitness:FitnessWorker"
 
 
@@ -85,6 +86,7 @@ class PSConfig(_Strict):
     genes: dict[str, Bounds] | None = None  # gene kind -> bounds; default: weight and density in [0, 1]
     x0: dict[str, float] = Field(default_factory=dict)  # gene kind -> start value (default: mid-range)
     parameters: dict[str, Any] = Field(default_factory=dict)  # fixed global method parameters
+    calibration: dict[str, Any] | None = None  # the recipe's calibration: block (fisher, regmean, repair)
     mask_seed: Literal["run", "candidate"] = "run"  # one DARE/DELLA mask seed per run, or per candidate
     decimals: int = Field(default=6, ge=1, le=12)  # values are rounded so recipes read well and dedupe
 
@@ -178,7 +180,7 @@ class SpaceConfig(_Strict):
     def _one_kind(self) -> SpaceConfig:
         if self.ps is None and self.dfs is None:
             raise ValueError("ps/dfs: give a `ps:` block, a `dfs:` block, or both")
-        if self.ps is not None and self.ps.method != "linear" and not self.base_model:
+        if self.ps is not None and self.ps.method not in BASELESS_PS_METHODS and not self.base_model:
             raise ValueError(f"base_model: PS method {self.ps.method} needs a base model")
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):

@@ -168,6 +168,8 @@ class PSLayout:
                               for gi, group in enumerate(self.groups)]
         if self.config.parameters:
             data["parameters"] = dict(self.config.parameters)
+        if self.config.calibration is not None:
+            data["calibration"] = dict(self.config.calibration)
         if self.method.random:
             data["seed"] = seed if seed is not None else 0
         return parse_recipe(data, source="ps decode")
