@@ -19,7 +19,9 @@ from evomerge.recipe import (
 )
 from evomerge.validation import validate_recipe
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[3] / "shared" / "mergekit-examples").glob("*.yml"))
+_EXAMPLE_DIRS = [Path(__file__).resolve().parents[3] / "shared" / "mergekit-examples",  # checkout beside shared/
+                 Path("/work/shared/mergekit-examples")]
+EXAMPLES = sorted(next((d for d in _EXAMPLE_DIRS if d.is_dir()), _EXAMPLE_DIRS[0]).glob("*.yml"))
 
 
 @pytest.mark.skipif(not EXAMPLES, reason="shared mergekit examples not available")
