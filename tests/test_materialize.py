@@ -64,7 +64,10 @@ def ps_recipes(zoo: Path) -> dict[str, dict]:
         "della@bf16": {**task_vectors("della", epsilon=0.1), "dtype": "bfloat16"},
     }
     covered = {name.split("@")[0] for name in recipes}
-    assert covered == set(REGISTRY), f"methods without an equality case: {set(REGISTRY) - covered}"
+    # Data-aware methods (a calibration pre-pass, `extra["prepare"]`) run through the same run_plan
+    # but need calibration data; their equality cases live with their tests.
+    plain = {name for name, method in REGISTRY.items() if "prepare" not in method.extra}
+    assert plain <= covered, f"methods without an equality case: {plain - covered}"
     return recipes
 
 

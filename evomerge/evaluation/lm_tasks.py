@@ -92,7 +92,17 @@ def load_tasks(names: Sequence[str], split: str = "test", include_paths: Sequenc
     for name, task in merged["tasks"].items():
         _select_split(task, name, split)
         task.set_config(key="num_fewshot", value=0)
+        _materialize_docs(task)
     return LoadedTasks(merged, split)
+
+
+def _materialize_docs(task: Any) -> None:
+    """Hold the scored split as a list of plain dicts: lm-eval re-reads every Arrow row of the split
+    on each evaluation (to pick `samples`), which costs more than scoring a tiny model's subset.
+    Tasks with a `process_docs` hook keep their Dataset (the hook may need Dataset methods)."""
+    if task.config.process_docs is None:
+        key = task.config.test_split
+        task.dataset[key] = list(task.dataset[key])
 
 
 def _select_split(task: Any, name: str, split: str) -> None:
@@ -155,9 +165,33 @@ def score_tasks(lm: Any, tasks: LoadedTasks, samples: dict[str, list[int]] | Non
     from lm_eval import evaluator
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    samples = {k: v for k, v in (samples or {}).items() if v is not None} or None
-    return evaluator.evaluate(lm=lm, task_dict=tasks.task_dict, samples=samples, bootstrap_iters=0,
-                              log_samples=log_samples, verbosity="ERROR")
+    samples = {k: v for k, v in (samples or {}).items() if v is not None}
+    with _subset_docs(tasks, samples) as remaining:
+        return evaluator.evaluate(lm=lm, task_dict=tasks.task_dict, samples=remaining or None, bootstrap_iters=0,
+                                  log_samples=log_samples, verbosity="ERROR")
+
+
+@contextlib.contextmanager
+def _subset_docs(tasks: LoadedTasks, samples: dict[str, list[int]]) -> Iterator[dict[str, list[int]]]:
+    """Score a subset by showing lm-eval only those docs (same docs, order and doc ids as its
+    `samples` option, which instead scans the whole split per call). Yields the samples that could
+    not be applied this way (tasks whose docs are not a plain list)."""
+    swapped: list[tuple[Any, str, Any]] = []
+    remaining: dict[str, list[int]] = {}
+    try:
+        for name, indices in samples.items():
+            task = tasks.task_dict["tasks"][name]
+            key = task.config.test_split
+            docs = task.dataset[key]
+            if not isinstance(docs, list):
+                remaining[name] = indices
+                continue
+            swapped.append((task, key, docs))
+            task.dataset[key] = [docs[i] for i in indices]
+        yield remaining
+    finally:
+        for task, key, docs in swapped:
+            task.dataset[key] = docs
 
 
 def metric_values(results: dict[str, Any]) -> dict[str, dict[str, float]]:
