@@ -84,6 +84,8 @@ def test_zoo_permutation_keeps_outputs_and_rebasin_recovers_it_exactly(mini_zoo,
     assert_same_weights(base, tmp_path / "t1")  # t = 1: B in A's basis, which is A itself
     merge_from_file(rebasin_recipe(tmp_path, base, tmp_path / "permuted", 0.0), tmp_path / "t0", progress=False)
     assert_same_weights(base, tmp_path / "t0")
+    merge_from_file(rebasin_recipe(tmp_path, base, tmp_path / "permuted", 0.5), tmp_path / "t05", progress=False)
+    assert_same_weights(base, tmp_path / "t05")  # the third merge reuses the cached permutation
 
 
 def tiny_model(kind: str, out: Path) -> Path:

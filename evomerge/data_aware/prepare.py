@@ -197,8 +197,8 @@ def align_models(plan: MergePlan, source: Any, *, residual: bool, max_sweeps: in
                     max_sweeps=max_sweeps, version=STATISTICS_VERSION)
     hit = cache.get("rebasin", key)
     if hit is not None:
-        sweeps = int(hit.pop("__sweeps__"))
-        return Alignment(spec, dict(hit), sweeps)
+        perms = {group: perm for group, perm in hit.items() if group != "__sweeps__"}
+        return Alignment(spec, perms, int(hit["__sweeps__"]))
     names = list(spec.axes)
     perms, sweeps = weight_matching(spec, _tensors(source, a, names), _tensors(source, b, names), max_sweeps=max_sweeps)
     cache.put("rebasin", key, {**perms, "__sweeps__": torch.tensor(sweeps)})

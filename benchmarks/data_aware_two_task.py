@@ -1,0 +1,91 @@
+"""The zoo's two-task merge (add + rev experts): fisher and regmean against linear and task arithmetic
+at the same weights, all through `evomerge merge` recipes; greedy exact match on the test splits.
+
+Each expert's statistics come from its own task's train split (`calibration.per_model`).
+
+    .venv/bin/python benchmarks/data_aware_two_task.py [--zoo DIR] [--mini] [--out JSON]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORK = Path(__file__).resolve().parent / "work"
+
+
+def recipes(zoo: Path, examples: int) -> dict[str, str]:
+    add, rev, base = zoo / "add", zoo / "rev", zoo / "base"
+    calibration = (f"calibration:\n  task: toy_add\n  split: train\n  examples: {examples}\n  seq_len: 16\n"
+                   f"  per_model:\n    {rev}: {{task: toy_rev, split: train}}\n")
+    two = (f"models:\n  - model: {add}\n    parameters: {{weight: 0.5}}\n"
+           f"  - model: {rev}\n    parameters: {{weight: 0.5}}\n")
+    return {
+        "linear (0.5, 0.5)": f"merge_method: linear\n{two}",
+        "task_arithmetic (0.5, 0.5)": f"merge_method: task_arithmetic\nbase_model: {base}\n{two}",
+        "task_arithmetic (0.8, 0.8) [zoo hand merge]": (
+            f"merge_method: task_arithmetic\nbase_model: {base}\n{two.replace('0.5', '0.8')}"),
+        "fisher (0.5, 0.5), empirical": f"merge_method: fisher\n{two}{calibration}",
+        "fisher (0.5, 0.5), sampled": f"merge_method: fisher\n{two}{calibration}  fisher: sampled\n",
+        "regmean (0.5, 0.5), alpha 0.9": f"merge_method: regmean\n{two}parameters: {{alpha: 0.9}}\n{calibration}",
+        "regmean (0.5, 0.5), alpha 1.0": f"merge_method: regmean\n{two}parameters: {{alpha: 1.0}}\n{calibration}",
+        "regmean (0.5, 0.5), alpha 0.5": f"merge_method: regmean\n{two}parameters: {{alpha: 0.5}}\n{calibration}",
+    }
+
+
+def accuracy(model_dir: Path) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.zoo import exact_match
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    scores = {task: round(exact_match(model, task, "test"), 4) for task in ("toy_add", "toy_rev")}
+    scores["mean"] = round((scores["toy_add"] + scores["toy_rev"]) / 2, 4)
+    return scores
+
+
+def run(zoo: Path, mini: bool, examples: int, out_json: Path | None) -> dict:
+    from evomerge.merge import merge_from_file
+    from evomerge.zoo import ensure_zoo
+
+    torch.set_num_threads(1)
+    zoo = ensure_zoo(zoo, seed=0, mini=mini)
+    rows: dict[str, dict] = {name: accuracy(zoo / name) for name in ("add", "rev")}
+    with tempfile.TemporaryDirectory(prefix="evomerge-two-task-") as tmp:
+        for name, text in recipes(zoo, examples).items():
+            recipe = Path(tmp) / "recipe.yaml"
+            recipe.write_text(text, encoding="utf-8")
+            out = Path(tmp) / f"out{len(rows)}"
+            started = time.perf_counter()
+            merge_from_file(recipe, out, progress=False)
+            seconds = round(time.perf_counter() - started, 1)
+            rows[name] = {**accuracy(out), "merge_seconds": seconds}
+    result = {"zoo": "mini" if mini else "full", "calibration_examples_per_model": examples,
+              "metric": "greedy exact match on the full test splits", "results": rows, "torch": torch.__version__}
+    if out_json is not None:
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", type=Path, default=WORK / "zoo-full")
+    parser.add_argument("--mini", action="store_true")
+    parser.add_argument("--examples", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=RESULTS / "data_aware_two_task.json")
+    args = parser.parse_args()
+    result = run(args.zoo, args.mini, args.examples, args.out)
+    print(f"{'merge':46s} {'add':>6s} {'rev':>6s} {'mean':>6s}")
+    for name, row in result["results"].items():
+        print(f"{name:46s} {row['toy_add']:6.3f} {row['toy_rev']:6.3f} {row['mean']:6.3f}")
+
+
+if __name__ == "__main__":
+    main()
