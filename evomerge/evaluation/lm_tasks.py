@@ -150,11 +150,23 @@ def make_lm(model: Any, tokenizer: Any, batch_size: int = 64, device: str | None
 
     from lm_eval.models.huggingface import HFLM
 
+    class QuietHFLM(HFLM):
+        """HFLM without its per-call tqdm bars: a search scores thousands of candidates."""
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
     device = device or str(next(model.parameters()).device)
     max_length = getattr(model.config, "max_position_embeddings", 2048)
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-                device=device)
+    return QuietHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                     device=device)
 
 
 def score_tasks(lm: Any, tasks: LoadedTasks, samples: dict[str, list[int]] | None = None,

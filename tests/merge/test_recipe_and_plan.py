@@ -19,12 +19,13 @@ from evomerge.recipe import (
 )
 from evomerge.validation import validate_recipe
 
-_EXAMPLE_DIRS = [Path(__file__).resolve().parents[3] / "shared" / "mergekit-examples",  # checkout beside shared/
-                 Path("/work/shared/mergekit-examples")]
-EXAMPLES = sorted(next((d for d in _EXAMPLE_DIRS if d.is_dir()), _EXAMPLE_DIRS[0]).glob("*.yml"))
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "data" / "mergekit_examples").glob("*.yml"))
 
 
-@pytest.mark.skipif(not EXAMPLES, reason="shared mergekit examples not available")
+def test_all_six_mergekit_examples_are_present():
+    assert len(EXAMPLES) == 6, EXAMPLES
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_mergekit_examples_parse_validate_and_round_trip(path):
     from evomerge.recipe import dump_recipe
