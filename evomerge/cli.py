@@ -117,12 +117,13 @@ def search_cmd(
     ray_address: str | None = typer.Option(None, help="Join a Ray cluster ('auto' or host:port)."),
     max_evals: int | None = typer.Option(None, help="Override the space's budget.max_evals."),
     seed: int | None = typer.Option(None, help="Override the space's root seed."),
+    optimizer: str | None = typer.Option(None, help="Override the space's optimizer: cma or random."),
 ) -> None:
     """Run an evolutionary merge search; journal every evaluation; write final.yaml and summary.json."""
     from evomerge.search_cli import run_search
 
     run_search(space, run_dir, workers=workers, ray_address=ray_address, max_evals=max_evals, seed=seed,
-               echo=typer.echo)
+               optimizer=optimizer, echo=typer.echo)
 
 
 @app.command("resume")

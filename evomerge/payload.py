@@ -43,18 +43,25 @@ def recipe_sha(recipe: Recipe) -> str:
     return sha256(recipe_to_dict(recipe))
 
 
-def eval_config(config: SpaceConfig, split: str) -> dict[str, Any]:
-    """Everything besides the recipe that decides an evaluation's outcome."""
+def eval_config(config: SpaceConfig, split: str, full: bool = False) -> dict[str, Any]:
+    """Everything besides the recipe that decides an evaluation's outcome.
+
+    `full` drops the per-task item limits: the search scores a fixed subset (cheap, noisy), while
+    the selection and the final report score whole splits.
+    """
+    tasks = [t.model_dump(mode="json") for t in config.tasks]
+    if full:
+        tasks = [{**t, "limit": None} for t in tasks]
     return {
         "split": split,
-        "tasks": [t.model_dump(mode="json") for t in config.tasks],
+        "tasks": tasks,
         "subset_seed": derive_seed(config.seed, "data", split),
         "include_paths": list(config.include_paths),
     }
 
 
-def make_payload(recipe: Recipe, config: SpaceConfig, split: str) -> dict[str, Any]:
-    return {"recipe": recipe_to_dict(recipe), "seed": recipe.seed, **eval_config(config, split)}
+def make_payload(recipe: Recipe, config: SpaceConfig, split: str, full: bool = False) -> dict[str, Any]:
+    return {"recipe": recipe_to_dict(recipe), "seed": recipe.seed, **eval_config(config, split, full)}
 
 
 def cache_key(payload: dict[str, Any]) -> str:

@@ -167,7 +167,7 @@ class Search:
             if item.recipe is None:
                 self._journal(item, None, status="failed", reason=item.error)
                 continue
-            payload = make_payload(item.recipe, self.cfg, item.split)
+            payload = make_payload(item.recipe, self.cfg, item.split, full=item.phase != "search")
             key = cache_key(payload)
             if key in self.cache:
                 self._journal(item, key, source=self.cache[key])

@@ -96,9 +96,10 @@ def _print_summary(summary: dict[str, Any], echo: Any) -> None:
 
 
 def run_search(space_path: Path, run_dir: Path, *, workers: int, ray_address: str | None,
-               max_evals: int | None, seed: int | None, echo: Any = print) -> dict[str, Any]:
+               max_evals: int | None, seed: int | None, optimizer: str | None = None,
+               echo: Any = print) -> dict[str, Any]:
     from evomerge.search import Search, local_or_ray_executor, start_run
-    from evomerge.space import SearchSpace, load_space_config
+    from evomerge.space import SearchSpace, load_space_config, parse_space
 
     config = load_space_config(space_path)
     update: dict[str, Any] = {}
@@ -110,6 +111,9 @@ def run_search(space_path: Path, run_dir: Path, *, workers: int, ray_address: st
         if max_evals < 1:
             raise EvomergeError("--max-evals: must be >= 1")
         update["budget"] = config.budget.model_copy(update={"max_evals": max_evals})
+    if optimizer is not None:
+        update["optimizer"] = parse_space({**config.model_dump(mode="json"), "optimizer": optimizer},
+                                          source="--optimizer").optimizer
     config = config.model_copy(update=update)
     _check_workers(workers)
     root = Path(space_path).resolve().parent

@@ -13,6 +13,10 @@ def make_optimizer(space, seed: int) -> AskTellOptimizer:
 
         return CMAOptimizer(space.x0, space.config.budget.sigma0, lower=space.lower, upper=space.upper,
                             stds=space.stds, popsize=space.popsize, seed=seed, options=spec.options)
+    if spec.name == "random":
+        from evomerge.optimizers.random_search import RandomSearch
+
+        return RandomSearch(lower=space.lower, upper=space.upper, popsize=space.popsize, seed=seed)
     raise ValueError(f"unknown optimizer {spec.name!r}")  # unreachable: the config validates the name
 
 

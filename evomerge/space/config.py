@@ -59,7 +59,7 @@ class Budget(_Strict):
 
 
 class OptimizerSpec(_Strict):
-    name: Literal["cma"] = "cma"
+    name: Literal["cma", "random"] = "cma"  # random: uniform in the bounds (the baseline)
     options: dict[str, Any] = Field(default_factory=dict)  # passed to cma.CMAEvolutionStrategy
 
 
