@@ -146,7 +146,6 @@ def ray_results(ray_instance: None, spec: WorkerSpec, mini_zoo: Path) -> Iterato
         yield {"results": results, "workers": {r.worker for r in results.values()}}
 
 
-@pytest.mark.slow
 def test_a_ray_pool_of_two_fitness_workers_equals_the_local_pool(ray_results: dict, spec: WorkerSpec,
                                                                  mini_zoo: Path) -> None:
     with LocalExecutor(spec, penalty=-1.0, torch_threads=1) as pool:

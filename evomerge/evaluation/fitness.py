@@ -185,6 +185,8 @@ class FitnessWorker:
         lm = make_lm(built.model, self._tokenizer(built.tokenizer_path), batch_size=self.batch_size,
                      device=self.device)
         if built.mode == "in_place":
+            while len(self._lms) >= self.materializer.max_targets:  # evicted targets free their memory
+                self._lms.pop(next(iter(self._lms)))
             self._lms[id(built.model)] = (built.model, lm)
         return lm
 
