@@ -126,9 +126,11 @@ class MethodCall:
         if cached is not None:
             return cached.delta, False
         assert self.base is not None and self.inputs[i] is not None
-        if self.inputs_owned:
-            return self.inputs[i].sub_(self.base), True  # type: ignore[union-attr]
-        return self.inputs[i] - self.base, True  # type: ignore[operator]
+        source = self.inputs[i]
+        if self.inputs_owned and source.dtype == self.base.dtype:  # type: ignore[union-attr]
+            return source.sub_(self.base), True  # type: ignore[union-attr]
+        # A lower-precision input is upcast exactly by type promotion inside the subtraction.
+        return torch.sub(source, self.base), True  # type: ignore[arg-type]
 
     def generator(self, i: int) -> torch.Generator:
         if i >= len(self.generators) or self.generators[i] is None:

@@ -19,30 +19,33 @@ Sparsifier = Literal["magnitude", "band", "bernoulli", "della"] | None
 Consensus = Literal["sum", "count"] | None
 
 
-def sparsified_delta(call: MethodCall, i: int, sparsifier: Sparsifier) -> torch.Tensor:
-    """Task vector i after its sparsifier (with that input's density/gamma/epsilon), as a tensor
-    the caller owns and may modify in place."""
+def sparsified_delta(call: MethodCall, i: int, sparsifier: Sparsifier, scale: float = 1.0) -> torch.Tensor:
+    """Task vector i after its sparsifier (with that input's density/gamma/epsilon), times
+    `scale`, as a tensor the caller owns and may modify in place."""
     delta, owned = call.take_delta(i)
     p = call.input_params[i]
     density = float(p.get("density", 1.0))
     if sparsifier is None or density >= 1:
         # every sparsifier keeps everything at density 1 (Breadcrumbs' gamma included)
+        if scale != 1.0:
+            return delta.mul_(scale) if owned else delta * scale
         return delta if owned else delta.clone()
     rescale = bool(call.params.get("rescale", False))
     norm = str(call.params.get("rescale_norm", "inverse"))
     cache = call.cache(i)
     if sparsifier == "magnitude":
         return magnitude_topk(delta, density, sorted_abs=cache and cache.sorted_abs, rescale=rescale,
-                              inplace=owned)
+                              inplace=owned, scale=scale)
     if sparsifier == "band":
         return magnitude_band(delta, density, float(p.get("gamma", 0.01)), sorted_abs=cache and cache.sorted_abs,
-                              rescale=rescale, inplace=owned)
+                              rescale=rescale, inplace=owned, scale=scale)
     if sparsifier == "bernoulli":
-        return bernoulli_drop(delta, density, call.generator(i), rescale=rescale, rescale_norm=norm, inplace=owned)
+        return bernoulli_drop(delta, density, call.generator(i), rescale=rescale, rescale_norm=norm, inplace=owned,
+                              scale=scale)
     if sparsifier == "della":
         return della_magprune(delta, density, float(p.get("epsilon", 0.15)), call.generator(i),
                               row_ranks=cache and cache.row_ranks, rescale=rescale, rescale_norm=norm,
-                              inplace=owned)
+                              inplace=owned, scale=scale)
     raise ValueError(f"unknown sparsifier {sparsifier!r}")
 
 
@@ -68,8 +71,7 @@ def generalized_task_arithmetic(call: MethodCall, sparsifier: Sparsifier, consen
     weights = [float(call.input_params[i]["weight"]) for i in range(count)]
     weighted = []
     for i in range(count):
-        delta = sparsified_delta(call, i, sparsifier)
-        weighted.append(delta.mul_(weights[i]) if weights[i] != 1.0 else delta)
+        weighted.append(sparsified_delta(call, i, sparsifier, scale=weights[i]))
     normalize = bool(call.params.get("normalize", False))
     if consensus is not None:
         # Float arithmetic instead of boolean masks (several times faster on CPU):
@@ -100,8 +102,8 @@ def generalized_task_arithmetic(call: MethodCall, sparsifier: Sparsifier, consen
 
 def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Elementwise sum in order, without stacking (one extra tensor of memory, not k)."""
-    total = tensors[0].clone()
-    for t in tensors[1:]:
+    total = torch.add(tensors[0], tensors[1]) if len(tensors) > 1 else tensors[0].clone()
+    for t in tensors[2:]:
         total += t
     return total
 

@@ -309,3 +309,31 @@ models: [{{model: {llama_zoo['ft1']}, parameters: {{weight: 1, density: 0.5}}}}]
     proc.wait(timeout=60)
     assert proc.returncode != 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slow.yml"]
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della_linear", "breadcrumbs_ties"])
+def test_bf16_inputs_match_fp32_math(tmp_path, llama_zoo, method):
+    """Low-precision inputs enter the task-vector math upcast exactly, whatever path loads them."""
+    from evomerge.methods import MethodCall, get_method
+    from evomerge.plan import ModelCatalog, plan_merge
+    from evomerge.recipe import loads_recipe
+
+    models = {n: make_llama(tmp_path / n, 20 + i, base=llama_zoo["base"], dtype=torch.bfloat16)
+              for i, n in enumerate(["b0", "b1", "b2"])}
+    text = f"""
+merge_method: {method}
+base_model: {models['b0']}
+models:
+  - {{model: {models['b1']}, parameters: {{weight: 0.7, density: 0.4}}}}
+  - {{model: {models['b2']}, parameters: {{weight: 0.5, density: 0.6}}}}
+"""
+    merged = read_all(merge(tmp_path, text, seed=4))
+    plan = plan_merge(loads_recipe(text), ModelCatalog(), seed=4)
+    states = [load_file(str(m.path / "model.safetensors")) for m in plan.models]
+    for job in plan.jobs[::7]:
+        call = MethodCall(job.name, states[job.base.model][job.base.name].float(),
+                          [states[r.model][r.name].float() for r in job.inputs], job.input_params, job.params,
+                          plan.generators(job))
+        expected = get_method(method).fn(call).to(torch.bfloat16)
+        assert merged[job.name].dtype == torch.bfloat16
+        assert torch.equal(merged[job.name], expected), job.name
