@@ -35,6 +35,20 @@ SHAPE = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "nu
 METHODS = ("ties", "dare_ties", "della")
 
 
+def dfs_recipe(paths: dict[str, Path], variant: int) -> dict:
+    """A 12-step layer path alternating between base and ft1 with transition scales (as decoded
+    from a DFS genome): materialised by binding resident layers, not by merging."""
+    from evomerge.space.dfs import Step, path_to_recipe
+
+    models = [str(paths["base"]), str(paths["ft1"])]
+    steps = [Step(0, 0)]
+    for i in range(1, 12):
+        model, layer = i % 2, min(7, (i + variant) % 8)
+        steps.append(Step(model, layer, 1.0 + 0.1 * ((i + variant) % 3)) if model != steps[-1].model
+                     else Step(model, layer))
+    return path_to_recipe(steps, models, ("o_proj", "down_proj")).model_dump(mode="json", exclude_none=True)
+
+
 def make_models(root: Path, dtype: str) -> dict[str, Path]:
     """A random base and two fine-tunes (base + 1% noise), saved with save_pretrained."""
     import torch
@@ -110,6 +124,7 @@ def main() -> None:
     parser.add_argument("--disk-repeats", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     args = parser.parse_args()
 
     import torch
@@ -128,7 +143,7 @@ def main() -> None:
     rows = []
     scratch = Path(tempfile.mkdtemp(prefix="materialize-", dir=WORK))
     try:
-        for method in METHODS:
+        for method in [m for m in args.methods.split(",") if m]:
             started = time.perf_counter()
             built = materializer.apply(recipe(method, paths, 0), seed=1)  # warm-up: caches, target model
             precompute = time.perf_counter() - started
@@ -151,6 +166,15 @@ def main() -> None:
                          disk / materialize, precompute])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    times = []
+    for i in range(args.candidates):
+        started = time.perf_counter()
+        built = materializer.apply(dfs_recipe(paths, i))
+        times.append(time.perf_counter() - started)
+    assert built.mode == "stacked"
+    figures["dfs_stacked"] = {"materialize_seconds": statistics.median(times), "materialize_all": times,
+                              "path_length": len(built.model.model.layers), "weights_copied_bytes": 0}
+    print(f"dfs layer path (12 steps, scales): {statistics.median(times) * 1000:.1f} ms per candidate, no copies")
     figures["resident_gb"] = materializer.resident_bytes / 1e9
     figures["delta_cache_gb"] = materializer.deltas.nbytes / 1e9
     print_table(f"materialize ({args.dtype}, {args.threads} thread(s); seconds)",
