@@ -185,10 +185,22 @@ def bernoulli_drop(delta: torch.Tensor, density: float, generator: torch.Generat
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    uniform = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=delta.dtype)
-    keep = keep_indicator(uniform, float(density))
+    keep = keep_indicator(uniform_like(delta, generator), float(density))
     return apply_keep_mask(delta, keep, float(density), rescale=rescale, rescale_norm=rescale_norm,
                            inplace=inplace, scale=scale)
+
+
+def uniform_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Fresh U[0, 1) draws shaped like `tensor`, determined by the generator's seed (one draw per
+    generator: each input of each tensor has its own). On CPU numpy's PCG64 is used: about three
+    times faster than torch's CPU generator; on accelerators, torch's generator on that device."""
+    if tensor.device.type == "cpu":
+        import numpy as np
+
+        draws = np.random.Generator(np.random.PCG64(generator.initial_seed())).random(tensor.numel(),
+                                                                                      dtype=np.float32)
+        return torch.from_numpy(draws).reshape(tensor.shape).to(tensor.dtype)
+    return torch.rand(tensor.shape, generator=generator, device=tensor.device, dtype=tensor.dtype)
 
 
 def keep_indicator(uniform: torch.Tensor, probs: torch.Tensor | float) -> torch.Tensor:
@@ -242,7 +254,6 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float, generato
     if density <= 0:
         return torch.zeros_like(delta)
     probs = della_keep_probabilities(delta, density, epsilon, row_ranks)
-    uniform = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=delta.dtype)
-    keep = keep_indicator(uniform, probs)
+    keep = keep_indicator(uniform_like(delta, generator), probs)
     return apply_keep_mask(delta, keep, probs, rescale=rescale, rescale_norm=rescale_norm, inplace=inplace,
                            scale=scale)
