@@ -88,7 +88,8 @@ def test_exported_ps_recipe_runs_unchanged_in_mergekit(demo_run: Path, tmp_path:
     run = subprocess.run([mergekit_yaml, str(recipe), str(tmp_path / "theirs")], capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    ours, theirs = load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "theirs" / "model.safetensors")
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    theirs = load_file(tmp_path / "theirs" / "model.safetensors")
     assert set(ours) == set(theirs)
     for name in ours:
         assert (ours[name].float() - theirs[name].float()).abs().max().item() <= 1e-5, name
