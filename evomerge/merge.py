@@ -82,15 +82,11 @@ def compute_tensor(plan: MergePlan, job: TensorJob, source: TensorSource, *, dev
 
     fresh = getattr(source, "fresh_tensors", False)
 
-    def load(ref: TensorRef, *, owned: bool = False, keep_precision: bool = False) -> torch.Tensor:
-        """Fetch, round to the recipe's `dtype`, move, upcast to fp32. With `keep_precision`, a
-        lower-precision input stays as it is: `MethodCall.take_delta` upcasts it inside the
-        subtraction (one pass less). A tensor the method may overwrite is never a shared view
-        (safetensors mmap, resident weights)."""
+    def load(ref: TensorRef, *, owned: bool = False) -> torch.Tensor:
+        """Fetch, round to the recipe's `dtype`, move, upcast to fp32. A tensor the method may
+        overwrite is never a shared view (safetensors mmap, resident weights)."""
         raw = source.get(ref)
         tensor = raw.to(plan.input_dtype) if plan.input_dtype is not None else raw
-        if keep_precision and tensor.is_floating_point() and tensor.dtype != torch.float32:
-            return tensor.to(device=device)
         tensor = tensor.to(device=device, dtype=torch.float32)
         shared = not fresh and tensor.data_ptr() == raw.data_ptr()
         return tensor.clone() if owned and shared else tensor
@@ -101,8 +97,7 @@ def compute_tensor(plan: MergePlan, job: TensorJob, source: TensorSource, *, dev
             tensor = tensor.to(plan.input_dtype)
         return tensor.to(device=device, dtype=job.out_dtype)
     base = load(job.base) if job.base is not None else None
-    deltas_only = "delta_cache" in plan.method.extra and base is not None
-    inputs = [load(ref, owned=True, keep_precision=deltas_only) if load_inputs else None for ref in job.inputs]
+    inputs = [load(ref, owned=True) if load_inputs else None for ref in job.inputs]
     call = MethodCall(tensor_name=job.name, base=base, inputs=inputs, input_params=job.input_params,
                       params=job.params, generators=plan.generators(job, device), caches=caches,
                       inputs_owned=True, context=plan.prepared.for_job(job) if plan.prepared is not None else None)
