@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import struct
+import threading
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -85,7 +86,8 @@ class CheckpointReader:
         self.config = read_config(self.dir, where)
         self._shard_of = _tensor_locations(self.dir, where)
         self._headers: dict[str, _ShardHeader] = {}
-        self._files: dict[str, BinaryIO] = {}
+        self._files: dict[str, int] = {}  # shard -> file descriptor
+        self._lock = threading.Lock()
 
     def names(self) -> list[str]:
         return list(self._shard_of)
@@ -113,25 +115,28 @@ class CheckpointReader:
         return CODE_TO_DTYPE[code]
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor in fresh memory; positioned reads, so several threads may read at once."""
         shard, entry, data_start = self._entry(name)
         begin, end = entry["data_offsets"]
-        fh = self._files.get(shard)
-        if fh is None:
-            fh = self._files[shard] = open(self.dir / shard, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+        fd = self._files.get(shard)
+        if fd is None:
+            with self._lock:
+                fd = self._files.get(shard)
+                if fd is None:
+                    fd = self._files[shard] = os.open(self.dir / shard, os.O_RDONLY)
         buffer = torch.empty(end - begin, dtype=torch.uint8)
-        fh.seek(data_start + begin)
         view = memoryview(buffer.numpy())
         done = 0
         while done < len(view):
-            count = fh.readinto(view[done:])
+            count = os.preadv(fd, [view[done:]], data_start + begin + done)
             if not count:
                 raise EvomergeError(f"{self.where}: {self.dir / shard} is truncated (tensor {name})")
             done += count
         return buffer.view(self.dtype(name)).reshape(entry["shape"])
 
     def close(self) -> None:
-        for fh in self._files.values():
-            fh.close()
+        for fd in self._files.values():
+            os.close(fd)
         self._files.clear()
 
 

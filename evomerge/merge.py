@@ -59,6 +59,7 @@ class CheckpointSource:
     """Reads input tensors lazily from the plan's model directories, one tensor at a time."""
 
     fresh_tensors = True  # every get() returns new memory the caller may overwrite
+    thread_safe = True  # get() may run in a background thread (positioned reads)
 
     def __init__(self, plan: MergePlan):
         self._readers = [CheckpointReader(m.path, m.reference) for m in plan.models]
@@ -120,17 +121,64 @@ def run_plan(plan: MergePlan, sink: TensorSink, source: TensorSource, *, device:
     if prepare is not None and plan.prepared is None:
         plan = dataclasses.replace(plan, prepared=prepare(plan, source, device))
     sink.begin(plan)
+    prefetch = _Prefetcher(source) if getattr(source, "thread_safe", False) and caches is None else None
     try:
         with _progress(len(plan.jobs), enabled=progress) as advance:
-            for job in plan.jobs:
+            for i, job in enumerate(plan.jobs):
                 job_caches = caches(job) if caches is not None else None
-                sink.write(job, compute_tensor(plan, job, source, device=device, caches=job_caches or (),
+                job_source: TensorSource = source
+                if prefetch is not None:
+                    job_source = prefetch.current(job)
+                    if i + 1 < len(plan.jobs):
+                        prefetch.start(plan.jobs[i + 1])
+                sink.write(job, compute_tensor(plan, job, job_source, device=device, caches=job_caches or (),
                                                load_inputs=job_caches is None))
                 advance(job.name)
         sink.commit()
     except BaseException:
         sink.abort()
         raise
+    finally:
+        if prefetch is not None:
+            prefetch.close()
+
+
+class _Prefetcher:
+    """Reads the next job's input tensors in a background thread while the current job computes
+    (file reads release the GIL). Holds at most one job's inputs ahead."""
+
+    def __init__(self, source: TensorSource):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.source = source
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-prefetch")
+        self._pending: dict[TensorRef, Any] = {}
+
+    def start(self, job: TensorJob) -> None:
+        refs = ([job.base] if job.base is not None else []) + list(job.inputs)
+        self._pending = {ref: self._pool.submit(self.source.get, ref) for ref in refs}
+
+    def current(self, job: TensorJob) -> TensorSource:
+        pending, self._pending = self._pending, {}
+        return _Prefetched(self.source, pending)
+
+    def close(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        self._pool.shutdown(wait=True)
+
+
+class _Prefetched:
+    """A job's view of the source: tensors read ahead when there are some, else read now."""
+
+    def __init__(self, source: TensorSource, pending: dict[TensorRef, Any]):
+        self.source = source
+        self.pending = pending
+        self.fresh_tensors = getattr(source, "fresh_tensors", False)
+
+    def get(self, ref: TensorRef) -> torch.Tensor:
+        future = self.pending.pop(ref, None)
+        return future.result() if future is not None else self.source.get(ref)
 
 
 @contextlib.contextmanager
@@ -160,6 +208,8 @@ class FileSink:
         self.overwrite = overwrite
         self._tmp: AtomicDirectory | None = None
         self._writers: list[StreamingShardWriter] = []
+        self._pool: Any = None
+        self._queued: list[Any] = []
 
     def begin(self, plan: MergePlan) -> None:
         self.plan = plan
@@ -169,9 +219,26 @@ class FileSink:
         self._names = shard_file_names(len(self._shards))
         self._current = -1
         self._writer: StreamingShardWriter | None = None
+        from concurrent.futures import ThreadPoolExecutor
+
+        # One background writer: the file write of tensor i overlaps the merge of tensor i + 1.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-write")
 
     def write(self, job: TensorJob, tensor: torch.Tensor) -> None:
-        assert self._tmp is not None, "begin() first"
+        assert self._tmp is not None and self._pool is not None, "begin() first"
+        while len(self._queued) >= 2:  # bound the memory held by pending writes
+            self._queued.pop(0).result()
+        self._queued.append(self._pool.submit(self._write_now, job.name, tensor))
+
+    def _drain(self) -> None:
+        while self._queued:
+            self._queued.pop(0).result()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _write_now(self, name: str, tensor: torch.Tensor) -> None:
+        assert self._tmp is not None
         if self._writer is None or self._writer.complete:
             if self._writer is not None:
                 self._writer.close()
@@ -179,10 +246,11 @@ class FileSink:
             self._writer = StreamingShardWriter(self._tmp.path / self._names[self._current],
                                                 self._shards[self._current])
             self._writers.append(self._writer)
-        self._writer.write(job.name, tensor)
+        self._writer.write(name, tensor)
 
     def commit(self) -> None:
         assert self._tmp is not None
+        self._drain()
         if self._writer is not None:
             self._writer.close()
         if self._current != len(self._shards) - 1 or (self._writer is not None and not self._writer.complete):
@@ -198,6 +266,10 @@ class FileSink:
         self._tmp.commit()
 
     def abort(self) -> None:
+        for future in self._queued:
+            future.cancel()
+        with contextlib.suppress(BaseException):
+            self._drain()
         for writer in self._writers:
             with contextlib.suppress(Exception):
                 writer.close()
