@@ -64,7 +64,7 @@ def task_manager(include_paths: Sequence[Path] = ()):
     from lm_eval.tasks import TaskManager
 
     paths = [str(tasks_dir())] + [str(Path(p).resolve()) for p in include_paths]
-    return TaskManager(include_path=paths, include_defaults=False, verbosity="ERROR")
+    return TaskManager(include_path=paths, include_defaults=False)
 
 
 def load_tasks(names: Sequence[str], split: str = "test", include_paths: Sequence[Path] = ()) -> LoadedTasks:
@@ -142,6 +142,39 @@ def task_samples(tasks: LoadedTasks, limits: dict[str, int | None], subset_seed:
         else:
             samples[name] = seeded_subset(size, limit, task_seed(subset_seed, name)) or []
     return samples or None
+
+
+def window_samples(tasks: LoadedTasks, limits: dict[str, int | None], subset_seed: int | None,
+                   window: Sequence[int | None], order_seed: int) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """Staged evaluation: per task, positions [start, stop) of its search items (the `limit` subset,
+    or every item) in a fixed seeded order; and each task's item count (what the last stage reaches)."""
+    from evomerge.fidelity import window_items
+
+    full = task_samples(tasks, limits, subset_seed) or {}
+    samples, totals = {}, {}
+    for name in tasks.names:
+        items = full.get(name, list(range(tasks.size(name))))
+        totals[name] = len(items)
+        samples[name] = window_items(items, window, task_seed(order_seed, name))
+    return samples, totals
+
+
+def subset_tasks(tasks: LoadedTasks, names: Sequence[str]) -> LoadedTasks:
+    """The same loaded task objects, only `names` of them (a window that is empty for some tasks)."""
+    task_dict = {**tasks.task_dict, "tasks": {n: t for n, t in tasks.task_dict["tasks"].items() if n in names}}
+    return LoadedTasks(task_dict, tasks.split)
+
+
+def item_scores(results: dict[str, Any], samples: dict[str, list[int]], metrics: dict[str, str]
+                ) -> dict[str, list[list[float]]]:
+    """{task: [[item index, score of its fitness metric], ...]} from lm-eval's logged samples; a
+    logged doc_id is a position in the docs shown (`samples[task]`), mapped back to the item index."""
+    out: dict[str, list[list[float]]] = {}
+    for task, metric in metrics.items():
+        indices = samples.get(task, [])
+        logged = results.get("samples", {}).get(task, [])
+        out[task] = sorted([indices[int(entry["doc_id"])], float(entry[metric])] for entry in logged)
+    return out
 
 
 def make_lm(model: Any, tokenizer: Any, batch_size: int = 64, device: str | None = None):
