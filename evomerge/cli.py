@@ -117,7 +117,8 @@ def search_cmd(
     ray_address: str | None = typer.Option(None, help="Join a Ray cluster ('auto' or host:port)."),
     max_evals: int | None = typer.Option(None, help="Override the space's budget.max_evals."),
     seed: int | None = typer.Option(None, help="Override the space's root seed."),
-    optimizer: str | None = typer.Option(None, help="Override the space's optimizer: cma or random."),
+    optimizer: str | None = typer.Option(None, help="Override the space's optimizer: cma, random, or "
+                                                "optuna:tpe / optuna:cmaes / optuna:nsga2."),
 ) -> None:
     """Run an evolutionary merge search; journal every evaluation; write final.yaml and summary.json."""
     from evomerge.search_cli import run_search
@@ -146,11 +147,12 @@ def export_cmd(
     run_dir: Path = typer.Argument(..., help="A run directory."),
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the recipe YAML."),
     merge: Path | None = typer.Option(None, "--merge", help="Also merge the recipe into this model directory."),
+    pick: int | None = typer.Option(None, "--pick", help="Export entry N (0-based) of the run's pareto.json."),
 ) -> None:
     """Write the run's final recipe (mergekit schema); optionally merge it like `evomerge merge`."""
     from evomerge.search_cli import run_export
 
-    run_export(run_dir, out, merge_dir=merge, echo=typer.echo)
+    run_export(run_dir, out, merge_dir=merge, pick=pick, echo=typer.echo)
 
 
 @app.command("report")

@@ -7,7 +7,8 @@ Payload of one candidate (a plain dict, picklable, JSON-able):
      "split": "train",           # which split of every task to score
      "tasks": [{"name": "toy_add", "metric": "exact_match", "weight": 0.5, "limit": 100}, ...],
      "subset_seed": 456,         # seeds the fixed item subset of tasks with a `limit`
-     "include_paths": ["/abs/folder"]}   # extra lm-eval task folders
+     "include_paths": ["/abs/folder"],   # extra lm-eval task folders
+     "window": [0, 50], "order_seed": 789}   # staged evaluation only (see evomerge.fidelity)
 
 A worker answers with `EvalResult.success(id, fitness, metrics)`: fitness = sum of weight * metric
 over tasks, metrics keyed `"<task>/<metric>"`, plus `"<task>/n"` (items scored) and, when it has
@@ -60,8 +61,14 @@ def eval_config(config: SpaceConfig, split: str, full: bool = False) -> dict[str
     }
 
 
-def make_payload(recipe: Recipe, config: SpaceConfig, split: str, full: bool = False) -> dict[str, Any]:
-    return {"recipe": recipe_to_dict(recipe), "seed": recipe.seed, **eval_config(config, split, full)}
+def make_payload(recipe: Recipe, config: SpaceConfig, split: str, full: bool = False,
+                 window: tuple[int, int | None] | None = None) -> dict[str, Any]:
+    """`window` (staged evaluation): score only positions [start, stop) of each task's items in a
+    fixed seeded order (`order_seed`), and answer with per-item scores."""
+    payload = {"recipe": recipe_to_dict(recipe), "seed": recipe.seed, **eval_config(config, split, full)}
+    if window is not None:
+        payload.update(window=list(window), order_seed=derive_seed(config.seed, "order", split))
+    return payload
 
 
 def cache_key(payload: dict[str, Any]) -> str:

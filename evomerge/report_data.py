@@ -21,12 +21,11 @@ import numpy as np
 from evomerge.architecture import GPT2, LLAMA_LIKE
 from evomerge.errors import EvomergeError
 from evomerge.recipe import FilteredValue, ParameterSetting, Recipe, as_number, evaluate_setting, load_recipe
-from evomerge.run import BEST_FILE, FINAL_FILE, SPACE_FILE, SUMMARY_FILE, RunDir, read_journal
+from evomerge.run import BEST_FILE, FINAL_FILE, PARETO_FILE, SPACE_FILE, SUMMARY_FILE, RunDir, read_journal
 from evomerge.space.config import load_space_config
 from evomerge.space.dfs import path_from_recipe
 from evomerge.space.ps import model_labels
 
-PARETO_FILE = "pareto.json"
 STAGES = ("ps", "dfs")  # sub-runs of a PS+DFS run, in the order they ran (evomerge/staged.py)
 
 
@@ -80,7 +79,7 @@ def load_run(path: str | Path) -> RunData:
     summary_file = run.file(SUMMARY_FILE)
     summary = _read_json(summary_file) if summary_file.exists() else None
     pareto_file = run.file(PARETO_FILE)
-    pareto = pareto_entries(_read_json(pareto_file), pareto_file) if pareto_file.exists() else None
+    pareto = load_pareto(pareto_file) if pareto_file.exists() else None
     return RunData(run.path, config.kind, stages, summary, pareto, list(config.tasks))
 
 
@@ -96,6 +95,10 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise EvomergeError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def load_pareto(path: Path) -> list[dict[str, Any]]:
+    return pareto_entries(_read_json(path), path)
 
 
 def pareto_entries(data: Any, path: Path) -> list[dict[str, Any]]:

@@ -6,6 +6,8 @@
     runs/NAME/best.yaml         best recipe by search fitness so far
     runs/NAME/final.yaml        the chosen recipe (selection split), at the end
     runs/NAME/summary.json      report-split scores of the final recipe and the sources
+    runs/NAME/pareto.json       the Pareto front, in runs with objectives (evomerge/objectives.py)
+    runs/NAME/study.log         the optuna study, with the optuna optimizer (optuna-dashboard opens it)
 
 Every file except the journal is replaced atomically (temp file + fsync + os.replace); the journal
 only grows, and a line cut short by a kill is dropped on the next open.
@@ -30,6 +32,7 @@ CHECKPOINT_FILE = "optimizer.pkl"
 BEST_FILE = "best.yaml"
 FINAL_FILE = "final.yaml"
 SUMMARY_FILE = "summary.json"
+PARETO_FILE = "pareto.json"
 CHECKPOINT_VERSION = 1
 
 

@@ -18,11 +18,13 @@ from __future__ import annotations
 import datetime as _dt
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluation.candidate import Candidate, EvalResult, WorkerSpec
+from evomerge.fidelity import Estimate, estimate, items_scored, merge_items, stage_windows, still_racing
+from evomerge.objectives import PARETO_FILE, Objectives
 from evomerge.optimizers import make_optimizer
 from evomerge.payload import cache_key, derive_seed, make_payload, recipe_sha, sha256, source_recipe
 from evomerge.recipe import Recipe, dump_recipe, parse_recipe
@@ -46,6 +48,7 @@ class Item:
     index: int | None = None
     error: str | None = None  # decoding failed
     label: str | None = None  # report phase: "final" or a source model path
+    window: tuple[int, int | None] | None = None  # staged evaluation: the item positions to score
 
 
 @dataclass
@@ -94,6 +97,7 @@ class Search:
         for record in self.journal.records():
             self._remember(record)
         self.mask_seed = derive_seed(self.cfg.seed, "mask")
+        self.objectives = Objectives(self.cfg, space.catalog)
         budget = self.cfg.budget
         self.generations = max(1, budget.max_evals // space.popsize)
         self.progress = Progress(space.kind, self.generations * space.popsize, space.popsize)
@@ -122,11 +126,13 @@ class Search:
         checkpoint = self.run.load_checkpoint()
         sha = space_sha(self.space)
         if checkpoint is None:
-            optimizer = make_optimizer(self.space, derive_seed(self.cfg.seed, "optimizer"))
+            optimizer = make_optimizer(self.space, derive_seed(self.cfg.seed, "optimizer"), self.run.path)
             checkpoint = Checkpoint(optimizer=optimizer, generation=0, space_sha=sha)
         elif checkpoint.space_sha != sha:
             raise EvomergeError(f"{self.run.space_file}: the search space changed since the checkpoint was "
                                 "written; only budget.max_evals may change on resume")
+        else:
+            checkpoint.optimizer.attach(self.run.path)
         while checkpoint.generation < self.generations:
             self.progress.generation = checkpoint.generation
             if checkpoint.pending is None:
@@ -134,8 +140,9 @@ class Search:
                 self.run.save_checkpoint(checkpoint)
             genomes = checkpoint.pending
             items = [self._search_item(checkpoint.generation, i, g) for i, g in enumerate(genomes)]
-            records = self.evaluate(items)
-            checkpoint.optimizer.tell(genomes, [r["fitness"] for r in records])
+            records = self.evaluate_staged(items) if self.cfg.fidelity else self.evaluate(items)
+            checkpoint.optimizer.tell(genomes, self._told_values(checkpoint.optimizer, records))
+            self.write_pareto()
             checkpoint.generation += 1
             checkpoint.pending = None
             self.run.save_checkpoint(checkpoint)
@@ -150,6 +157,17 @@ class Search:
         except EvomergeError as exc:
             item.error = f"decode: {exc}"
         return item
+
+    def _told_values(self, optimizer: Any, records: list[dict[str, Any]]) -> list[Any]:
+        """Fitnesses, or objective vectors (None: failed) for a multi-objective optimizer."""
+        if getattr(optimizer, "objectives", 1) > 1:
+            return [self.objectives.vector(r) for r in records]
+        return [r["fitness"] for r in records]
+
+    def write_pareto(self) -> None:
+        """pareto.json from every search evaluation so far (runs with objectives only)."""
+        if self.objectives:
+            self.run.write_json(PARETO_FILE, self.objectives.document(self.records.values()))
 
     def _mask_mode(self) -> str:
         return self.cfg.ps.mask_seed if self.cfg.ps is not None else "run"
@@ -167,7 +185,8 @@ class Search:
             if item.recipe is None:
                 self._journal(item, None, status="failed", reason=item.error)
                 continue
-            payload = make_payload(item.recipe, self.cfg, item.split, full=item.phase != "search")
+            payload = make_payload(item.recipe, self.cfg, item.split, full=item.phase not in ("search", "stage"),
+                                   window=item.window)
             key = cache_key(payload)
             if key in self.cache:
                 self._journal(item, key, source=self.cache[key])
@@ -188,6 +207,68 @@ class Search:
                     self._journal(follower, key, source=record)
         return [self.records[item.eval_id] for item in items]
 
+    def evaluate_staged(self, items: list[Item]) -> list[dict[str, Any]]:
+        """A generation raced over the fidelity stages (evomerge.fidelity): stage records
+        (`g0003-02/s1`, phase "stage", with per-item scores) are journaled, then one search record
+        per candidate whose metrics and fitness come from every item it scored."""
+        fidelity = self.cfg.fidelity
+        assert fidelity is not None
+        weights = {t.name: t.weight for t in self.cfg.tasks}
+        scores: dict[str, dict[str, dict[int, float]]] = {item.eval_id: {} for item in items}
+        totals: dict[str, dict[str, int]] = {}
+        stages: dict[str, list[dict[str, Any]]] = {item.eval_id: [] for item in items}
+        estimates: dict[str, Estimate] = {}
+        racing = [item for item in items if item.recipe is not None]
+        windows = stage_windows(fidelity.stages)
+        for number, window in enumerate(windows):
+            stage_items = [replace(item, eval_id=f"{item.eval_id}/s{number}", phase="stage", window=window)
+                           for item in racing]
+            for item, record in zip(racing, self.evaluate(stage_items), strict=True):
+                stages[item.eval_id].append(record)
+                if record["status"] != "ok":
+                    estimates.pop(item.eval_id, None)
+                    continue
+                if "items" not in record:
+                    raise EvomergeError(f"worker.factory: {self.cfg.worker.factory} answered a staged evaluation "
+                                        "without per-item scores; fidelity needs a worker that scores windows")
+                merge_items(scores[item.eval_id], record["items"])
+                totals[item.eval_id] = {t: int(record["metrics"].get(f"{t}/n_full", 0)) for t in weights}
+                estimates[item.eval_id] = estimate(
+                    {t: list(v.values()) for t, v in scores[item.eval_id].items()}, totals[item.eval_id], weights)
+            racing = [item for item in racing if stages[item.eval_id][-1]["status"] == "ok"]
+            if number < len(windows) - 1:
+                keep = still_racing(estimates, fidelity.z, fidelity.rank)  # the bar counts finished ones too
+                racing = [item for item in racing if item.eval_id in keep]
+        for item in items:
+            if item.eval_id in self.records:
+                continue
+            if item.recipe is None:
+                self._journal(item, None, status="failed", reason=item.error)
+            elif item.eval_id not in estimates:
+                failed = stages[item.eval_id][-1]
+                self._journal(item, None, status="failed", reason=failed["reason"])
+            else:
+                self._journal_staged(item, stages[item.eval_id], scores[item.eval_id], totals[item.eval_id],
+                                     estimates[item.eval_id])
+        return [self.records[item.eval_id] for item in items]
+
+    def _journal_staged(self, item: Item, stages: list[dict[str, Any]], scores: dict[str, dict[int, float]],
+                        totals: dict[str, int], est: Estimate) -> dict[str, Any]:
+        metrics: dict[str, float] = {}
+        for task in self.cfg.tasks:
+            values = list(scores.get(task.name, {}).values())
+            metrics[f"{task.name}/{task.metric}"] = sum(values) / len(values) if values else 0.0
+            metrics[f"{task.name}/n"] = float(len(values))
+            metrics[f"{task.name}/n_full"] = float(totals.get(task.name, 0))
+        fidelity = self.cfg.fidelity
+        assert fidelity is not None
+        result = EvalResult.success(item.eval_id, est.fitness, metrics)
+        result.seconds = sum(r["seconds"] for r in stages)
+        result.attempts = 0
+        staged = {"stages": [r["eval_id"] for r in stages], "complete": est.complete, "se": est.se,
+                  "upper": est.upper(fidelity.z), "lower": est.lower(fidelity.z)}
+        return self._journal(item, None, result=result, counted=False, extra={"fidelity": staged})
+
     def _executor_or_start(self) -> Any:
         if self._executor is None:
             worker = self.cfg.worker
@@ -203,7 +284,8 @@ class Search:
 
     def _journal(self, item: Item, key: str | None, *, result: EvalResult | None = None,
                  source: dict[str, Any] | None = None, status: str | None = None,
-                 reason: str | None = None) -> dict[str, Any]:
+                 reason: str | None = None, counted: bool = True,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
         record: dict[str, Any] = {
             "eval_id": item.eval_id, "phase": item.phase, "generation": item.generation, "index": item.index,
             "genome": item.genome, "recipe_sha": recipe_sha(item.recipe) if item.recipe else None,
@@ -214,14 +296,20 @@ class Search:
             record.update(metrics=result.metrics, fitness=result.fitness, status=result.status,
                           seconds=round(result.seconds, 6), worker=result.worker, reason=result.reason,
                           attempts=result.attempts, cached_from=None)
-            self.progress.evaluated_here += 1
+            if result.items:
+                record["items"] = result.items
+            if counted:
+                self.progress.evaluated_here += 1
         elif source is not None:
             record.update(metrics=source["metrics"], fitness=source["fitness"], status=source["status"],
                           seconds=0.0, worker=None, reason=source["reason"], attempts=0,
                           cached_from=source["cached_from"] or source["eval_id"])
+            if source.get("items"):
+                record["items"] = source["items"]
         else:
             record.update(metrics={}, fitness=self.cfg.worker.penalty, status=status or "failed", seconds=0.0,
                           worker=None, reason=reason, attempts=0, cached_from=None)
+        record.update(extra or {})
         record["recipe"] = dump_recipe(item.recipe) if item.recipe else None
         record["time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self.journal.append(record)
@@ -258,6 +346,7 @@ class Search:
         return ranked[: self.cfg.budget.select_top_k]
 
     def finish(self) -> dict[str, Any]:
+        self.write_pareto()
         self.progress.phase = "select"
         self.observer(self.progress, None)
         top = self.top_k()
@@ -312,6 +401,7 @@ class Search:
                                      split.report: score(r)} for r in sources},
             "evaluations": self.progress.done,
             "failed": self.progress.failed,
+            "items_scored": items_scored(self.records.values()),
             "kind": self.space.kind,
             "splits": {"search": split.search, "select": split.select, "report": split.report},
             "seed": self.cfg.seed,

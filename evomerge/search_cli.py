@@ -180,19 +180,23 @@ def _staged(run: RunDir, config: Any, factory: Any, echo: Any, *, new: bool, max
     return summary
 
 
-def run_export(run_dir: Path, out: Path, *, merge_dir: Path | None, echo: Any = print) -> None:
+def run_export(run_dir: Path, out: Path, *, merge_dir: Path | None, pick: int | None = None,
+               echo: Any = print) -> None:
     from evomerge.recipe import dump_recipe, load_recipe
 
     run = RunDir(run_dir)
     run.require()
     source = run.file(FINAL_FILE)
-    if not source.exists():
+    if pick is not None:
+        recipe, source = _front_recipe(run, pick)
+    elif not source.exists():
         source = run.file(BEST_FILE)
         if not source.exists():
             raise EvomergeError(f"run: {run.path} has no {FINAL_FILE} or {BEST_FILE} yet; no candidate has "
                                 "been evaluated successfully")
         echo(f"note: the run has not finished; exporting {BEST_FILE} (best by search fitness so far)")
-    recipe = load_recipe(source)
+    if pick is None:
+        recipe = load_recipe(source)
     if merge_dir is not None:
         from evomerge.checkpoint import check_output_dir
 
@@ -204,3 +208,19 @@ def run_export(run_dir: Path, out: Path, *, merge_dir: Path | None, echo: Any = 
 
         merge_from_file(Path(out), Path(merge_dir), progress=False, echo=echo)
         echo(f"merged into {merge_dir}")
+
+
+def _front_recipe(run: RunDir, pick: int) -> tuple[Any, str]:
+    """Entry `pick` (0-based, as `evomerge report` lists them) of the run's Pareto front."""
+    from evomerge.report_data import load_pareto
+    from evomerge.run import PARETO_FILE
+    from evomerge.search import parse_recipe_text
+
+    path = run.file(PARETO_FILE)
+    if not path.exists():
+        raise EvomergeError(f"--pick: {run.path} has no {PARETO_FILE}; only runs with objectives keep a front")
+    front = load_pareto(path)
+    if not 0 <= pick < len(front):
+        raise EvomergeError(f"--pick: {pick} is not an entry of the front (0 to {len(front) - 1})")
+    entry = front[pick]
+    return parse_recipe_text(entry["recipe"]), f"{path} entry {pick}, {entry['eval_id']}"

@@ -84,6 +84,8 @@ class ToyFitnessWorker:
         if self.fail_above is not None and any(w > self.fail_above for w in weights):
             raise RuntimeError(f"weight above {self.fail_above}: merged model diverged")
         values = torch.tensor(_numbers(recipe) or [0.0], dtype=torch.float64)
+        if payload.get("window") is not None:
+            return self._window(candidate, values)
         metrics: dict[str, float] = {}
         fitness = 0.0
         for task in payload["tasks"]:
@@ -92,6 +94,29 @@ class ToyFitnessWorker:
             metrics[f"{task['name']}/n"] = float(task.get("limit") or 200)
             fitness += task["weight"] * value
         return EvalResult.success(candidate.id, fitness, metrics)
+
+
+    def _window(self, candidate: Candidate, values: torch.Tensor) -> EvalResult:
+        """Staged evaluation: item i of a task is solved iff the smooth metric p beats the item's fixed
+        difficulty, so the mean over all N = limit (default 200) items is close to p."""
+        from evomerge.evaluation.lm_tasks import task_seed
+        from evomerge.fidelity import window_items
+
+        payload = candidate.payload
+        metrics: dict[str, float] = {}
+        items: dict[str, list[list[float]]] = {}
+        fitness = 0.0
+        for task in payload["tasks"]:
+            name, total = task["name"], int(task.get("limit") or 200)
+            p = self._metric(values, name, payload["split"], payload["seed"])
+            difficulty = np.random.RandomState(_seed(name, payload["split"], "items")).uniform(size=total)
+            chosen = window_items(range(total), payload["window"], task_seed(payload["order_seed"], name))
+            items[name] = sorted([i, float(p > difficulty[i])] for i in chosen)
+            mean = sum(s for _, s in items[name]) / len(chosen) if chosen else 0.0
+            metrics.update({f"{name}/{task['metric']}": mean, f"{name}/n": float(len(chosen)),
+                            f"{name}/n_full": float(total)})
+            fitness += task["weight"] * mean
+        return EvalResult.success(candidate.id, fitness, metrics, items=items)
 
 
 def _models(recipe: dict) -> list[str]:

@@ -36,7 +36,8 @@ class EvalResult:
 
     `seconds` is the wall time inside the worker's `evaluate` (not queueing), `worker` the slot that
     produced the result, `attempts` how many workers it took (more than 1 after a worker died).
-    `timings` is free-form telemetry from the worker (e.g. seconds in forward passes)."""
+    `timings` is free-form telemetry from the worker (e.g. seconds in forward passes); `items` the
+    per-item scores of each task's fitness metric when the payload asked for a window of items."""
 
     candidate_id: str
     status: Status
@@ -47,6 +48,7 @@ class EvalResult:
     worker: str = ""
     attempts: int = 1
     timings: dict[str, float] = field(default_factory=dict)
+    items: dict[str, list[list[float]]] = field(default_factory=dict)  # task -> [[doc index, score], ...]
 
     @classmethod
     def success(
@@ -55,8 +57,10 @@ class EvalResult:
         fitness: float,
         metrics: Mapping[str, float] | None = None,
         timings: Mapping[str, float] | None = None,
+        items: Mapping[str, list[list[float]]] | None = None,
     ) -> EvalResult:
-        return cls(candidate_id, "ok", float(fitness), dict(metrics or {}), None, timings=dict(timings or {}))
+        return cls(candidate_id, "ok", float(fitness), dict(metrics or {}), None, timings=dict(timings or {}),
+                   items=dict(items or {}))
 
     @classmethod
     def failure(cls, candidate_id: str, reason: str, metrics: Mapping[str, float] | None = None) -> EvalResult:

@@ -65,6 +65,8 @@ class FitnessPayload(BaseModel):
     limit: int | None = Field(default=None, ge=1)
     subset_seed: int | None = 0
     include_paths: list[str] | None = None
+    window: list[int | None] | None = Field(default=None, min_length=2, max_length=2)  # staged evaluation
+    order_seed: int = 0
 
 
 class ForwardTimer:
@@ -145,6 +147,8 @@ class FitnessWorker:
         unknown = _unknown_metric(loaded, tasks)
         if unknown:
             return EvalResult.failure(candidate.id, unknown)
+        if payload.window is not None:
+            return self._score_window(candidate.id, built, loaded, tasks, payload, timings)
         results, timings["eval"], timings["forward"] = self._score(built, loaded, tasks, payload)
         metrics = flat_metrics(results, with_stderr=self.stderr)
         try:
@@ -166,6 +170,40 @@ class FitnessWorker:
         with ForwardTimer().attached(built.model) as timer:
             results = score_tasks(lm, loaded, samples=samples, log_samples=self.stderr)
         return results, time.perf_counter() - started, timer.seconds
+
+    def _score_window(self, candidate_id: str, built: Materialized, loaded: Any, tasks: Sequence[TaskWeight],
+                      payload: FitnessPayload, timings: dict[str, float]) -> EvalResult:
+        """Staged evaluation: score only the payload's window of items and report each item's score
+        (`items`) and every task's item count (`task/n_full`); the search sums stages itself."""
+        from evomerge.evaluation.lm_tasks import item_scores, score_tasks, subset_tasks, window_samples
+
+        assert payload.window is not None
+        plain = [t.name for t in tasks if not isinstance(loaded.task_dict["tasks"][t.name].dataset[
+            loaded.task_dict["tasks"][t.name].config.test_split], list)]
+        if plain:
+            return EvalResult.failure(candidate_id, f"fidelity: task {plain[0]!r} has a process_docs hook; "
+                                      "staged evaluation needs tasks whose docs are a plain list")
+        limits = {t.name: t.limit if t.limit is not None else payload.limit for t in tasks}
+        samples, totals = window_samples(loaded, limits, payload.subset_seed, payload.window, payload.order_seed)
+        scored = [name for name, items in samples.items() if items]
+        metrics: dict[str, float] = {f"{t.name}/n_full": float(totals[t.name]) for t in tasks}
+        items: dict[str, list[list[float]]] = {t.name: [] for t in tasks}
+        timings["eval"] = timings["forward"] = 0.0
+        if scored:
+            lm = self._lm(built)
+            started = time.perf_counter()
+            with ForwardTimer().attached(built.model) as timer:
+                results = score_tasks(lm, subset_tasks(loaded, scored), samples={n: samples[n] for n in scored},
+                                      log_samples=True)
+            timings["eval"], timings["forward"] = time.perf_counter() - started, timer.seconds
+            metrics.update(flat_metrics(results))
+            items.update(item_scores(results, samples, {t.name: t.metric for t in tasks if t.name in scored}))
+        fitness = 0.0
+        for task in tasks:
+            values = [score for _, score in items[task.name]]
+            metrics[f"{task.name}/n"] = float(len(values))
+            fitness += task.weight * (sum(values) / len(values) if values else 0.0)
+        return EvalResult.success(candidate_id, fitness, metrics, timings, items=items)
 
     def _loaded(self, names: Sequence[str], split: str, include_paths: Sequence[str]) -> Any:
         from evomerge.evaluation.lm_tasks import load_tasks

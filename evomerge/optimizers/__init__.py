@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from evomerge.optimizers.base import AskTellOptimizer
 
 
-def make_optimizer(space, seed: int) -> AskTellOptimizer:
-    """The optimizer a bound `SearchSpace` asks for, seeded with `seed` (derived from the run seed)."""
+def make_optimizer(space, seed: int, run_dir: Path | None = None) -> AskTellOptimizer:
+    """The optimizer a bound `SearchSpace` asks for, seeded with `seed` (derived from the run seed);
+    optimizers that keep files (the optuna study) keep them in `run_dir`."""
     spec = space.config.optimizer
+    if spec.name == "optuna":
+        from evomerge.objectives import objective_directions
+        from evomerge.optimizers.optuna_sampler import OptunaOptimizer
+
+        multi = spec.sampler in ("tpe", "nsga2") and space.config.objectives
+        optimizer = OptunaOptimizer(
+            sampler=spec.sampler, names=space.names, lower=space.lower, upper=space.upper, x0=space.x0,
+            sigma0=space.config.budget.sigma0, popsize=space.popsize, seed=seed,
+            directions=objective_directions(space.config) if multi else ["maximize"],
+            study_name=space.config.name or "evomerge", options=spec.options)
+        if run_dir is not None:
+            optimizer.attach(run_dir)
+        return optimizer
     if spec.name == "cma":
         from evomerge.optimizers.cma_es import CMAOptimizer
 

@@ -1,4 +1,4 @@
-"""The ask/tell contract every optimizer adapter follows (pycma now; optuna samplers later).
+"""The ask/tell contract every optimizer adapter follows (pycma, random search, optuna samplers).
 
 The driver asks for one generation of genomes, evaluates them, and tells the fitnesses back in
 the order asked; fitness is *maximized* (an adapter over a minimizer negates it). An adapter must
@@ -11,10 +11,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
 
 
 class AskTellOptimizer(ABC):
     name: str = "optimizer"
+    objectives: int = 1  # >1: tell gets one objective vector per genome (None: failed) instead of floats
+
+    def attach(self, run_dir: Path) -> None:
+        """Reconnect to what the optimizer keeps in the run directory (after creation or unpickling)."""
+        del run_dir  # pycma and random search keep everything in their pickle
 
     @abstractmethod
     def ask(self) -> list[list[float]]:

@@ -58,9 +58,56 @@ class Budget(_Strict):
     select_top_k: int = Field(default=5, ge=1)  # re-scored on the selection split at the end
 
 
+OPTUNA_SAMPLERS = ("tpe", "cmaes", "nsga2")
+
+
 class OptimizerSpec(_Strict):
-    name: Literal["cma", "random"] = "cma"  # random: uniform in the bounds (the baseline)
-    options: dict[str, Any] = Field(default_factory=dict)  # passed to cma.CMAEvolutionStrategy
+    name: Literal["cma", "random", "optuna"] = "cma"  # random: uniform in the bounds (the baseline)
+    sampler: Literal["tpe", "cmaes", "nsga2"] | None = None  # optuna only (default tpe)
+    options: dict[str, Any] = Field(default_factory=dict)  # pycma options, or the optuna sampler's kwargs
+
+    @model_validator(mode="after")
+    def _sampler_for_optuna(self) -> OptimizerSpec:
+        if self.sampler is not None and self.name != "optuna":
+            raise ValueError(f"a sampler is for the optuna optimizer only (got name {self.name!r})")
+        if self.name == "optuna" and self.sampler is None:
+            self.sampler = "tpe"
+        return self
+
+
+class ObjectiveSpec(_Strict):
+    """One objective of a multi-objective run: a task's metric on the search split, or a measure
+    of the decoded recipe (`size`: parameters of the merged model; `path_length`: DFS layers)."""
+
+    task: str | None = None
+    metric: str | None = None  # default: the task's fitness metric
+    measure: Literal["size", "path_length"] | None = None
+    direction: Literal["maximize", "minimize"] | None = None  # default: maximize metrics, minimize measures
+
+    @model_validator(mode="after")
+    def _task_or_measure(self) -> ObjectiveSpec:
+        if (self.task is None) == (self.measure is None):
+            raise ValueError("give exactly one of task (a metric) or measure (size, path_length)")
+        if self.metric is not None and self.task is None:
+            raise ValueError("metric: only a task objective has a metric")
+        return self
+
+
+class FidelityConfig(_Strict):
+    """Staged evaluation: score each candidate on growing item prefixes (per task) and stop it once
+    its upper confidence bound falls below the population's best lower bound."""
+
+    stages: list[int] = Field(min_length=1)  # items per task before the full evaluation, ascending
+    z: float = Field(default=1.96, gt=0)  # confidence bounds are estimate +- z * standard error
+    rank: int = Field(default=1, ge=1)  # race against the rank-th best lower bound of the generation
+
+    @field_validator("stages")
+    @classmethod
+    def _ascending(cls, value: list[int]) -> list[int]:
+        if any(n < 2 for n in value) or any(b <= a for a, b in zip(value, value[1:], strict=False)):
+            raise ValueError(f"must be ascending item counts >= 2 (got {value}); the full evaluation is "
+                             "always the last stage")
+        return value
 
 
 class WorkerConfig(_Strict):
@@ -167,6 +214,8 @@ class SpaceConfig(_Strict):
     budget: Budget = Field(default_factory=Budget)
     seed: int = Field(default=0, ge=0)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    objectives: list[ObjectiveSpec] = Field(default_factory=list)  # 2+: a Pareto front is kept
+    fidelity: FidelityConfig | None = None
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     ps: PSConfig | None = None
     dfs: DFSConfig | None = None
@@ -174,7 +223,10 @@ class SpaceConfig(_Strict):
     @field_validator("optimizer", mode="before")
     @classmethod
     def _optimizer_name(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
+        if isinstance(value, str):  # "cma", or "optuna:nsga2" (the --optimizer form)
+            name, _, sampler = value.partition(":")
+            return {"name": name, "sampler": sampler} if sampler else {"name": name}
+        return value
 
     @model_validator(mode="after")
     def _one_kind(self) -> SpaceConfig:
@@ -185,6 +237,15 @@ class SpaceConfig(_Strict):
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError("tasks: each task may appear once")
+        for i, objective in enumerate(self.objectives):
+            if objective.task is not None and objective.task not in names:
+                raise ValueError(f"objectives[{i}].task: {objective.task!r} is not one of tasks ({', '.join(names)})")
+            if objective.measure == "path_length" and self.dfs is None:
+                raise ValueError(f"objectives[{i}].measure: path_length needs a dfs: block")
+        if len(self.objectives) == 1:
+            raise ValueError("objectives: list two or more (one objective is the fitness)")
+        if self.optimizer.sampler == "nsga2" and not self.objectives:
+            raise ValueError("optimizer.sampler: nsga2 searches several objectives; list them in objectives")
         if self.dfs is not None and self.dfs.anchor is not None:
             dfs_models = self.dfs.models or self.models
             if self.ps is None and self.dfs.anchor not in dfs_models:

@@ -1,0 +1,188 @@
+"""optuna samplers (TPE, CMA-ES, NSGA-II) behind the ask/tell contract, with an exact resume.
+
+The study lives in the run directory as optuna's journal file (`study.log`), which
+`optuna-dashboard runs/NAME/study.log` opens. Trials are asked in batches of `popsize` with one
+fixed `FloatDistribution` per gene, so every trial has the same search space.
+
+Why resuming is exact: optuna keeps part of its state in the storage (trials, and the CMA-ES
+optimizer pickled into trial attributes) and part in the sampler object (its RNGs, which a new
+process would reseed; `cmaes` also drops its RNG when pickled, but CmaEsSampler reseeds it from
+the sampler's RNG plus the trial number before every ask). The checkpoint therefore pickles the
+sampler object itself (all of its RNG states) together with the journal file's length at that
+moment; on resume the journal file is cut back to that length, dropping trials asked or told
+after the checkpoint (a kill between an ask and its checkpoint), so trial numbers and stored
+optimizer states are again exactly those the pickled sampler saw.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from optuna.samplers import CmaEsSampler
+
+from evomerge.errors import EvomergeError
+from evomerge.optimizers.base import AskTellOptimizer
+
+STUDY_FILE = "study.log"
+# Sampler arguments the space sets (seed, population, start point); options may not override them.
+_RESERVED = {"tpe": {"seed"}, "nsga2": {"seed", "population_size"},
+             "cmaes": {"seed", "popsize", "x0", "sigma0", "n_startup_trials"}}
+
+
+class OptunaOptimizer(AskTellOptimizer):
+    """An optuna study driven with `study.ask(fixed_distributions)` / `study.tell`.
+
+    `directions` has one entry per objective: tell gets floats (one objective) or one vector per
+    genome, None marking a failed evaluation (told as a failed trial, which samplers skip)."""
+
+    name = "optuna"
+
+    def __init__(self, *, sampler: str, names: Sequence[str], lower: Sequence[float], upper: Sequence[float],
+                 x0: Sequence[float], sigma0: float, popsize: int, seed: int, directions: Sequence[str],
+                 study_name: str, options: Mapping[str, Any] | None = None):
+        clash = _RESERVED[sampler] & set(options or {})
+        if clash:
+            raise EvomergeError(f"optimizer.options: {', '.join(sorted(clash))} are set by the search space "
+                                "(budget, genes, seed); remove them here")
+        self.sampler_name = sampler
+        self.names = list(names)
+        self.lower, self.upper = [float(v) for v in lower], [float(v) for v in upper]
+        self.popsize = int(popsize)
+        self.directions = list(directions)
+        self.study_name = study_name
+        self.sampler = _make_sampler(sampler, dict(options or {}), seed=seed, popsize=self.popsize,
+                                     space=self.distributions(), x0=dict(zip(self.names, x0, strict=True)),
+                                     sigma0=sigma0)
+        self.pending: list[int] = []  # trial numbers asked and not yet told
+        self._told = 0
+        self._path: Path | None = None
+        self._study: Any = None
+
+    @property
+    def objectives(self) -> int:  # type: ignore[override]
+        return len(self.directions)
+
+    # -- the study file ------------------------------------------------------------------------------
+
+    def attach(self, run_dir: Path) -> None:
+        """Open (or create) the study in `run_dir`, cut back to the length this object last saw."""
+        import optuna
+
+        self._path = Path(run_dir) / STUDY_FILE
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        saved = getattr(self, "_saved_bytes", None)
+        if saved is not None:
+            _truncate(self._path, saved)
+        Path(f"{self._path}.lock").unlink(missing_ok=True)  # a lock a killed run left behind; one writer
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(self._path)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
+            self._study = optuna.create_study(storage=storage, sampler=self.sampler, study_name=self.study_name,
+                                              directions=self.directions, load_if_exists=saved is not None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_study", "_path")}
+        state["_saved_bytes"] = self._path.stat().st_size if self._path is not None and self._path.exists() else 0
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._path = None
+        self._study = None
+
+    @property
+    def study(self) -> Any:
+        if self._study is None:
+            raise RuntimeError("OptunaOptimizer.attach(run_dir) must be called before ask/tell")
+        return self._study
+
+    # -- ask / tell -------------------------------------------------------------------------------------
+
+    def distributions(self) -> dict[str, Any]:
+        """One bounded float per gene, the same for every trial (what makes ask/tell batches work)."""
+        import optuna
+
+        return {n: optuna.distributions.FloatDistribution(lo, hi)
+                for n, lo, hi in zip(self.names, self.lower, self.upper, strict=True)}
+
+    def ask(self) -> list[list[float]]:
+        distributions = self.distributions()
+        genomes = []
+        self.pending = []
+        for _ in range(self.popsize):
+            trial = self.study.ask(fixed_distributions=distributions)
+            self.pending.append(trial.number)
+            genomes.append([float(trial.params[n]) for n in self.names])
+        return genomes
+
+    def tell(self, genomes: Sequence[Sequence[float]], fitnesses: Sequence[Any]) -> None:
+        from optuna.trial import TrialState
+
+        if len(fitnesses) != len(self.pending):
+            raise ValueError(f"told {len(fitnesses)} values for {len(self.pending)} pending trials")
+        for number, value in zip(self.pending, fitnesses, strict=True):
+            if value is None:
+                self.study.tell(number, state=TrialState.FAIL)
+            else:
+                self.study.tell(number, [float(v) for v in value] if isinstance(value, (list, tuple))
+                                else float(value))
+        self.pending = []
+        self._told += 1
+
+    @property
+    def generation(self) -> int:
+        return self._told
+
+
+def _make_sampler(name: str, options: dict[str, Any], *, seed: int, popsize: int, space: dict[str, Any],
+                  x0: dict[str, float], sigma0: float) -> Any:
+    import optuna
+
+    try:
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, **options)
+        if name == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=popsize, **options)
+        with warnings.catch_warnings():  # x0 and sigma0 are deprecated (not removed) in optuna 4.9+
+            warnings.simplefilter("ignore", category=FutureWarning)
+            return KnownSpaceCmaEs(space=space, x0=x0, sigma0=sigma0, popsize=popsize, seed=seed,
+                                   n_startup_trials=0, **options)
+    except TypeError as exc:
+        raise EvomergeError(f"optimizer.options: the {name} sampler rejected them: {exc}") from None
+
+
+class KnownSpaceCmaEs(CmaEsSampler):
+    """CmaEsSampler that knows the (fixed) search space before any trial completes.
+
+    The stock sampler infers the space from completed trials, so a whole first batch asked before
+    any tell is sampled independently at random (its cold start). Every trial here asks the same
+    fixed distributions, so the space is given up front and generation 0 already samples CMA-ES
+    around x0 with sigma0 (the same start as pycma)."""
+
+    def __init__(self, *, space: dict[str, Any], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.known_space = dict(space)
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+        return dict(self.known_space)
+
+
+def _truncate(path: Path, size: int) -> None:
+    """Cut the journal file back to `size` bytes (what the checkpoint saw); never extend it."""
+    if not path.exists():
+        if size:
+            raise EvomergeError(f"{path}: the optuna study file is missing; the run cannot resume exactly")
+        return
+    if path.stat().st_size < size:
+        raise EvomergeError(f"{path}: the optuna study file is shorter than the checkpoint expects; "
+                            "it was edited or replaced")
+    if path.stat().st_size > size:
+        with open(path, "r+b") as handle:
+            handle.truncate(size)
+            handle.flush()
+            os.fsync(handle.fileno())
