@@ -204,9 +204,10 @@ def uniform_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tens
 
 
 def keep_indicator(uniform: torch.Tensor, probs: torch.Tensor | float) -> torch.Tensor:
-    """1.0 where `uniform < probs`, else 0.0, computed in place in `uniform` with float ops only:
-    sign(u - p) + 0.5 is -0.5 (keep), 0.5 or 1.5 (drop), and its sign maps to -1 / +1."""
-    return uniform.sub_(probs).sign_().add_(0.5).sign_().neg_().add_(1.0).mul_(0.5)
+    """1.0 where `uniform < probs`, else 0.0, in place in `uniform` with three float passes:
+    for u in [0, 1) and p in [0, 1], floor(u - p) is -1 exactly when u < p, else 0 (a difference
+    of two distinct floats never rounds to 0, so the sign is exact)."""
+    return uniform.sub_(probs).floor_().neg_()
 
 
 def apply_keep_mask(delta: torch.Tensor, keep: torch.Tensor, probs: torch.Tensor | float, *,

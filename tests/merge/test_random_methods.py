@@ -124,3 +124,14 @@ models: [{{model: {llama_zoo['ft1']}, parameters: {{weight: 1, density: 0.5}}}}]
     merge_from_file(recipe, tmp_path / "b", seed=2, progress=False)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert "seed" not in (tmp_path / "a" / "mergekit_config.yml").read_text()
+
+
+def test_keep_indicator_equals_strict_comparison():
+    from evomerge.methods.sparsify import keep_indicator
+
+    g = torch.Generator().manual_seed(3)
+    uniform = torch.rand(200_000, generator=g)
+    uniform[:4] = torch.tensor([0.0, 0.3, torch.nextafter(torch.tensor(0.3), torch.tensor(0.0)).item(), 0.9999999])
+    for probs in (0.3, torch.rand(200_000, generator=g), 0.0, 1.0):
+        expected = (uniform < probs).float()
+        assert torch.equal(keep_indicator(uniform.clone(), probs), expected)
