@@ -149,3 +149,13 @@ def test_the_lm_eval_worker_scores_windows_of_the_same_subset(mini_zoo):
     size = len(data.read_text().splitlines())
     assert sorted(i for i, _ in items) == seeded_subset(size, 12, task_seed(4, "toy_add"))
     assert sum(s for _, s in items) / 12 == pytest.approx(whole.metrics["toy_add/exact_match"])
+
+
+def test_report_reads_a_staged_run(runs, tmp_path):
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    result = CliRunner().invoke(app, ["report", str(runs["staged"]), "-o", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "report" / "fitness.png").exists()
