@@ -24,7 +24,7 @@ from mergekit_pipeline import FitnessTask, SerialPipeline, cma_search, make_geno
 
 from evomerge.evaluation.candidate import Candidate  # noqa: E402
 from evomerge.evaluation.fitness import FitnessWorker  # noqa: E402
-from evomerge.evaluation.lm_tasks import task_samples  # noqa: E402
+from evomerge.evaluation.lm_tasks import load_tasks, task_samples  # noqa: E402
 from evomerge.paths import tasks_dir  # noqa: E402
 
 TASKS = [{"name": "toy_add", "metric": "exact_match", "weight": 0.5, "limit": 40},
@@ -54,8 +54,9 @@ def pipeline(genome, tmp_path: Path, dtype: str | None) -> SerialPipeline:
     return SerialPipeline(genome, tasks, folder, tmp_path / "merged", seed=0, dtype=dtype)
 
 
-def subset(worker: FitnessWorker) -> dict[str, list[int]]:
-    loaded = worker._loaded([t["name"] for t in TASKS], SPLIT, [])
+def subset() -> dict[str, list[int]]:
+    """The item indices evomerge's worker scores for (TASKS, SPLIT, SUBSET_SEED)."""
+    loaded = load_tasks([t["name"] for t in TASKS], split=SPLIT)
     samples = task_samples(loaded, {t["name"]: t["limit"] for t in TASKS}, SUBSET_SEED)
     assert samples is not None
     return samples
@@ -70,7 +71,7 @@ def worker_score(worker: FitnessWorker, recipe: dict) -> float:
 def test_decode_merge_score_equals_the_fitness_worker(genome, worker: FitnessWorker, tmp_path: Path) -> None:
     config = genome.genotype_merge_config(GENOTYPE)
     assert [len(s.sources) for s in config.slices] == [3, 3]  # add, rev and the base per layer
-    samples = subset(worker)
+    samples = subset()
     float32 = pipeline(genome, tmp_path, "float32")
     merged = float32.merge(GENOTYPE)
     assert (merged / "config.json").exists() and any(merged.glob("*.safetensors"))
