@@ -130,7 +130,6 @@ dfs: {repeats: 1, scales: model_pair}
     assert len(lengths) >= 2  # a shorter path traded against the task metric
 
 
-@pytest.mark.slow
 def test_nsga2_on_the_mini_zoo_end_to_end(mini_zoo, tmp_path):
     """Real merges, real lm-eval: an NSGA-II search over toy_add vs toy_rev, then export a front point."""
     path = write_space(tmp_path / "space.yaml", f"""\
