@@ -358,6 +358,7 @@ class Search:
             return summary
         items = [Item(f"select-{r['recipe_sha'][:16]}", "select", split.select, parse_recipe_text(r["recipe"]),
                       r["genome"], r["generation"], r["index"], label=r["eval_id"]) for r in top]
+        top, items = self._with_incumbent(top, items)
         selected = self.evaluate(items)
         best_i = max(range(len(top)), key=lambda i: (selected[i]["status"] == "ok", selected[i]["fitness"],
                                                      top[i]["fitness"], -i))
@@ -377,6 +378,21 @@ class Search:
         self.progress.phase = "done"
         self.observer(self.progress, None)
         return summary
+
+    def _with_incumbent(self, top: list[dict], items: list[Item]) -> tuple[list[dict], list[Item]]:
+        """A DFS search also offers its x0 path (the anchor model alone) to the selection, so the chosen
+        path is never worse on the selection split than not re-routing at all (in PS+DFS: the PS model)."""
+        if self.space.kind != "dfs":
+            return top, items
+        recipe = self.space.decode(self.space.x0)
+        sha = recipe_sha(recipe)
+        if any(r["recipe_sha"] == sha for r in top):
+            return top, items
+        x0 = list(self.space.x0)
+        searched = self.evaluate([Item(f"incumbent-{sha[:16]}", "select", self.cfg.splits.search, recipe, x0,
+                                       label="incumbent")])[0]
+        item = Item(f"select-{sha[:16]}", "select", self.cfg.splits.select, recipe, x0, label="incumbent")
+        return [*top, {**searched, "recipe": dump_recipe(recipe)}], [*items, item]
 
     def _summary(self, search_record: dict, select_record: dict, reports: list[dict]) -> dict[str, Any]:
         final, sources = reports[0], reports[1:]

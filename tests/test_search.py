@@ -240,3 +240,24 @@ def test_a_ray_pool_of_two_gives_the_same_run_as_one_local_worker(root, tmp_path
     run_search(path, tmp_path / "ray", workers=2, ray_address=None, max_evals=12, seed=None, echo=lambda *_: None)
     assert journal_genomes(journal(tmp_path / "ray")) == journal_genomes(journal(tmp_path / "local"))
     assert (tmp_path / "ray" / "final.yaml").read_text() == (tmp_path / "local" / "final.yaml").read_text()
+
+
+def test_dfs_selection_also_offers_the_anchor_alone(root, tmp_path):
+    """The x0 path (the anchor model alone) competes in the selection, so a DFS run never ends on a
+    path that is worse on the selection split than not re-routing at all."""
+    path = write_space(root / "dfs_incumbent.yaml", """\
+models: [models/a, models/b]
+tasks: [{name: toy_add}]
+budget: {max_evals: 16, popsize: 8, select_top_k: 2}
+worker: {factory: "search_worker:ToyFitnessWorker"}
+dfs: {repeats: 1, scales: model_pair}
+""")
+    run_dir = tmp_path / "run"
+    summary = search(path, run_dir)
+    records = journal(run_dir)
+    offered = [r for r in records if r["phase"] == "select" and r["label"] == "incumbent"]
+    assert [r["split"] for r in offered] == ["train", "validation"]
+    anchor_alone = yaml.safe_load(offered[0]["recipe"])
+    assert [s["sources"][0]["model"] for s in anchor_alone["slices"]] == [str((root / "models/a").resolve())]
+    chosen = [r for r in records if r["phase"] == "select" and r["split"] == "validation"]
+    assert summary["final"]["validation"]["score"] == max(r["fitness"] for r in chosen)
