@@ -1,7 +1,7 @@
 """Search benchmark against the peer: evomerge vs the mergekit-evolve pipeline on the toy zoo.
 
-Systems, each searching the same problem (the `add` and `rev` experts over `base`, DARE-TIES per
-layer, fitness = mean exact match of toy_add and toy_rev on the same seeded 100-item subset of
+Systems, each searching the same problem (the `add` and `rev` experts over `base`, the merge method
+of toy_ps.yaml (TIES) with a weight and a density per model per layer, fitness = mean exact match of toy_add and toy_rev on the same seeded 100-item subset of
 each train split) for the same number of evaluations, with several seeds:
 
   evomerge_ps         search_spaces/toy_ps.yaml, CMA-ES (the README demo)
@@ -171,7 +171,7 @@ def pipeline_problem(seed: int) -> dict[str, Any]:
                for t in config.tasks if t.limit is not None}
     return {"models": [absolute(m) for m in config.models], "base_model": absolute(config.base_model),
             "tasks": [(t.name, t.weight) for t in config.tasks], "samples": samples,
-            "search_split": config.splits.search, "report_split": config.splits.report,
+            "method": config.ps.method, "search_split": config.splits.search, "report_split": config.splits.report,
             "zoo": (root / config.zoo.path, config.zoo.seed)}
 
 
@@ -197,7 +197,9 @@ def run_pipeline(seed: int, budget: int, run_dir: Path) -> dict[str, Any]:
     os.chdir(run_dir)  # pycma writes outcmaes/ and lm-eval looks for git here
     yamls = [tasks_dir() / f"{name}.yaml" for name, _ in problem["tasks"]]
     tasks = [FitnessTask(name, "exact_match,none", weight) for name, weight in problem["tasks"]]
-    genome = make_genome(problem["models"], problem["base_model"], layer_granularity=1, normalize=False)
+    # the same merge operator as evomerge's space, so both searches face the same problem
+    genome = make_genome(problem["models"], problem["base_model"], layer_granularity=1, normalize=False,
+                         merge_method=problem["method"])
     search_folder = split_task_folder(yamls, problem["search_split"], run_dir / "tasks_search")
     pipeline = SerialPipeline(genome, tasks, search_folder, run_dir / "merged", seed=seed)
     popsize = 4 + int(3 * math.log(genome.initial_genotype().numel()))  # pycma's default

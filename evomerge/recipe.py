@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.errors import EvomergeError
+from evomerge.yaml_files import parse_yaml, read_text
 
 Scalar = bool | int | float | str
 """A parameter value; strings are accepted because YAML reads `1e-3` as a string."""
@@ -216,24 +217,11 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read a YAML recipe safely (no arbitrary object construction)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EvomergeError(f"recipe: {path} does not exist") from None
-    except OSError as exc:
-        raise EvomergeError(f"recipe: cannot read {path}: {exc.strerror}") from None
-    return loads_recipe(text, source=str(path))
+    return loads_recipe(read_text(path, "recipe"), source=str(path))
 
 
 def loads_recipe(text: str, *, source: str = "recipe") -> Recipe:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise EvomergeError(f"{source}: {problem}{where}") from None
-    return parse_recipe(data, source=source)
+    return parse_recipe(parse_yaml(text, source), source=source)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import EvomergeError
+from evomerge.yaml_files import parse_yaml, read_text
 
 SPLITS = ("train", "validation", "test")
 PS_METHODS = ("ties", "dare_ties", "task_arithmetic", "linear", "della", "breadcrumbs",
@@ -293,19 +294,7 @@ def parse_space(data: Any, source: str = "search space") -> SpaceConfig:
 def load_space_config(path: str | Path) -> SpaceConfig:
     """Read a search-space YAML safely; relative model paths stay relative (bound later)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EvomergeError(f"search space: {path} does not exist") from None
-    except OSError as exc:
-        raise EvomergeError(f"search space: cannot read {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise EvomergeError(f"{path}: {getattr(exc, 'problem', None) or 'invalid YAML'}{where}") from None
-    return parse_space(data, source=str(path))
+    return parse_space(parse_yaml(read_text(path, "search space"), str(path)), source=str(path))
 
 
 def dump_space_config(config: SpaceConfig) -> str:
