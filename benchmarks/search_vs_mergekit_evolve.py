@@ -1,8 +1,9 @@
 """Search benchmark against the peer: evomerge vs the mergekit-evolve pipeline on the toy zoo.
 
 Systems, each searching the same problem (the `add` and `rev` experts over `base`, the merge method
-of toy_ps.yaml (TIES) with a weight and a density per model per layer, fitness = mean exact match of toy_add and toy_rev on the same seeded 100-item subset of
-each train split) for the same number of evaluations, with several seeds:
+of toy_ps.yaml (TIES) with a weight and a density per model per layer, fitness = mean exact match
+of toy_add and toy_rev on the same seeded 100-item subset of each train split) for the same number
+of evaluations, with several seeds:
 
   evomerge_ps         search_spaces/toy_ps.yaml, CMA-ES (the README demo)
   evomerge_ps_dfs     search_spaces/toy_ps_dfs.yaml, half the budget per stage
