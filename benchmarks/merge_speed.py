@@ -138,6 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep-models", action="store_true", help="keep benchmarks/work/ afterwards")
+    parser.add_argument("--make-models-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads given to both tools (0: each tool's default). One thread avoids "
                              "OpenMP spin-waiting on a shared, oversubscribed machine")
@@ -146,8 +147,14 @@ def main() -> None:
     have_mergekit = (BIN / "mergekit-yaml").exists()
     tools = ["evomerge", "mergekit"] if have_mergekit else ["evomerge"]
     WORK.mkdir(parents=True, exist_ok=True)
+    if args.make_models_only:
+        make_models(WORK / "models")
+        return
     print("generating models ...", flush=True)
-    models = make_models(WORK / "models")
+    # In a child process: Linux carries a process's peak RSS across fork + exec, so a parent that had
+    # held the generated tensors would inflate every measured child's ru_maxrss to its own peak.
+    subprocess.run([sys.executable, __file__, "--make-models-only"], check=True)
+    models = make_models(WORK / "models")  # the files exist now: only their paths are returned
     from safetensors import safe_open
 
     with safe_open(str(models["base"] / "model.safetensors"), "pt") as fh:
