@@ -8,7 +8,7 @@ sink and the in-memory sink of the search workers share this planner and the met
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -360,30 +360,16 @@ class _Planner:
     # parameters ------------------------------------------------------------------------------------
 
     def _model_params(self, src: _Source, s: _Slice, tensor_name: str, t: float) -> dict[str, Any]:
-        scopes = (src.parameters, s.parameters, self.recipe.parameters)
-        values = {}
-        for spec in self.method.model_params:
-            value = _resolve(spec.name, scopes, tensor_name, t)
-            if value is None:
-                if spec.required:
-                    raise EvomergeError(f"{src.path}.parameters.{spec.name}: no value applies to tensor "
-                                        f"{tensor_name!r} (add a fallback entry without filter)")
-                value = spec.default
-            values[spec.name] = spec.coerce(value) if value is not None else None
-        return values
+        return _resolve_specs(
+            self.method.model_params, (src.parameters, s.parameters, self.recipe.parameters), tensor_name, t,
+            lambda name: f"{src.path}.parameters.{name}: no value applies to tensor {tensor_name!r} "
+                         "(add a fallback entry without filter)")
 
     def _global_params(self, s: _Slice, name: str, t: float) -> dict[str, Any]:
-        scopes = (s.parameters, self.recipe.parameters)
-        values = {}
-        for spec in self.method.global_params:
-            value = _resolve(spec.name, scopes, name, t)
-            if value is None:
-                if spec.required:
-                    raise EvomergeError(f"parameters.{spec.name}: required by {self.method.name} but no value "
-                                        f"applies to tensor {name!r}")
-                value = spec.default
-            values[spec.name] = spec.coerce(value) if value is not None else None
-        return values
+        return _resolve_specs(
+            self.method.global_params, (s.parameters, self.recipe.parameters), name, t,
+            lambda param: f"parameters.{param}: required by {self.method.name} but no value "
+                          f"applies to tensor {name!r}")
 
     def _check_resolved(self, name: str, input_params: list[dict[str, Any]], params: dict[str, Any]) -> None:
         if self.method.name == "linear" and params.get("normalize", True):
@@ -391,6 +377,21 @@ class _Planner:
             if abs(total) < 1e-8:
                 raise EvomergeError(f"parameters.weight: the weights for {name!r} sum to 0, so normalize "
                                     "would divide by zero; change the weights or set normalize: false")
+
+
+def _resolve_specs(specs: Sequence[Any], scopes: Sequence[Parameters | None], tensor_name: str, t: float,
+                   missing: Callable[[str], str]) -> dict[str, Any]:
+    """Each declared parameter's value for one tensor: the first scope that sets it, else its default;
+    a required parameter that no scope sets is an error (`missing(name)` says which field)."""
+    values = {}
+    for spec in specs:
+        value = _resolve(spec.name, scopes, tensor_name, t)
+        if value is None:
+            if spec.required:
+                raise EvomergeError(missing(spec.name))
+            value = spec.default
+        values[spec.name] = spec.coerce(value) if value is not None else None
+    return values
 
 
 def _resolve(name: str, scopes: Sequence[Parameters | None], tensor_name: str, t: float) -> Any:
