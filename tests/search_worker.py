@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from fake_models import fake_llama
 
 from evomerge.evaluation.candidate import Candidate, EvalResult
 
@@ -141,23 +142,6 @@ def _weights(recipe: dict) -> list[float]:
 # -- tiny model directories (headers and configs are all a space needs to bind) ---------------------
 
 
-def fake_llama(path: Path, layers: int, *, seed: int = 0, hidden: int = 8, vocab: int = 16) -> Path:
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g),
-               "model.norm.weight": torch.ones(hidden), "lm_head.weight": torch.randn(vocab, hidden, generator=g)}
-    for i in range(layers):
-        for suffix in ("self_attn.q_proj.weight", "self_attn.o_proj.weight", "mlp.up_proj.weight",
-                       "mlp.down_proj.weight"):
-            tensors[f"model.layers.{i}.{suffix}"] = torch.randn(hidden, hidden, generator=g)
-        tensors[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(hidden)
-    save_file(tensors, str(path / "model.safetensors"))
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": layers,
-              "hidden_size": hidden, "vocab_size": vocab, "tie_word_embeddings": False}
-    (path / "config.json").write_text(json.dumps(config))
-    return path
 
 
 def make_models(root: Path, layers: int = 4) -> dict[str, Path]:

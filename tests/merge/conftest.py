@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_models import fake_llama  # noqa: F401  (re-exported for the merge tests)
 
 torch.set_num_threads(1)
 
@@ -86,20 +87,3 @@ def write_recipe(path: Path, text: str) -> Path:
     return path
 
 
-def fake_llama(path: Path, layers: int, *, seed: int = 0, hidden: int = 8, vocab: int = 16) -> Path:
-    """A Llama-layout checkpoint written directly with safetensors (fast; for planning tests)."""
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g),
-               "model.norm.weight": torch.ones(hidden), "lm_head.weight": torch.randn(vocab, hidden, generator=g)}
-    for i in range(layers):
-        for suffix in ("self_attn.q_proj.weight", "mlp.down_proj.weight"):
-            tensors[f"model.layers.{i}.{suffix}"] = torch.randn(hidden, hidden, generator=g)
-        tensors[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(hidden)
-    save_file(tensors, str(path / "model.safetensors"))
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": layers,
-              "hidden_size": hidden, "vocab_size": vocab, "tie_word_embeddings": False}
-    (path / "config.json").write_text(json.dumps(config))
-    return path
