@@ -15,7 +15,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path(__file__).resolve().parent / "work"
 
 
-def machine() -> dict[str, Any]:
+DEFAULT_PACKAGES = ("torch", "transformers", "lm_eval", "ray")
+
+
+def machine(packages: Sequence[str] = DEFAULT_PACKAGES) -> dict[str, Any]:
     """What a reader needs to compare figures across runs: CPU, cores, memory, library versions."""
     import torch
 
@@ -29,7 +32,7 @@ def machine() -> dict[str, Any]:
         mem_kb = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                        if line.startswith("MemTotal")), 0)
     versions = {}
-    for package in ("torch", "transformers", "lm_eval", "ray"):
+    for package in packages:
         try:
             versions[package] = version(package.replace("_", "-"))
         except PackageNotFoundError:
@@ -40,12 +43,12 @@ def machine() -> dict[str, Any]:
             "cuda": torch.cuda.is_available(), "versions": versions}
 
 
-def write_result(name: str, figures: dict[str, Any]) -> Path:
+def write_result(name: str, figures: dict[str, Any], packages: Sequence[str] = DEFAULT_PACKAGES) -> Path:
     """benchmarks/results/<name>-<UTC timestamp>.json with the date and the machine."""
     now = dt.datetime.now(dt.timezone.utc)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
-    payload = {"benchmark": name, "date": now.isoformat(timespec="seconds"), "machine": machine(), **figures}
+    payload = {"benchmark": name, "date": now.isoformat(timespec="seconds"), "machine": machine(packages), **figures}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 

@@ -13,10 +13,8 @@ table and writes benchmarks/results/merge_speed-<timestamp>.json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -24,9 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+from bench_util import write_result  # benchmarks/ is sys.path[0] when this script runs
+
 ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "work" / "merge_speed"
-RESULTS = ROOT / "results"
 BIN = Path(sys.executable).parent
 
 SHAPE = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8,
@@ -109,31 +108,6 @@ def timed_run(cmd: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
-def machine() -> dict[str, object]:
-    import torch
-
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem_kb = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal")), 0) if Path("/proc/meminfo").exists() else 0
-    versions = {}
-    for pkg in ("torch", "safetensors", "transformers", "mergekit"):
-        try:
-            from importlib.metadata import version
-
-            versions[pkg] = version(pkg)
-        except Exception:
-            versions[pkg] = None
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "memory_gb": round(mem_kb / 1024**2, 1),
-            "torch_threads": torch.get_num_threads(),
-            "versions": versions}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -195,16 +169,12 @@ def main() -> None:
               f"{row.get('wall_ratio', float('nan')):6.3f} {row['evomerge_peak_rss_mb']:10.1f} "
               f"{row.get('mergekit_peak_rss_mb', float('nan')):10.1f} {row.get('rss_ratio', float('nan')):6.3f}")
 
-    now = dt.datetime.now(dt.timezone.utc)
-    payload = {"benchmark": "merge_speed", "date": now.isoformat(timespec="seconds"), "machine": machine(),
-               "models": {"parameters_each": params, "dtype": "bfloat16", "shape": SHAPE, "count": 3},
-               "repeats": args.repeats, "threads": args.threads or "default",
-               "load_average_at_end": os.getloadavg(), "statistic": "median wall time, max peak RSS over repeats",
-               "summary": summary, "runs": runs,
-               "targets": {"wall_ratio_max": 0.33, "rss_ratio_max": 1.0}}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"merge_speed-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    path = write_result("merge_speed", {
+        "models": {"parameters_each": params, "dtype": "bfloat16", "shape": SHAPE, "count": 3},
+        "repeats": args.repeats, "threads": args.threads or "default",
+        "load_average_at_end": os.getloadavg(), "statistic": "median wall time, max peak RSS over repeats",
+        "summary": summary, "runs": runs, "targets": {"wall_ratio_max": 0.33, "rss_ratio_max": 1.0},
+    }, packages=("torch", "safetensors", "transformers", "mergekit"))
     print(f"\nwrote {path.relative_to(ROOT.parent)}")
     if not args.keep_models:
         shutil.rmtree(WORK, ignore_errors=True)

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench_util import print_table, write_result  # benchmarks/ is sys.path[0] when this script runs
+
+BUDGET = {"mini": 60, "full": 300}  # seconds, from the issue
 
 
 def build(out: Path, seed: int, mini: bool) -> dict:
@@ -43,20 +43,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for mini in ([True] if args.skip_full else [True, False]):
             rows.append(build(Path(tmp) / ("mini" if mini else "full"), args.seed, mini))
-    print(f"{'zoo':6s} {'wall s':>8s} {'build s':>8s} {'budget s':>9s}  all targets met")
-    for row in rows:
-        budget = 60 if row["flavour"] == "mini" else 300
-        met = all(row["targets"].values())
-        print(f"{row['flavour']:6s} {row['wall_seconds']:8.1f} {row['build_seconds']:8.1f} {budget:9d}  {met}")
-    stamp = datetime.now(timezone.utc)
-    result = {"benchmark": "zoo_build", "date": stamp.isoformat(timespec="seconds"), "seed": args.seed,
-              "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "python": platform.python_version()},
-              "runs": rows}
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"zoo_build-{stamp.strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    print_table("toy zoo build", ["zoo", "wall s", "build s", "budget s", "all targets met"],
+                [[r["flavour"], r["wall_seconds"], r["build_seconds"], BUDGET[r["flavour"]], all(r["targets"].values())]
+                 for r in rows])
+    print(f"wrote {write_result('zoo_build', {'seed': args.seed, 'runs': rows})}")
 
 
 if __name__ == "__main__":
