@@ -25,16 +25,21 @@ def make_llama(path: Path, seed: int, *, base: Path | None = None, noise: float 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**{**LLAMA_KW, **overrides}))
     if base is not None:
-        from safetensors.torch import load_file
-
-        state = load_file(str(base / "model.safetensors"))
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in state:
-                    param.copy_(state[name] + noise * torch.randn(param.shape, generator=generator))
+        perturb_from(model, base, seed, noise)
     model.to(dtype).save_pretrained(path)
     return path
+
+
+def perturb_from(model: torch.nn.Module, base: Path, seed: int, noise: float) -> None:
+    """Make `model` a 'fine-tune' of the checkpoint at `base`: its weights plus seeded noise."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(base / "model.safetensors"))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in state:
+                param.copy_(state[name] + noise * torch.randn(param.shape, generator=generator))
 
 
 def make_gpt2(path: Path, seed: int, *, base: Path | None = None, noise: float = 0.02) -> Path:
@@ -44,14 +49,7 @@ def make_gpt2(path: Path, seed: int, *, base: Path | None = None, noise: float =
     model = GPT2LMHeadModel(GPT2Config(vocab_size=80, n_positions=32, n_embd=32, n_layer=3, n_head=4,
                                            bos_token_id=0, eos_token_id=0))
     if base is not None:
-        from safetensors.torch import load_file
-
-        state = load_file(str(base / "model.safetensors"))
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in state:
-                    param.copy_(state[name] + noise * torch.randn(param.shape, generator=generator))
+        perturb_from(model, base, seed, noise)
     model.save_pretrained(path)
     return path
 
