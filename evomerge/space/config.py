@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from evomerge.errors import EvomergeError
 from evomerge.yaml_files import parse_yaml, read_text
 
-SPLITS = ("train", "validation", "test")
 PS_METHODS = ("ties", "dare_ties", "task_arithmetic", "linear", "della", "breadcrumbs",
               "dare_linear", "della_linear", "breadcrumbs_ties", "fisher", "regmean", "rebasin", "repair")
 BASELESS_PS_METHODS = ("linear", "fisher", "regmean")  # methods that merge the listed models without a base
