@@ -111,10 +111,13 @@ DeltaCaches = Callable[[TensorJob], "Sequence[DeltaCache] | None"]
 
 
 def run_plan(plan: MergePlan, sink: TensorSink, source: TensorSource, *, device: torch.device | str = "cpu",
-             progress: bool = False, caches: DeltaCaches | None = None) -> None:
+             progress: bool = False, caches: DeltaCaches | None = None,
+             direct: Callable[[TensorJob], bool] | None = None) -> None:
     """Every job of the plan into the sink; on any exception (Ctrl-C included) the sink aborts.
 
-    `caches` is how an in-memory materializer hands its resident task vectors to the methods.
+    `caches` is how an in-memory materializer hands its resident task vectors to the methods;
+    `direct(job)` lets it write a job into the sink's own storage with a fused kernel (True:
+    written; False: compute the job here as usual).
     A data-aware method (`extra["prepare"]`) first computes its model-level data (statistics,
     permutations); after that every job is again a pure function of its inputs."""
     prepare = plan.method.extra.get("prepare")
@@ -125,6 +128,9 @@ def run_plan(plan: MergePlan, sink: TensorSink, source: TensorSource, *, device:
     try:
         with _progress(len(plan.jobs), enabled=progress) as advance:
             for i, job in enumerate(plan.jobs):
+                if direct is not None and direct(job):
+                    advance(job.name)
+                    continue
                 job_caches = caches(job) if caches is not None else None
                 job_source: TensorSource = source
                 if prefetch is not None:

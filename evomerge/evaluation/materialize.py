@@ -11,6 +11,9 @@ of writing safetensors. Inputs come from resident source tensors, and task-vecto
 resident task vectors and their sort data (`DeltaStore`), so a TIES top-k at any density is a
 threshold lookup. The resulting weights are bit-identical to the file merge.
 
+For large models the task-vector methods run as one compiled kernel per tensor that writes the
+resident parameter directly (fused.py; `kernels="auto"|"compiled"|"eager"`), with the same bits.
+
 Layer-stacking (DFS) recipes that are folded layer paths are not copied at all: see stacked.py.
 """
 
@@ -26,6 +29,7 @@ from typing import Any
 
 import torch
 
+from evomerge.evaluation.fused import DrawStore, FusedTaskVectors, KernelMode, fused_available, kernel_mode
 from evomerge.evaluation.resident import DeltaStore, ResidentModel, ResidentSource, build_module
 from evomerge.evaluation.stacked import build_stacked, layer_input_scales
 from evomerge.merge import run_plan
@@ -73,6 +77,13 @@ class ModuleSink:
             self._targets[job.name].copy_(tensor)
         self._written += 1
 
+    def target(self, job: TensorJob) -> torch.Tensor:
+        """The parameter a fused kernel writes `job` into (then `written_directly`)."""
+        return self._targets[job.name].data
+
+    def written_directly(self, job: TensorJob) -> None:
+        self._written += 1
+
     def commit(self) -> None:
         if self._written != self._expected:
             raise RuntimeError(f"ModuleSink: {self._written} of {self._expected} tensors written")
@@ -99,13 +110,18 @@ class Materializer:
 
     `models` are loaded up front; a recipe that names another model loads it on first use.
     `search_dirs` resolve relative model references (after the current directory). At most
-    `max_targets` in-place target models (one per distinct output config) are kept."""
+    `max_targets` in-place target models (one per distinct output config) are kept.
+    `kernels` picks the fused compiled kernels (fused.py): `auto` (the default, or
+    `$EVOMERGE_KERNELS`) uses them for models of at least 20M parameters."""
 
     def __init__(self, models: Sequence[str | Path] = (), *, device: str | torch.device = "cpu",
-                 search_dirs: Sequence[Path] = (), max_targets: int = 2):
+                 search_dirs: Sequence[Path] = (), max_targets: int = 2, kernels: KernelMode | None = None,
+                 draw_cache_bytes: int | None = None):
         self.device = torch.device(device)
         self.catalog = ModelCatalog([Path(d) for d in search_dirs])
         self.deltas = DeltaStore()
+        self.kernels = kernel_mode(kernels)
+        self.fused = FusedTaskVectors(DrawStore(draw_cache_bytes) if draw_cache_bytes is not None else None)
         self.max_targets = max_targets
         self._residents: dict[Path, ResidentModel] = {}
         self._targets: OrderedDict[str, tuple[torch.nn.Module, ModuleSink]] = OrderedDict()
@@ -150,8 +166,22 @@ class Materializer:
             model.generation_config = generation_config
         source = ResidentSource(plan, residents)
         fields = plan.method.extra.get("delta_cache")
+        fused = fields is not None and self.fused.covers(plan) and fused_available(self.kernels, _parameters(plan))
+        if fused and "sorted_abs" in fields:
+            fields = (*fields, "sorted_order")  # the kernel's top-k cut needs the index order of ties
         caches = (lambda job: self.deltas.caches(plan, job, source, fields)) if fields is not None else None
-        run_plan(plan, sink, source, device=self.device, caches=caches)
+        direct = None
+        if fused:
+
+            def direct(job: TensorJob) -> bool:
+                if job.base is None or not self.fused.write(plan, job, caches(job), source.get(job.base),
+                                                            sink.target(job)):
+                    return False
+                sink.written_directly(job)
+                return True
+
+        with torch.no_grad():
+            run_plan(plan, sink, source, device=self.device, caches=caches, direct=direct)
         return model
 
     def _target(self, plan: MergePlan) -> tuple[torch.nn.Module, ModuleSink]:
@@ -179,3 +209,13 @@ class Materializer:
                 config = GenerationConfig.from_pretrained(path)
             self._generation_configs[path] = config
         return self._generation_configs[path]
+
+
+def _parameters(plan: MergePlan) -> int:
+    total = 0
+    for job in plan.jobs:
+        count = 1
+        for dim in job.shape:
+            count *= dim
+        total += count
+    return total

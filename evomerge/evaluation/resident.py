@@ -130,7 +130,7 @@ class DeltaStore:
     def nbytes(self) -> int:
         total = 0
         for cache in self._caches.values():
-            for tensor in (cache.delta, cache.sorted_abs, cache.row_ranks):
+            for tensor in (cache.delta, cache.sorted_abs, cache.row_ranks, cache.sorted_order):
                 if tensor is not None:
                     total += tensor.numel() * tensor.element_size()
         return total
@@ -149,13 +149,17 @@ class DeltaStore:
         key = _DeltaKey(source.models[ref.model].path, ref.name, source.models[base.model].path, base.name,
                         plan.input_dtype)
         cache = self._caches.get(key)
-        wanted = {f for f in fields if f in ("sorted_abs", "row_ranks")}
+        wanted = {f for f in fields if f in ("sorted_abs", "row_ranks", "sorted_order")}
         if cache is not None and all(getattr(cache, f) is not None for f in wanted):
             return cache
         started = time.perf_counter()
         if cache is None:
             delta = _fp32(source.get(ref), plan) - _fp32(source.get(base), plan)
             cache = DeltaCache(delta=delta)
+        if "sorted_order" in wanted and cache.sorted_order is None:
+            values, order = cache.delta.abs().reshape(-1).sort(stable=True)
+            small = order.numel() < 2**31
+            cache = replace(cache, sorted_abs=values, sorted_order=order.to(torch.int32) if small else order)
         if "sorted_abs" in wanted and cache.sorted_abs is None:
             cache = replace(cache, sorted_abs=cache.delta.abs().reshape(-1).sort().values)
         if "row_ranks" in wanted and cache.row_ranks is None:

@@ -76,6 +76,9 @@ class DeltaCache:
     delta: torch.Tensor  # fp32, same shape as the weight
     sorted_abs: torch.Tensor | None = None  # |delta| flattened, ascending
     row_ranks: torch.Tensor | None = None  # per-row ascending rank of |delta| (DELLA), int64
+    # flat indices of a stable ascending sort of |delta| (int32 when they fit): where equal
+    # magnitudes straddle a top-k cut, the index at the cut says which of them are kept
+    sorted_order: torch.Tensor | None = None
 
     @classmethod
     def build(cls, delta: torch.Tensor, *, sorted_abs: bool = True, row_ranks: bool = False) -> DeltaCache:

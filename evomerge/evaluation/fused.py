@@ -1,0 +1,286 @@
+"""One-pass kernels for task-vector candidates: the in-memory sink's fast path.
+
+Eager, a TIES candidate makes about 25 passes over memory per tensor (masks, products, the sign
+election, sums, the divisor), each allocating a fresh tensor. Here the same arithmetic, operation
+for operation, is one function compiled by `torch.compile` (TorchInductor: a C++/OpenMP loop on
+CPU, Triton on GPU) that reads the base, the resident task vectors and the per-candidate scalars
+and writes the resident model's parameter directly: one read of each input, one write.
+
+What a candidate changes is only scalars (weights, thresholds, keep probabilities), so:
+- a TIES top-k at density d is `|delta| >= v` with `v` looked up in the cached sorted magnitudes
+  (when equal magnitudes straddle `v` the job falls back to the eager method, which breaks ties
+  by index);
+- DARE/DELLA compare cached uniform draws with the keep probability. The draws are the same ones
+  the eager methods take from each tensor's generator (`sparsify.uniform_like`), kept in a
+  bounded `DrawStore`: a search uses one mask seed per run, so they are drawn once.
+
+Results equal the eager methods bit for bit (tested); anything the kernel does not cover (L1
+rescaling, Breadcrumbs, density 0, data-aware context) runs the eager method. Compilation costs
+about 20 s the first time on a machine and about 5 s per process after that (Inductor's cache),
+so `auto` uses the kernels only for models large enough to repay it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from evomerge.methods.base import DeltaCache
+from evomerge.methods.sparsify import uniform_like
+from evomerge.plan import MergePlan, TensorJob
+
+log = logging.getLogger(__name__)
+
+KernelMode = Literal["auto", "compiled", "eager"]
+KERNELS_ENV = "EVOMERGE_KERNELS"
+AUTO_MIN_PARAMETERS = 20_000_000  # below this a whole eager candidate costs less than compiling
+DEFAULT_DRAW_CACHE_BYTES = 4 << 30
+
+# method -> (sparsifier, whether TIES sign election applies)
+_METHODS: dict[str, tuple[str, bool]] = {
+    "task_arithmetic": ("none", False),
+    "ties": ("magnitude", True),
+    "dare_ties": ("bernoulli", True),
+    "dare_linear": ("bernoulli", False),
+    "della": ("della", True),
+    "della_linear": ("della", False),
+}
+
+
+def kernel_mode(requested: str | None = None) -> KernelMode:
+    """The requested mode, else `$EVOMERGE_KERNELS`, else `auto`; anything else is an error."""
+    mode = requested or os.environ.get(KERNELS_ENV) or "auto"
+    if mode not in ("auto", "compiled", "eager"):
+        raise ValueError(f"kernels: {mode!r} is not one of auto, compiled, eager (check {KERNELS_ENV})")
+    return mode  # type: ignore[return-value]
+
+
+def _kernel(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], draws: list[torch.Tensor],
+            ranks: list[torch.Tensor], cuts: list[torch.Tensor], tied_from: list[torch.Tensor],
+            slopes: list[torch.Tensor],
+            factors: list[torch.Tensor], weights: list[torch.Tensor], lam: torch.Tensor | None,
+            divide_by: torch.Tensor | None, sparsifier: str, consensus: str | None, normalize: bool,
+            rescale: bool, input_dtype: torch.dtype | None) -> None:
+    """`methods.task_arithmetic.generalized_task_arithmetic` with the same operations in the same
+    order, on per-input scalars prepared by `FusedTaskVectors` (0-dim fp32 tensors). Kept entries:
+    magnitude |d| > cut, or |d| == cut at a flat index >= tied_from (ties go to higher indices);
+    bernoulli u < cut; della u < q = cut + slope * rank (then divided by q when `rescale`).
+    `factors` multiply the kept entries (the weight, or weight / density)."""
+    weighted = []
+    for i, delta in enumerate(deltas):
+        if sparsifier == "none":
+            weighted.append(delta * factors[i])
+        elif sparsifier == "magnitude":
+            magnitude = delta.abs()
+            index = torch.arange(delta.numel(), device=delta.device).view(delta.shape)
+            keep = ((magnitude > cuts[i]) | ((magnitude == cuts[i]) & (index >= tied_from[i]))).to(torch.float32)
+            weighted.append(delta * (keep * factors[i]))
+        elif sparsifier == "bernoulli":
+            keep = (draws[i] - cuts[i]).floor().neg()
+            weighted.append(delta * (keep * factors[i]))
+        else:
+            probs = cuts[i] + slopes[i] * ranks[i].to(torch.float32)
+            keep = (draws[i] - probs).floor().neg()
+            scale = probs.clamp_min(1e-12).reciprocal() * factors[i] if rescale else factors[i]
+            weighted.append(delta * (keep * scale))
+    if consensus is not None:
+        if consensus == "sum":
+            score = weighted[0] + weighted[1] if len(weighted) > 1 else weighted[0]
+            for w_delta in weighted[2:]:
+                score = score + w_delta
+        else:
+            score = torch.zeros_like(weighted[0])
+            for w_delta in weighted:
+                score = score + torch.sign(w_delta)
+        elected = score.sign().add(0.5).sign()
+        agreeing = [torch.sign(w_delta).mul(elected).clamp(min=0) for w_delta in weighted]
+        mixed = weighted[0] * agreeing[0]
+        for w_delta, agrees in zip(weighted[1:], agreeing[1:], strict=True):
+            mixed = mixed + w_delta * agrees
+        if normalize:
+            divisor = torch.zeros_like(mixed)
+            for agrees, weight in zip(agreeing, weights, strict=True):
+                divisor = divisor + agrees * weight
+            mixed = mixed / divisor.masked_fill(divisor == 0, 1.0)
+    else:
+        mixed = weighted[0]
+        for w_delta in weighted[1:]:
+            mixed = mixed + w_delta
+        if divide_by is not None:
+            mixed = mixed / divide_by
+    if lam is not None:
+        mixed = mixed * lam
+    base_fp32 = (base.to(input_dtype) if input_dtype is not None else base).to(torch.float32)
+    out.copy_(mixed + base_fp32)
+
+
+class DrawStore:
+    """Uniform draws per (generator seed, shape, device), least recently used dropped first once
+    `max_bytes` is exceeded. They are exactly what `uniform_like` returns for that generator."""
+
+    def __init__(self, max_bytes: int = DEFAULT_DRAW_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._draws: OrderedDict[tuple[int, tuple[int, ...], str], torch.Tensor] = OrderedDict()
+
+    def get(self, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+        key = (generator.initial_seed(), tuple(like.shape), str(like.device))
+        draws = self._draws.get(key)
+        if draws is not None:
+            self._draws.move_to_end(key)
+            return draws
+        draws = uniform_like(like, generator)
+        size = draws.numel() * draws.element_size()
+        if size <= self.max_bytes:
+            self._draws[key] = draws
+            self.nbytes += size
+            while self.nbytes > self.max_bytes:
+                _, dropped = self._draws.popitem(last=False)
+                self.nbytes -= dropped.numel() * dropped.element_size()
+        return draws
+
+
+@dataclass
+class _Scalars:
+    """Per-input kernel arguments for one job (see `_kernel`)."""
+
+    cuts: list[float]
+    tied_from: list[int]
+    slopes: list[float]
+    factors: list[float]
+
+
+class FusedTaskVectors:
+    """Writes task-vector jobs straight into resident parameters with the compiled kernel.
+
+    `write` returns False whenever the job needs something the kernel does not do; the caller
+    then runs the eager method, so every recipe still materialises."""
+
+    def __init__(self, draws: DrawStore | None = None):
+        self.draws = draws or DrawStore()
+        self._compiled: Callable[..., None] | None = None
+        self.disabled = False  # set when the kernel cannot be compiled here (no C++ compiler, ...)
+        self.fused_jobs = 0
+        self.eager_jobs = 0
+
+    @staticmethod
+    def covers(plan: MergePlan) -> bool:
+        return plan.method.name in _METHODS and plan.prepared is None
+
+    def _kernel(self) -> Callable[..., None]:
+        if self._compiled is None:
+            import torch._dynamo
+
+            config = torch._dynamo.config
+            limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            setattr(config, limit, max(getattr(config, limit), 64))  # one graph per method shape
+            # Without emulate_precision_casts Inductor skips the rounding of `.to(bfloat16).to(float32)`
+            # (a recipe's `dtype`), and the bits would differ from the eager methods'.
+            self._compiled = torch.compile(_kernel, dynamic=True, fullgraph=True,
+                                           options={"emulate_precision_casts": True})
+        return self._compiled
+
+    def write(self, plan: MergePlan, job: TensorJob, caches: Sequence[DeltaCache] | None,
+              base: torch.Tensor, target: torch.Tensor) -> bool:
+        """Compute `job` from the resident `base` tensor and task-vector `caches` into `target`."""
+        sparsifier, has_consensus = _METHODS[plan.method.name]
+        scalars = None if self.disabled else _scalars(job, caches, sparsifier)
+        if scalars is None or caches is None:
+            self.eager_jobs += 1
+            return False
+        device = target.device
+        deltas = [c.delta for c in caches]
+        draws: list[torch.Tensor] = []
+        if sparsifier in ("bernoulli", "della"):
+            draws = [self.draws.get(g, d) for g, d in zip(plan.generators(job, device), deltas, strict=True)]
+        ranks = [c.row_ranks for c in caches] if sparsifier == "della" else []
+        consensus = str(job.params.get("consensus", "sum")) if has_consensus else None
+        normalize = bool(job.params.get("normalize", False))
+        weights = [float(p["weight"]) for p in job.input_params]
+        divide_by = None
+        if normalize and consensus is None:
+            total = sum(weights)
+            divide_by = 1.0 if abs(total) < 1e-8 else total
+        lam = float(job.params.get("lambda", 1.0))
+
+        def scalars_of(values: Sequence[float], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+            return [torch.tensor(v, dtype=dtype, device=device) for v in values]
+
+        try:
+            self._kernel()(target, base, deltas, draws, ranks, scalars_of(scalars.cuts),
+                           scalars_of(scalars.tied_from, torch.int64), scalars_of(scalars.slopes),
+                           scalars_of(scalars.factors), scalars_of(weights),
+                           scalars_of([lam])[0] if lam != 1.0 else None,
+                           scalars_of([divide_by])[0] if divide_by is not None else None, sparsifier,
+                           consensus, normalize, bool(job.params.get("rescale", False)), plan.input_dtype)
+        except Exception as exc:  # compilation fails before anything is written
+            if self.fused_jobs:
+                raise
+            log.warning("fused merge kernels unavailable, using eager methods: %s", str(exc).splitlines()[0])
+            self.disabled = True
+            self.eager_jobs += 1
+            return False
+        self.fused_jobs += 1
+        return True
+
+
+def _scalars(job: TensorJob, caches: Sequence[DeltaCache] | None, sparsifier: str) -> _Scalars | None:
+    """The kernel's per-input scalars, or None where the eager method must run."""
+    if caches is None or job.base is None or len(caches) != len(job.inputs):
+        return None
+    rescale = bool(job.params.get("rescale", False))
+    if rescale and (sparsifier == "magnitude" or job.params.get("rescale_norm", "inverse") != "inverse"):
+        return None  # L1 rescaling needs whole-tensor norms first
+    keep_all = {"none": 0.0, "magnitude": float("-inf"), "bernoulli": 1.0, "della": 1.0}[sparsifier]
+    scalars = _Scalars([], [], [], [])
+    for cache, p in zip(caches, job.input_params, strict=True):
+        weight = float(p["weight"])
+        density = float(p.get("density", 1.0))
+        cut, tied_from, slope, factor = keep_all, 0, 0.0, weight
+        if sparsifier == "none" or density >= 1:
+            pass  # every sparsifier keeps everything at density 1, without rescaling
+        elif density <= 0:
+            return None  # eager returns exact zeros; the kernel would give -0.0 for negative entries
+        elif sparsifier == "magnitude":
+            if cache.sorted_abs is None or cache.sorted_order is None:
+                return None
+            cut, tied_from = _topk_cut(cache.sorted_abs, cache.sorted_order, density)
+        elif sparsifier == "bernoulli":
+            cut = density
+            factor = weight / density if rescale else weight
+        else:
+            n = cache.delta.numel()
+            row = n if cache.delta.dim() <= 1 else n // cache.delta.shape[0]
+            eps = max(0.0, min(float(p.get("epsilon", 0.15)), density, 1.0 - density))
+            if row <= 1 or eps == 0 or cache.row_ranks is None:
+                return None  # eager uses a constant probability tensor here
+            cut, slope = density - eps, 2 * eps / (row - 1)
+        scalars.cuts.append(cut)
+        scalars.tied_from.append(tied_from)
+        scalars.slopes.append(slope)
+        scalars.factors.append(factor)
+    return scalars
+
+
+def _topk_cut(sorted_abs: torch.Tensor, sorted_order: torch.Tensor, density: float) -> tuple[float, int]:
+    """(v, j): the `max(1, int(density * n))` largest |delta| by stable rank are those with
+    |delta| > v, plus those equal to v at a flat index >= j (a stable sort orders ties by index)."""
+    n = sorted_abs.numel()
+    k = max(1, int(density * n))
+    if k >= n:
+        return float("-inf"), 0
+    return float(sorted_abs[n - k]), int(sorted_order[n - k])
+
+
+def fused_available(mode: KernelMode, parameters: int) -> bool:
+    """Whether to try the compiled kernels for plans of this size."""
+    if mode == "eager":
+        return False
+    return mode == "compiled" or parameters >= AUTO_MIN_PARAMETERS
+
