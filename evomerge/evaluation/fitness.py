@@ -94,10 +94,19 @@ class ForwardTimer:
 
 
 class FitnessWorker:
-    def __init__(self, sources: Sequence[str | Path] = (), tasks: Sequence[Mapping[str, Any]] = (),
-                 include_paths: Sequence[str | Path] = (), split: str = "train", device: str = "cpu",
-                 batch_size: int = 64, stderr: bool = False, torch_threads: int | None = None,
-                 search_dirs: Sequence[str | Path] = ()):
+    def __init__(
+        self,
+        sources: Sequence[str | Path] = (),
+        tasks: Sequence[Mapping[str, Any]] = (),
+        include_paths: Sequence[str | Path] = (),
+        split: str = "train",
+        device: str = "cpu",
+        batch_size: int = 64,
+        stderr: bool = False,
+        torch_threads: int | None = None,
+        search_dirs: Sequence[str | Path] = (),
+        lean_generate: bool = True,
+    ):
         import torch
 
         from evomerge.evaluation.lm_tasks import quiet_offline_env
@@ -112,9 +121,11 @@ class FitnessWorker:
         self.device = device
         self.batch_size = batch_size
         self.stderr = stderr
+        self.lean_generate = lean_generate
         self.materializer = Materializer(list(sources), device=device, search_dirs=[Path(p) for p in search_dirs])
         self._task_sets: dict[tuple[Any, ...], Any] = {}
         self._tokenizers: dict[Path, Any] = {}
+        self._prompt_caches: dict[Path, Any] = {}  # tokenizer path -> greedy_lm.PromptCache
         self._lms: dict[int, tuple[Any, Any]] = {}  # id(model) -> (model, HFLM) for in-place targets
         if self.tasks:
             self._loaded([t.name for t in self.tasks], split, self.include_paths)
@@ -159,8 +170,9 @@ class FitnessWorker:
 
     # -- pieces -------------------------------------------------------------------------------------
 
-    def _score(self, built: Materialized, loaded: Any, tasks: Sequence[TaskWeight],
-               payload: FitnessPayload) -> tuple[dict[str, Any], float, float]:
+    def _score(
+        self, built: Materialized, loaded: Any, tasks: Sequence[TaskWeight], payload: FitnessPayload
+    ) -> tuple[dict[str, Any], float, float]:
         from evomerge.evaluation.lm_tasks import score_tasks, task_samples
 
         limits = {t.name: t.limit if t.limit is not None else payload.limit for t in tasks}
@@ -171,18 +183,33 @@ class FitnessWorker:
             results = score_tasks(lm, loaded, samples=samples, log_samples=self.stderr)
         return results, time.perf_counter() - started, timer.seconds
 
-    def _score_window(self, candidate_id: str, built: Materialized, loaded: Any, tasks: Sequence[TaskWeight],
-                      payload: FitnessPayload, timings: dict[str, float]) -> EvalResult:
+    def _score_window(
+        self,
+        candidate_id: str,
+        built: Materialized,
+        loaded: Any,
+        tasks: Sequence[TaskWeight],
+        payload: FitnessPayload,
+        timings: dict[str, float],
+    ) -> EvalResult:
         """Staged evaluation: score only the payload's window of items and report each item's score
         (`items`) and every task's item count (`task/n_full`); the search sums stages itself."""
         from evomerge.evaluation.lm_tasks import item_scores, score_tasks, subset_tasks, window_samples
 
         assert payload.window is not None
-        plain = [t.name for t in tasks if not isinstance(loaded.task_dict["tasks"][t.name].dataset[
-            loaded.task_dict["tasks"][t.name].config.test_split], list)]
+        plain = [
+            t.name
+            for t in tasks
+            if not isinstance(
+                loaded.task_dict["tasks"][t.name].dataset[loaded.task_dict["tasks"][t.name].config.test_split], list
+            )
+        ]
         if plain:
-            return EvalResult.failure(candidate_id, f"fidelity: task {plain[0]!r} has a process_docs hook; "
-                                      "staged evaluation needs tasks whose docs are a plain list")
+            return EvalResult.failure(
+                candidate_id,
+                f"fidelity: task {plain[0]!r} has a process_docs hook; "
+                "staged evaluation needs tasks whose docs are a plain list",
+            )
         limits = {t.name: t.limit if t.limit is not None else payload.limit for t in tasks}
         samples, totals = window_samples(loaded, limits, payload.subset_seed, payload.window, payload.order_seed)
         scored = [name for name, items in samples.items() if items]
@@ -193,8 +220,9 @@ class FitnessWorker:
             lm = self._lm(built)
             started = time.perf_counter()
             with ForwardTimer().attached(built.model) as timer:
-                results = score_tasks(lm, subset_tasks(loaded, scored), samples={n: samples[n] for n in scored},
-                                      log_samples=True)
+                results = score_tasks(
+                    lm, subset_tasks(loaded, scored), samples={n: samples[n] for n in scored}, log_samples=True
+                )
             timings["eval"], timings["forward"] = time.perf_counter() - started, timer.seconds
             metrics.update(flat_metrics(results))
             items.update(item_scores(results, samples, {t.name: t.metric for t in tasks if t.name in scored}))
@@ -220,8 +248,17 @@ class FitnessWorker:
         cached = self._lms.get(id(built.model))
         if cached is not None and cached[0] is built.model:
             return cached[1]
-        lm = make_lm(built.model, self._tokenizer(built.tokenizer_path), batch_size=self.batch_size,
-                     device=self.device)
+        from evomerge.evaluation.greedy_lm import PromptCache
+
+        prompts = self._prompt_caches.setdefault(built.tokenizer_path, PromptCache())
+        lm = make_lm(
+            built.model,
+            self._tokenizer(built.tokenizer_path),
+            batch_size=self.batch_size,
+            device=self.device,
+            lean=self.lean_generate,
+            prompt_cache=prompts,
+        )
         if built.mode == "in_place":
             while len(self._lms) >= self.materializer.max_targets:  # evicted targets free their memory
                 self._lms.pop(next(iter(self._lms)))
@@ -270,8 +307,11 @@ def weighted_fitness(metrics: Mapping[str, float], tasks: Sequence[TaskWeight]) 
     for task in tasks:
         key = f"{task.name}/{task.metric}"
         if key not in metrics:
-            have = sorted(k.split("/", 1)[1] for k in metrics
-                          if k.startswith(f"{task.name}/") and not k.endswith(("/n", "_stderr")))
+            have = sorted(
+                k.split("/", 1)[1]
+                for k in metrics
+                if k.startswith(f"{task.name}/") and not k.endswith(("/n", "_stderr"))
+            )
             raise ValueError(f"metric {key!r} missing from lm-eval results (task has: {', '.join(have) or 'none'})")
         value = metrics[key]
         if not math.isfinite(value):
@@ -285,8 +325,10 @@ def _unknown_metric(loaded: Any, tasks: Sequence[TaskWeight]) -> str | None:
     for task in tasks:
         declared = getattr(loaded.task_dict["tasks"].get(task.name), "_metric_fn_list", None)
         if declared and task.metric not in declared:
-            return (f"metric '{task.name}/{task.metric}' is not computed by task {task.name!r} "
-                    f"(its metrics: {', '.join(declared)})")
+            return (
+                f"metric '{task.name}/{task.metric}' is not computed by task {task.name!r} "
+                f"(its metrics: {', '.join(declared)})"
+            )
     return None
 
 

@@ -83,7 +83,8 @@ def load_tasks(names: Sequence[str], split: str = "test", include_paths: Sequenc
         if entry is None:
             raise EvomergeError(
                 f"tasks: unknown lm-eval task {name!r}; known here: {', '.join(manager.all_subtasks) or 'none'}"
-                " (add a folder of task YAMLs with --include-path)")
+                " (add a folder of task YAMLs with --include-path)"
+            )
         folder = Path(entry.yaml_path).parent if entry.yaml_path else Path.cwd()
         with _cwd(folder):
             loaded = manager.load([name])
@@ -93,7 +94,40 @@ def load_tasks(names: Sequence[str], split: str = "test", include_paths: Sequenc
         _select_split(task, name, split)
         task.set_config(key="num_fewshot", value=0)
         _materialize_docs(task)
+        task.build_all_requests = RequestCache(task)
     return LoadedTasks(merged, split)
+
+
+class RequestCache:
+    """Stands in for a task's `build_all_requests`: lm-eval builds the Instances (prompts, targets,
+    generation kwargs) once per (docs shown, build arguments); later calls hand back the same
+    Instances with their responses cleared. Building them is pure in the docs, so every candidate
+    would rebuild identical requests (a tenth of a toy evaluation).
+
+    `docs_key` names the docs the task currently shows (`score_tasks` sets it: the subset's item
+    indices, None for the whole split)."""
+
+    MAX_ENTRIES = 64  # distinct (subset, arguments) pairs kept per task
+
+    def __init__(self, task: Any) -> None:
+        self.task = task
+        self.build = task.build_all_requests  # lm-eval's bound method
+        self.docs_key: tuple[int, ...] | None = None
+        self.built: dict[tuple[Any, str], list[Any]] = {}
+
+    def __call__(self, **kwargs: Any) -> None:
+        key = (self.docs_key, repr(sorted(kwargs.items())))
+        instances = self.built.get(key)
+        if instances is None:
+            self.build(**kwargs)
+            if len(self.built) >= self.MAX_ENTRIES:
+                self.built.clear()
+            self.built[key] = self.task._instances
+            return
+        for instance in instances:  # new containers: results logged by earlier calls keep theirs
+            instance.resps = []
+            instance.filtered_resps = {}
+        self.task._instances = instances
 
 
 def _materialize_docs(task: Any) -> None:
@@ -128,8 +162,9 @@ def task_seed(subset_seed: int, task: str) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-def task_samples(tasks: LoadedTasks, limits: dict[str, int | None], subset_seed: int | None
-                 ) -> dict[str, list[int]] | None:
+def task_samples(
+    tasks: LoadedTasks, limits: dict[str, int | None], subset_seed: int | None
+) -> dict[str, list[int]] | None:
     """Item indices per task for `score_tasks`: a fixed seeded subset of `limits[task]` items
     (`subset_seed` None: the first items, as `evomerge eval --limit` does without a seed)."""
     samples: dict[str, list[int]] = {}
@@ -144,8 +179,13 @@ def task_samples(tasks: LoadedTasks, limits: dict[str, int | None], subset_seed:
     return samples or None
 
 
-def window_samples(tasks: LoadedTasks, limits: dict[str, int | None], subset_seed: int | None,
-                   window: Sequence[int | None], order_seed: int) -> tuple[dict[str, list[int]], dict[str, int]]:
+def window_samples(
+    tasks: LoadedTasks,
+    limits: dict[str, int | None],
+    subset_seed: int | None,
+    window: Sequence[int | None],
+    order_seed: int,
+) -> tuple[dict[str, list[int]], dict[str, int]]:
     """Staged evaluation: per task, positions [start, stop) of its search items (the `limit` subset,
     or every item) in a fixed seeded order; and each task's item count (what the last stage reaches)."""
     from evomerge.fidelity import window_items
@@ -165,8 +205,9 @@ def subset_tasks(tasks: LoadedTasks, names: Sequence[str]) -> LoadedTasks:
     return LoadedTasks(task_dict, tasks.split)
 
 
-def item_scores(results: dict[str, Any], samples: dict[str, list[int]], metrics: dict[str, str]
-                ) -> dict[str, list[list[float]]]:
+def item_scores(
+    results: dict[str, Any], samples: dict[str, list[int]], metrics: dict[str, str]
+) -> dict[str, list[list[float]]]:
     """{task: [[item index, score of its fitness metric], ...]} from lm-eval's logged samples; a
     logged doc_id is a position in the docs shown (`samples[task]`), mapped back to the item index."""
     out: dict[str, list[list[float]]] = {}
@@ -177,33 +218,40 @@ def item_scores(results: dict[str, Any], samples: dict[str, list[int]], metrics:
     return out
 
 
-def make_lm(model: Any, tokenizer: Any, batch_size: int = 64, device: str | None = None):
-    """An HFLM around an already-built transformers model (no reload per candidate)."""
+def make_lm(
+    model: Any,
+    tokenizer: Any,
+    batch_size: int = 64,
+    device: str | None = None,
+    lean: bool = True,
+    prompt_cache: Any = None,
+):
+    """An lm-eval LM around an already-built transformers model (no reload per candidate).
+
+    `lean=True`: greedy `generate_until` requests are decoded by `greedy_lm.GreedyHFLM`'s own loop
+    (same outputs as HFLM, a fraction of the overhead); `lean=False`: HFLM's `generate`. Pass one
+    `greedy_lm.PromptCache` per tokenizer to share prompt encodings across candidates."""
     import logging
 
-    from lm_eval.models.huggingface import HFLM
-
-    class QuietHFLM(HFLM):
-        """HFLM without its per-call tqdm bars: a search scores thousands of candidates."""
-
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood(requests, disable_tqdm=True)
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood_rolling(requests, disable_tqdm=True)
-
-        def generate_until(self, requests, disable_tqdm: bool = False):
-            return super().generate_until(requests, disable_tqdm=True)
+    from evomerge.evaluation.greedy_lm import GreedyHFLM
 
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
     device = device or str(next(model.parameters()).device)
     max_length = getattr(model.config, "max_position_embeddings", 2048)
-    return QuietHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-                     device=device)
+    return GreedyHFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        max_length=max_length,
+        device=device,
+        lean=lean,
+        prompt_cache=prompt_cache,
+    )
 
 
-def score_tasks(lm: Any, tasks: LoadedTasks, samples: dict[str, list[int]] | None = None,
-                log_samples: bool = False) -> dict[str, Any]:
+def score_tasks(
+    lm: Any, tasks: LoadedTasks, samples: dict[str, list[int]] | None = None, log_samples: bool = False
+) -> dict[str, Any]:
     """Run lm-eval on resident task objects; returns lm-eval's result dict (never reseeds RNGs)."""
     import logging
 
@@ -212,8 +260,14 @@ def score_tasks(lm: Any, tasks: LoadedTasks, samples: dict[str, list[int]] | Non
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     samples = {k: v for k, v in (samples or {}).items() if v is not None}
     with _subset_docs(tasks, samples) as remaining:
-        return evaluator.evaluate(lm=lm, task_dict=tasks.task_dict, samples=remaining or None, bootstrap_iters=0,
-                                  log_samples=log_samples, verbosity="ERROR")
+        return evaluator.evaluate(
+            lm=lm,
+            task_dict=tasks.task_dict,
+            samples=remaining or None,
+            bootstrap_iters=0,
+            log_samples=log_samples,
+            verbosity="ERROR",
+        )
 
 
 @contextlib.contextmanager
@@ -224,8 +278,11 @@ def _subset_docs(tasks: LoadedTasks, samples: dict[str, list[int]]) -> Iterator[
     swapped: list[tuple[Any, str, Any]] = []
     remaining: dict[str, list[int]] = {}
     try:
-        for name, indices in samples.items():
-            task = tasks.task_dict["tasks"][name]
+        for name, task in tasks.task_dict["tasks"].items():
+            _set_docs_key(task, None)
+            indices = samples.get(name)
+            if indices is None:
+                continue
             key = task.config.test_split
             docs = task.dataset[key]
             if not isinstance(docs, list):
@@ -233,10 +290,18 @@ def _subset_docs(tasks: LoadedTasks, samples: dict[str, list[int]]) -> Iterator[
                 continue
             swapped.append((task, key, docs))
             task.dataset[key] = [docs[i] for i in indices]
+            _set_docs_key(task, tuple(indices))
         yield remaining
     finally:
         for task, key, docs in swapped:
             task.dataset[key] = docs
+            _set_docs_key(task, None)
+
+
+def _set_docs_key(task: Any, key: tuple[int, ...] | None) -> None:
+    cache = task.__dict__.get("build_all_requests")
+    if isinstance(cache, RequestCache):
+        cache.docs_key = key
 
 
 def metric_values(results: dict[str, Any]) -> dict[str, dict[str, float]]:
