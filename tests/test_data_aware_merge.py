@@ -13,9 +13,8 @@ from typer.testing import CliRunner
 
 from evomerge.cli import app
 from evomerge.data_aware import prepare as prepare_module
-from evomerge.data_aware.calibration import TokenBatch
 from evomerge.data_aware.permutation import permutation_spec, permute_state, random_permutations
-from evomerge.data_aware.repair import llama_points, unit_statistics
+from evomerge.data_aware.repair import gpt2_points, llama_points, rotary_pair_rms, unit_statistics
 from evomerge.merge import merge_from_file
 from evomerge.zoo import build_tokenizer
 
@@ -40,8 +39,10 @@ def permuted_copy(src: Path, dst: Path, seed: int) -> dict[str, torch.Tensor]:
     state = load_file(src / "model.safetensors")
     family = "gpt2" if config["model_type"] == "gpt2" else "llama"
     spec = permutation_spec(family, config, {k: tuple(v.shape) for k, v in state.items()}, residual=True)
-    perms = {g: p if not torch.equal(p, torch.arange(p.numel())) else p.roll(1)  # no group left as it was
-             for g, p in random_permutations(spec, seed).items()}
+    perms = {
+        g: p if not torch.equal(p, torch.arange(p.numel())) else p.roll(1)  # no group left as it was
+        for g, p in random_permutations(spec, seed).items()
+    }
     save_file(permute_state(state, spec, perms), dst / "model.safetensors", metadata={"format": "pt"})
     return perms
 
@@ -55,8 +56,10 @@ def logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 def rebasin_recipe(tmp_path: Path, a: Path, b: Path, t: float) -> Path:
-    return write(tmp_path / f"rebasin_{t}.yaml",
-                 f"merge_method: rebasin\nbase_model: {a}\nmodels:\n  - model: {b}\nparameters: {{t: {t}}}\n")
+    return write(
+        tmp_path / f"rebasin_{t}.yaml",
+        f"merge_method: rebasin\nbase_model: {a}\nmodels:\n  - model: {b}\nparameters: {{t: {t}}}\n",
+    )
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -78,8 +81,10 @@ def test_zoo_permutation_keeps_outputs_and_rebasin_recovers_it_exactly(mini_zoo,
     permuted_copy(base, tmp_path / "permuted", seed=3)
     ids = torch.randint(4, 44, (3, 12))
     assert torch.allclose(logits(base, ids), logits(tmp_path / "permuted", ids), atol=1e-4)
-    assert not torch.equal(load_file(base / "model.safetensors")["model.layers.0.mlp.up_proj.weight"],
-                           load_file(tmp_path / "permuted/model.safetensors")["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        load_file(base / "model.safetensors")["model.layers.0.mlp.up_proj.weight"],
+        load_file(tmp_path / "permuted/model.safetensors")["model.layers.0.mlp.up_proj.weight"],
+    )
     merge_from_file(rebasin_recipe(tmp_path, base, tmp_path / "permuted", 1.0), tmp_path / "t1", progress=False)
     assert_same_weights(base, tmp_path / "t1")  # t = 1: B in A's basis, which is A itself
     merge_from_file(rebasin_recipe(tmp_path, base, tmp_path / "permuted", 0.0), tmp_path / "t0", progress=False)
@@ -88,16 +93,25 @@ def test_zoo_permutation_keeps_outputs_and_rebasin_recovers_it_exactly(mini_zoo,
     assert_same_weights(base, tmp_path / "t05")  # the third merge reuses the cached permutation
 
 
-def tiny_model(kind: str, out: Path) -> Path:
+def tiny_model(kind: str, out: Path, seed: int = 7) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(7)
+    torch.manual_seed(seed)
     if kind == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=48, n_positions=32, n_embd=24, n_layer=2, n_head=4))
     else:  # Llama with grouped-query attention: 4 query heads share 2 KV heads
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                             tie_word_embeddings=False))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=48,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=32,
+                tie_word_embeddings=False,
+            )
+        )
     model.save_pretrained(out)
     build_tokenizer().save_pretrained(out)
     return out
@@ -122,9 +136,11 @@ def calibration_block(**extra: object) -> str:
 
 def two_expert_recipe(tmp_path: Path, zoo: Path, method: str, params: str, **calibration: object) -> Path:
     per_model = {str(zoo / "rev"): {"task": "toy_rev"}}
-    return write(tmp_path / f"{method}.yaml",
-                 f"merge_method: {method}\nmodels:\n  - model: {zoo / 'add'}\n  - model: {zoo / 'rev'}\n"
-                 f"parameters: {params}\n" + calibration_block(per_model=per_model, **calibration))
+    return write(
+        tmp_path / f"{method}.yaml",
+        f"merge_method: {method}\nmodels:\n  - model: {zoo / 'add'}\n  - model: {zoo / 'rev'}\n"
+        f"parameters: {params}\n" + calibration_block(per_model=per_model, **calibration),
+    )
 
 
 @pytest.mark.parametrize(("method", "params"), [("regmean", "{alpha: 0.9}"), ("fisher", "{epsilon: 1.0e-8}")])
@@ -145,65 +161,131 @@ def test_statistics_methods_run_from_yaml_and_reuse_the_cache(method, params, mi
     merge_from_file(recipe, tmp_path / "second", progress=False)
     assert calls == []  # model + data + settings unchanged: both models' statistics come from the cache
     assert_same_weights(tmp_path / "first", tmp_path / "second")
-    merge_from_file(two_expert_recipe(tmp_path, mini_zoo, method, params, seq_len=12), tmp_path / "third",
-                    progress=False)
+    merge_from_file(
+        two_expert_recipe(tmp_path, mini_zoo, method, params, seq_len=12), tmp_path / "third", progress=False
+    )
     assert len(calls) == 2  # other token data: recomputed for both models
 
 
 def test_calibration_from_a_jsonl_file(mini_zoo, tmp_path):
     rows = [{"prompt": f"A:{a:02d}+{a:02d}=", "answer": f"{2 * a:03d}"} for a in range(20)] + [{"text": "C:abc=abc"}]
     data = write(tmp_path / "calib.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
-    recipe = write(tmp_path / "r.yaml", f"merge_method: regmean\nmodels:\n  - model: {mini_zoo / 'add'}\n"
-                                        f"  - model: {mini_zoo / 'rev'}\ncalibration:\n  file: {data}\n"
-                                        "  examples: 16\n  seq_len: 16\n")
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"merge_method: regmean\nmodels:\n  - model: {mini_zoo / 'add'}\n"
+        f"  - model: {mini_zoo / 'rev'}\ncalibration:\n  file: {data}\n"
+        "  examples: 16\n  seq_len: 16\n",
+    )
     merge_from_file(recipe, tmp_path / "out", progress=False)
     assert (tmp_path / "out/model.safetensors").is_file()
 
 
-def test_repair_restores_the_interpolated_activation_statistics(mini_zoo, tmp_path):
-    """After REPAIR, every repaired unit's std on the calibration data equals the interpolation of the
-    endpoints' stds. Llama units are the inputs of o_proj and down_proj, rescaled through those layers'
-    columns, so a unit's effective value is its input times its column's scale."""
-    a, b = mini_zoo / "add", mini_zoo / "rev"
-    recipe = write(tmp_path / "repair.yaml",
-                   f"merge_method: repair\nbase_model: {a}\nmodels:\n  - model: {b}\n"
-                   "parameters: {t: 0.25, permute: false}\n" + calibration_block(examples=48))
-    plan = merge_from_file(recipe, tmp_path / "out", progress=False)
+def repair_statistics(recipe: Path, out: Path, a: Path, b: Path, points: list) -> dict[str, dict]:
+    """Per-point unit statistics of A, B and the repaired model on the recipe's calibration tokens."""
     from transformers import AutoModelForCausalLM
 
+    plan = merge_from_file(recipe, out, progress=False)
     config = plan.recipe.model_extra["calibration"]
     tokens = prepare_module._tokens(plan, config, str(a), prepare_module._tokenizer(plan))
-    tokens = TokenBatch(tokens.input_ids, tokens.attention_mask, tokens.loss_mask)
-    points = llama_points({}, 2)
-    stats = {name: unit_statistics(AutoModelForCausalLM.from_pretrained(path).eval(), tokens, points, 16)
-             for name, path in (("a", a), ("b", b), ("out", tmp_path / "out"))}
-    merged = load_file(tmp_path / "out/model.safetensors")
+    return {
+        name: unit_statistics(AutoModelForCausalLM.from_pretrained(path).eval(), tokens, points, 16)
+        for name, path in (("a", a), ("b", b), ("out", out))
+    }
+
+
+# Tolerance of the statistics checks: the repaired model is rebuilt by the same fp32 operations that
+# the repair pass measured, and statistics are summed in fp64, so only fp32 rounding of activations
+# separates measured from goal (~1e-6 relative); 1e-4 leaves room for that and nothing else (an
+# unrepaired unit is off by its collapse factor, tens of percent).
+RTOL = 1e-4
+
+
+def test_llama_repair_matches_the_interpolated_statistics(mini_zoo, tmp_path):
+    """Every repaired unit of a Llama reaches (1 - t) stat_A + t stat_B on the calibration data: the
+    RMS of the o_proj / down_proj inputs (scaled through those layers' columns, so the effective
+    value is input x column scale) and the per-RoPE-pair RMS of the q and k outputs (rescaled rows)."""
+    a, b = mini_zoo / "add", mini_zoo / "rev"
+    recipe = write(
+        tmp_path / "repair.yaml",
+        f"merge_method: repair\nbase_model: {a}\nmodels:\n  - model: {b}\n"
+        "parameters: {t: 0.25, permute: false}\n" + calibration_block(examples=48),
+    )
+    config = json.loads((a / "config.json").read_text())
     sa, sb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    points = llama_points(config, 2, sa)
+    assert {p.match for p in points} == {"rotary_rms", "rms"}
+    stats = repair_statistics(recipe, tmp_path / "out", a, b, points)
+    merged = load_file(tmp_path / "out/model.safetensors")
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
     for point in points:
-        weight = point.module + ".weight"
-        scale = merged[weight].norm(dim=0) / (sa[weight] * 0.75 + sb[weight] * 0.25).norm(dim=0)
-        assert (scale - 1).abs().max() > 1e-2  # the repair did something
-        goal = 0.75 * stats["a"][point.module][1] + 0.25 * stats["b"][point.module][1]
-        assert torch.allclose(stats["out"][point.module][1] * scale, goal, rtol=1e-3, atol=1e-6), point.module
-    q = "model.layers.1.self_attn.q_proj.weight"
-    assert torch.equal(merged[q], sa[q] * 0.75 + sb[q] * 0.25)  # unrepaired tensors: the plain interpolation
+        weight = point.layer_tensor
+        axis = 0 if point.match == "rotary_rms" else 1
+        scale = merged[weight].norm(dim=1 - axis) / (sa[weight] * 0.75 + sb[weight] * 0.25).norm(dim=1 - axis)
+        assert (scale - 1).abs().max() > 1e-2, point.module  # the repair did something
+        a_, b_, out = (stats[k][point.module] for k in ("a", "b", "out"))
+        if point.match == "rotary_rms":
+            reached = rotary_pair_rms(out.rms, head_dim)
+            goal = 0.75 * rotary_pair_rms(a_.rms, head_dim) + 0.25 * rotary_pair_rms(b_.rms, head_dim)
+        else:
+            reached, goal = out.rms * scale, 0.75 * a_.rms + 0.25 * b_.rms
+        assert torch.allclose(reached, goal.to(reached.dtype), rtol=RTOL, atol=1e-8), point.module
+    v = "model.layers.1.self_attn.v_proj.weight"
+    assert torch.equal(merged[v], sa[v] * 0.75 + sb[v] * 0.25)  # unrepaired tensors: the plain interpolation
 
 
-@pytest.mark.parametrize(("recipe", "message"), [
-    ("merge_method: fisher\nmodels: [{model: A}, {model: B}]\n", "calibration: fisher needs calibration data"),
-    ("merge_method: linear\nmodels: [{model: A, parameters: {weight: 1}}]\ncalibration: {task: toy_add}\n",
-     "calibration: linear does not use calibration data"),
-    ("merge_method: regmean\nmodels: [{model: A}, {model: B}]\ncalibration: {task: toy_add, per_model: {C: "
-     "{task: toy_rev}}}\n", "calibration.per_model.C: not a model of this recipe"),
-    ("merge_method: rebasin\nbase_model: A\nslices: [{sources: [{model: A, layer_range: [0, 2]}, {model: B, "
-     "layer_range: [0, 2]}]}]\nparameters: {t: 0.5}\n", "slices: rebasin aligns whole models"),
-    ("merge_method: regmean\nmodels: [{model: A}, {model: B}]\ncalibration: {task: toy_add, examples: 0}\n",
-     "calibration.examples"),
-    ("merge_method: regmean\nmodels: [{model: A}, {model: B}]\ncalibration: {task: toy_add, file: x.jsonl}\n",
-     "give exactly one of task:"),
-    ("merge_method: rebasin\nbase_model: A\nmodels: [{model: B}]\nparameters: {t: 1.5}\n",
-     "parameters.t: must be <= 1"),
-])
+def test_gpt2_repair_matches_mean_and_std_of_q_k_v_and_mlp_units(tmp_path):
+    """GPT-2's q|k and v thirds of c_attn are repaired at two points; both folds land in c_attn, so
+    they must compose (a later fold replacing an earlier one leaves q and k collapsed)."""
+    a, b = tiny_model("gpt2", tmp_path / "a", seed=7), tiny_model("gpt2", tmp_path / "b", seed=8)
+    recipe = write(
+        tmp_path / "repair.yaml",
+        f"merge_method: repair\nbase_model: {a}\nmodels:\n  - model: {b}\n"
+        "parameters: {t: 0.5, permute: false}\n" + calibration_block(examples=48),
+    )
+    config = json.loads((a / "config.json").read_text())
+    points = gpt2_points(config, 2, "transformer.")
+    stats = repair_statistics(recipe, tmp_path / "out", a, b, points)
+    hidden = config["n_embd"]
+    for point in points:
+        a_, b_, out = (stats[k][point.module] for k in ("a", "b", "out"))
+        units = slice(0, 2 * hidden) if point.module.endswith("c_attn") else slice(None)  # v: at c_proj
+        for field in ("mean", "std"):
+            goal = (getattr(a_, field) + getattr(b_, field))[units] / 2
+            assert torch.allclose(getattr(out, field)[units], goal, rtol=RTOL, atol=1e-6), (point.module, field)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        ("merge_method: fisher\nmodels: [{model: A}, {model: B}]\n", "calibration: fisher needs calibration data"),
+        (
+            "merge_method: linear\nmodels: [{model: A, parameters: {weight: 1}}]\ncalibration: {task: toy_add}\n",
+            "calibration: linear does not use calibration data",
+        ),
+        (
+            "merge_method: regmean\nmodels: [{model: A}, {model: B}]\ncalibration: {task: toy_add, per_model: {C: "
+            "{task: toy_rev}}}\n",
+            "calibration.per_model.C: not a model of this recipe",
+        ),
+        (
+            "merge_method: rebasin\nbase_model: A\nslices: [{sources: [{model: A, layer_range: [0, 2]}, {model: B, "
+            "layer_range: [0, 2]}]}]\nparameters: {t: 0.5}\n",
+            "slices: rebasin aligns whole models",
+        ),
+        (
+            "merge_method: regmean\nmodels: [{model: A}, {model: B}]\ncalibration: {task: toy_add, examples: 0}\n",
+            "calibration.examples",
+        ),
+        (
+            "merge_method: regmean\nmodels: [{model: A}, {model: B}]\ncalibration: {task: toy_add, file: x.jsonl}\n",
+            "give exactly one of task:",
+        ),
+        (
+            "merge_method: rebasin\nbase_model: A\nmodels: [{model: B}]\nparameters: {t: 1.5}\n",
+            "parameters.t: must be <= 1",
+        ),
+    ],
+)
 def test_bad_recipes_fail_with_one_line_naming_the_field(recipe, message, tmp_path):
     path = write(tmp_path / "bad.yaml", recipe)
     result = CliRunner().invoke(app, ["merge", str(path), str(tmp_path / "out"), "--dry-run"])
@@ -212,8 +294,11 @@ def test_bad_recipes_fail_with_one_line_naming_the_field(recipe, message, tmp_pa
 
 
 def test_missing_calibration_file_is_one_line(mini_zoo, tmp_path):
-    recipe = write(tmp_path / "r.yaml", f"merge_method: fisher\nmodels:\n  - model: {mini_zoo / 'add'}\n"
-                                        f"  - model: {mini_zoo / 'rev'}\ncalibration: {{file: nowhere.jsonl}}\n")
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"merge_method: fisher\nmodels:\n  - model: {mini_zoo / 'add'}\n"
+        f"  - model: {mini_zoo / 'rev'}\ncalibration: {{file: nowhere.jsonl}}\n",
+    )
     result = CliRunner().invoke(app, ["merge", str(recipe), str(tmp_path / "out"), "--quiet"])
     assert result.exit_code == 2 and "calibration.file: 'nowhere.jsonl' not found" in result.output
     assert not (tmp_path / "out").exists()
@@ -224,16 +309,33 @@ def test_search_space_can_use_data_aware_methods(mini_zoo):
     from evomerge.space import SearchSpace, parse_space
 
     calibration = {"task": "toy_add", "examples": 8, "seq_len": 16}
-    space = SearchSpace(parse_space({"models": [str(mini_zoo / "add"), str(mini_zoo / "rev")],
-                                     "tasks": [{"name": "toy_add"}],
-                                     "ps": {"method": "regmean", "genes": {"weight": [0.1, 1.0]},
-                                            "parameters": {"alpha": 0.5}, "calibration": calibration}}))
+    space = SearchSpace(
+        parse_space(
+            {
+                "models": [str(mini_zoo / "add"), str(mini_zoo / "rev")],
+                "tasks": [{"name": "toy_add"}],
+                "ps": {
+                    "method": "regmean",
+                    "genes": {"weight": [0.1, 1.0]},
+                    "parameters": {"alpha": 0.5},
+                    "calibration": calibration,
+                },
+            }
+        )
+    )
     assert space.names == ["all.add.weight", "all.rev.weight"]
     recipe = space.decode([0.3, 0.9])
     assert recipe.model_extra["calibration"].examples == 8
     plan_merge(recipe, ModelCatalog())
-    rebasin = SearchSpace(parse_space({"models": [str(mini_zoo / "rev")], "base_model": str(mini_zoo / "add"),
-                                       "tasks": [{"name": "toy_add"}],
-                                       "ps": {"method": "rebasin", "genes": {"t": [0.0, 1.0]}}}))
+    rebasin = SearchSpace(
+        parse_space(
+            {
+                "models": [str(mini_zoo / "rev")],
+                "base_model": str(mini_zoo / "add"),
+                "tasks": [{"name": "toy_add"}],
+                "ps": {"method": "rebasin", "genes": {"t": [0.0, 1.0]}},
+            }
+        )
+    )
     assert rebasin.names == ["all.rev.t"]
     assert rebasin.decode([0.4]).models[0].parameters == {"t": 0.4}

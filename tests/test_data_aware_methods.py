@@ -11,7 +11,7 @@ import torch
 from evomerge.data_aware.calibration import TokenBatch
 from evomerge.data_aware.permutation import AxisPerm, PermutationSpec, apply_permutation, weight_matching
 from evomerge.data_aware.prepare import JobContext
-from evomerge.data_aware.repair import Fold, RepairPoint, repair_folds, unit_statistics
+from evomerge.data_aware.repair import Fold, RepairPoint, repair_folds, rotary_pair_rms, unit_statistics
 from evomerge.data_aware.statistics import InputStatistics, collect_fisher, collect_grams
 from evomerge.methods.base import MethodCall
 from evomerge.methods.covariance import Precision, fisher, regmean, solve
@@ -27,18 +27,26 @@ X2 = T([[2, 0, 1], [0, 1, 1], [1, 0, 0], [0, 1, 0], [1, 1, 1]], dtype=torch.floa
 
 def regmean_call(grams, rows, alpha, gram_form="sum", weights=(1.0, 1.0)):
     stats = [InputStatistics(gram=g, rows=r) for g, r in zip(grams, rows, strict=True)]
-    return MethodCall(tensor_name="layer.weight", base=None, inputs=[W1.float(), W2.float()],
-                      input_params=[{"weight": w} for w in weights], params={"alpha": alpha, "gram": gram_form},
-                      context=JobContext(statistics=stats))
+    return MethodCall(
+        tensor_name="layer.weight",
+        base=None,
+        inputs=[W1.float(), W2.float()],
+        input_params=[{"weight": w} for w in weights],
+        params={"alpha": alpha, "gram": gram_form},
+        context=JobContext(statistics=stats),
+    )
 
 
-@pytest.mark.parametrize(("alpha", "form", "expected"), [
-    (1.0, "sum", [[0.439560, 0.945055, 0.197802], [-0.126374, 1.703297, -0.131868]]),
-    (0.5, "sum", [[0.323792, 0.746869, 0.441860], [-0.487478, 1.300984, 0.732558]]),
-    (0.0, "sum", [[0.250000, 0.600000, 0.500000], [-0.625000, 1.100000, 1.125000]]),
-    (1.0, "mean", [[0.486210, 0.894471, 0.118218], [-0.076460, 1.757607, -0.184902]]),
-    (0.5, "mean", [[0.374942, 0.700602, 0.349879], [-0.414924, 1.388362, 0.643300]]),
-])
+@pytest.mark.parametrize(
+    ("alpha", "form", "expected"),
+    [
+        (1.0, "sum", [[0.439560, 0.945055, 0.197802], [-0.126374, 1.703297, -0.131868]]),
+        (0.5, "sum", [[0.323792, 0.746869, 0.441860], [-0.487478, 1.300984, 0.732558]]),
+        (0.0, "sum", [[0.250000, 0.600000, 0.500000], [-0.625000, 1.100000, 1.125000]]),
+        (1.0, "mean", [[0.486210, 0.894471, 0.118218], [-0.076460, 1.757607, -0.184902]]),
+        (0.5, "mean", [[0.374942, 0.700602, 0.349879], [-0.414924, 1.388362, 0.643300]]),
+    ],
+)
 def test_regmean_reference_vectors(alpha, form, expected):
     out = regmean(regmean_call([X1.T @ X1, X2.T @ X2], [4, 5], alpha, form))
     assert torch.allclose(out.double(), T(expected, dtype=torch.float64), atol=1e-6)
@@ -51,7 +59,7 @@ def test_regmean_with_equal_grams_is_the_plain_average():
 
 
 def test_mats_generic_precisions_and_scalar_soup():
-    c1 = T([[2, .5, 0], [.5, 1, 0], [0, 0, 1]], dtype=torch.float64)
+    c1 = T([[2, 0.5, 0], [0.5, 1, 0], [0, 0, 1]], dtype=torch.float64)
     c2 = T([[1, 0, 0], [0, 3, 1], [0, 1, 2]], dtype=torch.float64)
     thetas = [T([[1.0, 0, 2]]), T([[0.0, 2, -1]])]
     out = solve(thetas, [Precision("gram", c1), Precision("gram", c2)])
@@ -62,15 +70,28 @@ def test_mats_generic_precisions_and_scalar_soup():
 
 def test_fisher_merge_vectors_and_floor():
     stats = [InputStatistics(fisher=T([1, 0.1, 0])), InputStatistics(fisher=T([3, 0.9, 0]))]
-    call = MethodCall(tensor_name="w", base=None, inputs=[T([1, 2, 0.5]), T([3, -2, -1])],
-                      input_params=[{"weight": 0.5}, {"weight": 0.5}], params={"epsilon": 1e-6},
-                      context=JobContext(statistics=stats))
+    call = MethodCall(
+        tensor_name="w",
+        base=None,
+        inputs=[T([1, 2, 0.5]), T([3, -2, -1])],
+        input_params=[{"weight": 0.5}, {"weight": 0.5}],
+        params={"epsilon": 1e-6},
+        context=JobContext(statistics=stats),
+    )
     # The floor applies to every model: entries no model's data reaches become the plain average.
     assert torch.allclose(fisher(call), T([2.5, -1.6, -0.25]), atol=1e-6)
     normalized = dict(call.params, normalize=True)
     stats[0].fisher_norm, stats[1].fisher_norm = 1.004988, 3.132092
-    out = fisher(MethodCall(tensor_name="w", base=None, inputs=call.inputs, input_params=call.input_params,
-                            params=normalized, context=call.context))
+    out = fisher(
+        MethodCall(
+            tensor_name="w",
+            base=None,
+            inputs=call.inputs,
+            input_params=call.input_params,
+            params=normalized,
+            context=call.context,
+        )
+    )
     assert torch.allclose(out[:2], T([1.980945, -0.971143]), atol=2e-5)
 
 
@@ -109,9 +130,14 @@ def test_regmean_from_hooked_grams_equals_least_squares():
         gram, rows = grams["proj.weight"]
         assert rows == len(x)
         stats.append(InputStatistics(gram=gram, rows=rows))
-    call = MethodCall(tensor_name="proj.weight", base=None, inputs=[torch.tensor(w, dtype=torch.float32) for w in ws],
-                      input_params=[{"weight": 1.0}, {"weight": 1.0}], params={"alpha": 1.0, "gram": "sum"},
-                      context=JobContext(statistics=stats))
+    call = MethodCall(
+        tensor_name="proj.weight",
+        base=None,
+        inputs=[torch.tensor(w, dtype=torch.float32) for w in ws],
+        input_params=[{"weight": 1.0}, {"weight": 1.0}],
+        params={"alpha": 1.0, "gram": "sum"},
+        context=JobContext(statistics=stats),
+    )
     x_all = np.vstack(xs)
     y_all = np.vstack([x @ w.T for x, w in zip(xs, ws, strict=True)])
     expected = np.linalg.lstsq(x_all, y_all, rcond=None)[0].T
@@ -137,16 +163,32 @@ def test_fisher_is_per_example_squared_not_a_squared_batch_sum():
 
 
 def test_weight_matching_two_hidden_layer_vector():
-    a = {"W0": T([[0.13, -0.13, 0.64], [0.10, -0.54, 0.36], [1.30, 0.95, -0.70], [-1.27, -0.62, 0.04]]),
-         "b0": T([-2.33, -0.22, -1.25, -0.73]),
-         "W1": T([[-0.54, -0.32, 0.41, 1.04], [-0.13, 1.37, -0.67, 0.35], [0.90, 0.09, -0.74, -0.92],
-                  [-0.46, 0.22, -1.01, -0.21]]),
-         "b1": T([-0.16, 0.54, 0.21, 0.36]), "W2": T([[-0.65, -0.13, 0.78, 1.49], [-1.26, 1.51, 1.35, 0.78]])}
+    a = {
+        "W0": T([[0.13, -0.13, 0.64], [0.10, -0.54, 0.36], [1.30, 0.95, -0.70], [-1.27, -0.62, 0.04]]),
+        "b0": T([-2.33, -0.22, -1.25, -0.73]),
+        "W1": T(
+            [
+                [-0.54, -0.32, 0.41, 1.04],
+                [-0.13, 1.37, -0.67, 0.35],
+                [0.90, 0.09, -0.74, -0.92],
+                [-0.46, 0.22, -1.01, -0.21],
+            ]
+        ),
+        "b1": T([-0.16, 0.54, 0.21, 0.36]),
+        "W2": T([[-0.65, -0.13, 0.78, 1.49], [-1.26, 1.51, 1.35, 0.78]]),
+    }
     p0, p1 = T([3, 1, 0, 2]), T([1, 3, 2, 0])
     b = {"W0": a["W0"][p0], "b0": a["b0"][p0], "W1": a["W1"][p1][:, p0], "b1": a["b1"][p1], "W2": a["W2"][:, p1]}
-    spec = PermutationSpec(sizes={"P0": 4, "P1": 4}, axes={
-        "W0": [AxisPerm("P0", 0)], "b0": [AxisPerm("P0", 0)], "W1": [AxisPerm("P1", 0), AxisPerm("P0", 1)],
-        "b1": [AxisPerm("P1", 0)], "W2": [AxisPerm("P1", 1)]})
+    spec = PermutationSpec(
+        sizes={"P0": 4, "P1": 4},
+        axes={
+            "W0": [AxisPerm("P0", 0)],
+            "b0": [AxisPerm("P0", 0)],
+            "W1": [AxisPerm("P1", 0), AxisPerm("P0", 1)],
+            "b1": [AxisPerm("P1", 0)],
+            "W2": [AxisPerm("P1", 1)],
+        },
+    )
     perms, sweeps = weight_matching(spec, a, b)
     assert perms["P0"].tolist() == [2, 1, 3, 0] and perms["P1"].tolist() == [3, 0, 2, 1]
     assert sweeps == 2  # the second sweep finds nothing to improve
@@ -173,14 +215,46 @@ def test_repair_one_linear_layer_vector():
     ids = torch.arange(1, 7)[None]
     mask = torch.ones_like(ids)
     tokens = TokenBatch(ids, mask, mask.bool())
-    point = RepairPoint("proj", "output", True, "proj.weight",
-                        lambda s, sh: {"proj.weight": Fold(0, s), "proj.bias": Fold(0, s, sh)})
+    point = RepairPoint(
+        "proj",
+        "output",
+        "affine",
+        "proj.weight",
+        lambda s, sh: {"proj.weight": Fold(0, s), "proj.bias": Fold(0, s, sh)},
+    )
     folds = repair_folds(merged, a, b, tokens, [point], lambda name: 0.5, batch_size=8)
-    assert torch.allclose(merged.proj.weight, T([[1.360612, 1.700765], [2.222526, 3.111536], [-1.810934, -2.414579]]),
-                          atol=1e-5)
+    assert torch.allclose(
+        merged.proj.weight, T([[1.360612, 1.700765], [2.222526, 3.111536], [-1.810934, -2.414579]]), atol=1e-5
+    )
     assert torch.allclose(merged.proj.bias, T([-0.948303, -2.611536, 2.210716]), atol=1e-5)
     interpolated = (T(wa) + T(wb)) / 2
     assert torch.allclose(folds["proj.weight"].apply(interpolated), merged.proj.weight)
-    mean, std = unit_statistics(merged, tokens, [point], 8)["proj"]
-    assert torch.allclose(std.float(), T([0.649490, 1.283176, 0.961051]), atol=1e-5)
-    assert torch.allclose(mean.float(), T([0.837500, 0.500000, -0.254167]), atol=1e-5)
+    stats = unit_statistics(merged, tokens, [point], 8)["proj"]
+    assert torch.allclose(stats.std.float(), T([0.649490, 1.283176, 0.961051]), atol=1e-5)
+    assert torch.allclose(stats.mean.float(), T([0.837500, 0.500000, -0.254167]), atol=1e-5)
+
+
+def test_composed_fold_equals_the_two_folds_in_turn():
+    weight, bias = torch.randn(4, 3), torch.randn(3)
+    first, later = Fold(0, T([2.0, 0.5, 1.0]), T([0.1, 0.0, -1.0])), Fold(0, T([1.0, 3.0, -1.0]), T([0.0, 2.0, 0.5]))
+    assert torch.allclose(first.then(later).apply(bias), later.apply(first.apply(bias)))
+    scale_only = Fold(1, T([2.0, 0.5, 1.0])).then(Fold(1, T([1.0, 3.0, -1.0])))
+    assert scale_only.shift is None and torch.allclose(scale_only.apply(weight), weight * T([2.0, 1.5, -1.0]))
+
+
+def test_rotary_pair_scale_commutes_with_rope_and_pair_rms_is_rotation_invariant():
+    """Why Llama's q/k repair uses one scale per RoPE pair (i, i + head_dim/2): that scale commutes
+    with the rotation, so it can be folded into q_proj/k_proj rows; a per-dimension scale cannot."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    heads, positions, head_dim = 2, 5, 8
+    q = torch.randn(1, heads, positions, head_dim)
+    angle = torch.arange(positions)[:, None] * T([1.0, 0.3, 0.1, 0.03]).repeat(2)[None, :]
+    cos, sin = angle.cos()[None], angle.sin()[None]
+    rope = lambda x: apply_rotary_pos_emb(x, x, cos, sin)[0]  # noqa: E731
+    pair_scale = T([2.0, 0.5, 1.5, 3.0]).repeat(2)
+    assert torch.allclose(rope(q * pair_scale), rope(q) * pair_scale, atol=1e-6)
+    dim_scale = T([2.0, 0.5, 1.5, 3.0, 1.0, 1.0, 1.0, 1.0])
+    assert not torch.allclose(rope(q * dim_scale), rope(q) * dim_scale, atol=1e-3)
+    rms = lambda x: x.square().mean(2).sqrt().reshape(-1)  # noqa: E731  per head and dimension, over positions
+    assert torch.allclose(rotary_pair_rms(rms(rope(q)), head_dim), rotary_pair_rms(rms(q), head_dim), atol=1e-6)

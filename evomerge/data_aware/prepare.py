@@ -96,12 +96,18 @@ class StatisticsPrepared:
 
     def _input(self, ref: TensorRef) -> InputStatistics:
         s = self.models[ref.model]
-        return InputStatistics(fisher=s.fisher.get(ref.name), fisher_norm=s.fisher_norm, gram=s.grams.get(ref.name),
-                               rows=s.rows.get(ref.name, 0), input_axis=s.input_axes.get(ref.name, 1))
+        return InputStatistics(
+            fisher=s.fisher.get(ref.name),
+            fisher_norm=s.fisher_norm,
+            gram=s.grams.get(ref.name),
+            rows=s.rows.get(ref.name, 0),
+            input_axis=s.input_axes.get(ref.name, 1),
+        )
 
 
-def _model_statistics(plan: MergePlan, model: int, kind: str, config: CalibrationConfig, tokenizer: Any,
-                      device: torch.device | str) -> ModelStatistics:
+def _model_statistics(
+    plan: MergePlan, model: int, kind: str, config: CalibrationConfig, tokenizer: Any, device: torch.device | str
+) -> ModelStatistics:
     info = plan.models[model]
     tokens = _tokens(plan, config, info.reference, tokenizer)
     settings = {"kind": kind, "fisher": config.fisher, "seed": config.seed, "version": STATISTICS_VERSION}
@@ -127,8 +133,9 @@ def _model_statistics(plan: MergePlan, model: int, kind: str, config: Calibratio
     return stats
 
 
-def _compute_statistics(info: ModelInfo, kind: str, tokens: TokenBatch, config: CalibrationConfig,
-                        device: torch.device | str) -> dict[str, torch.Tensor]:
+def _compute_statistics(
+    info: ModelInfo, kind: str, tokens: TokenBatch, config: CalibrationConfig, device: torch.device | str
+) -> dict[str, torch.Tensor]:
     module = _load_module(info, device)
     tokens = TokenBatch(*(t.to(device) for t in (tokens.input_ids, tokens.attention_mask, tokens.loss_mask)))
     out: dict[str, torch.Tensor] = {}
@@ -150,8 +157,11 @@ def _compute_statistics(info: ModelInfo, kind: str, tokens: TokenBatch, config: 
 
 def checkpoint_name(module_name: str, shapes: Mapping[str, Any]) -> str:
     """A module parameter's checkpoint name (headless GPT-2 checkpoints drop `transformer.`)."""
-    if module_name not in shapes and module_name.startswith("transformer.") and \
-            module_name.removeprefix("transformer.") in shapes:
+    if (
+        module_name not in shapes
+        and module_name.startswith("transformer.")
+        and module_name.removeprefix("transformer.") in shapes
+    ):
         return module_name.removeprefix("transformer.")
     return module_name
 
@@ -161,8 +171,9 @@ def prepare_statistics(kind: str):
         config = calibration_of(plan.recipe)
         assert config is not None, "checked when the recipe was validated"
         tokenizer = _tokenizer(plan)
-        return StatisticsPrepared({m: _model_statistics(plan, m, kind, config, tokenizer, device)
-                                   for m in _input_models(plan)})
+        return StatisticsPrepared(
+            {m: _model_statistics(plan, m, kind, config, tokenizer, device) for m in _input_models(plan)}
+        )
 
     return prepare
 
@@ -193,8 +204,13 @@ def align_models(plan: MergePlan, source: Any, *, residual: bool, max_sweeps: in
     info_a, info_b = plan.models[a], plan.models[b]
     spec = permutation_spec(info_b.arch.family, info_b.config, info_b.shapes, residual=residual)
     cache = statistics_cache(None)
-    key = entry_key(a=model_fingerprint(info_a.path), b=model_fingerprint(info_b.path), residual=residual,
-                    max_sweeps=max_sweeps, version=STATISTICS_VERSION)
+    key = entry_key(
+        a=model_fingerprint(info_a.path),
+        b=model_fingerprint(info_b.path),
+        residual=residual,
+        max_sweeps=max_sweeps,
+        version=STATISTICS_VERSION,
+    )
     hit = cache.get("rebasin", key)
     if hit is not None:
         perms = {group: perm for group, perm in hit.items() if group != "__sweeps__"}
@@ -228,8 +244,11 @@ def _settings(plan: MergePlan) -> Mapping[str, Any]:
 
 def prepare_rebasin(plan: MergePlan, source: Any, device: torch.device | str) -> AlignedPrepared:
     params = _settings(plan)
-    return AlignedPrepared(align_models(plan, source, residual=bool(params.get("residual", True)),
-                                        max_sweeps=int(params.get("max_sweeps", 100))))
+    return AlignedPrepared(
+        align_models(
+            plan, source, residual=bool(params.get("residual", True)), max_sweeps=int(params.get("max_sweeps", 100))
+        )
+    )
 
 
 def interpolate(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -241,8 +260,9 @@ def prepare_repair(plan: MergePlan, source: Any, device: torch.device | str) -> 
     params = _settings(plan)
     alignment = None
     if params.get("permute", True):
-        alignment = align_models(plan, source, residual=bool(params.get("residual", True)),
-                                 max_sweeps=int(params.get("max_sweeps", 100)))
+        alignment = align_models(
+            plan, source, residual=bool(params.get("residual", True)), max_sweeps=int(params.get("max_sweeps", 100))
+        )
     config = calibration_of(plan.recipe)
     assert config is not None
     a, b = _pair(plan)
@@ -267,13 +287,15 @@ def prepare_repair(plan: MergePlan, source: Any, device: torch.device | str) -> 
     tokens = TokenBatch(*(x.to(device) for x in (tokens.input_ids, tokens.attention_mask, tokens.loss_mask)))
     family = info_a.arch.family
     if family == "llama":
-        points = llama_points(info_a.config, info_a.num_layers)
+        points = llama_points(info_a.config, info_a.num_layers, info_a.shapes)
     else:
         prefix = "transformer." if any(n.startswith("transformer.") for n in info_a.shapes) else ""
         points = gpt2_points(info_a.config, info_a.num_layers, prefix)
     folds = repair_folds(merged, endpoint_a, endpoint_b, tokens, points, t_by_name.__getitem__, config.batch_size)
-    return AlignedPrepared(alignment, {name: Fold(f.axis, f.scale.cpu(), None if f.shift is None else f.shift.cpu())
-                                       for name, f in folds.items()})
+    return AlignedPrepared(
+        alignment,
+        {name: Fold(f.axis, f.scale.cpu(), None if f.shift is None else f.shift.cpu()) for name, f in folds.items()},
+    )
 
 
 def _assign(module: torch.nn.Module, state: Mapping[str, torch.Tensor], device: torch.device | str) -> None:
