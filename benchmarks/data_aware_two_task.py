@@ -3,34 +3,38 @@ at the same weights, all through `evomerge merge` recipes; greedy exact match on
 
 Each expert's statistics come from its own task's train split (`calibration.per_model`).
 
-    .venv/bin/python benchmarks/data_aware_two_task.py [--zoo DIR] [--mini] [--out JSON]
+    .venv/bin/python benchmarks/data_aware_two_task.py [--zoo DIR] [--mini]
+
+Writes benchmarks/results/data_aware_two_task-<UTC time>.json (bench_util: date, machine, load average).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-RESULTS = Path(__file__).resolve().parent / "results"
-WORK = Path(__file__).resolve().parent / "work"
+from bench_util import WORK, print_table, write_result  # benchmarks/ is sys.path[0] when this script runs
 
 
 def recipes(zoo: Path, examples: int) -> dict[str, str]:
     add, rev, base = zoo / "add", zoo / "rev", zoo / "base"
-    calibration = (f"calibration:\n  task: toy_add\n  split: train\n  examples: {examples}\n  seq_len: 16\n"
-                   f"  per_model:\n    {rev}: {{task: toy_rev, split: train}}\n")
-    two = (f"models:\n  - model: {add}\n    parameters: {{weight: 0.5}}\n"
-           f"  - model: {rev}\n    parameters: {{weight: 0.5}}\n")
+    calibration = (
+        f"calibration:\n  task: toy_add\n  split: train\n  examples: {examples}\n  seq_len: 16\n"
+        f"  per_model:\n    {rev}: {{task: toy_rev, split: train}}\n"
+    )
+    two = (
+        f"models:\n  - model: {add}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {rev}\n    parameters: {{weight: 0.5}}\n"
+    )
     return {
         "linear (0.5, 0.5)": f"merge_method: linear\n{two}",
         "task_arithmetic (0.5, 0.5)": f"merge_method: task_arithmetic\nbase_model: {base}\n{two}",
         "task_arithmetic (0.8, 0.8) [zoo hand merge]": (
-            f"merge_method: task_arithmetic\nbase_model: {base}\n{two.replace('0.5', '0.8')}"),
+            f"merge_method: task_arithmetic\nbase_model: {base}\n{two.replace('0.5', '0.8')}"
+        ),
         "fisher (0.5, 0.5), empirical": f"merge_method: fisher\n{two}{calibration}",
         "fisher (0.5, 0.5), sampled": f"merge_method: fisher\n{two}{calibration}  fisher: sampled\n",
         "regmean (0.5, 0.5), alpha 0.9": f"merge_method: regmean\n{two}parameters: {{alpha: 0.9}}\n{calibration}",
@@ -50,7 +54,7 @@ def accuracy(model_dir: Path) -> dict[str, float]:
     return scores
 
 
-def run(zoo: Path, mini: bool, examples: int, out_json: Path | None) -> dict:
+def run(zoo: Path, mini: bool, examples: int) -> dict:
     from evomerge.merge import merge_from_file
     from evomerge.zoo import ensure_zoo
 
@@ -66,12 +70,12 @@ def run(zoo: Path, mini: bool, examples: int, out_json: Path | None) -> dict:
             merge_from_file(recipe, out, progress=False)
             seconds = round(time.perf_counter() - started, 1)
             rows[name] = {**accuracy(out), "merge_seconds": seconds}
-    result = {"zoo": "mini" if mini else "full", "calibration_examples_per_model": examples,
-              "metric": "greedy exact match on the full test splits", "results": rows, "torch": torch.__version__}
-    if out_json is not None:
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return result
+    return {
+        "zoo": "mini" if mini else "full",
+        "calibration_examples_per_model": examples,
+        "metric": "greedy exact match on the full test splits",
+        "results": rows,
+    }
 
 
 def main() -> None:
@@ -79,12 +83,14 @@ def main() -> None:
     parser.add_argument("--zoo", type=Path, default=WORK / "zoo-full")
     parser.add_argument("--mini", action="store_true")
     parser.add_argument("--examples", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=RESULTS / "data_aware_two_task.json")
     args = parser.parse_args()
-    result = run(args.zoo, args.mini, args.examples, args.out)
-    print(f"{'merge':46s} {'add':>6s} {'rev':>6s} {'mean':>6s}")
-    for name, row in result["results"].items():
-        print(f"{name:46s} {row['toy_add']:6.3f} {row['toy_rev']:6.3f} {row['mean']:6.3f}")
+    result = run(args.zoo, args.mini, args.examples)
+    print_table(
+        f"two-task merge ({result['zoo']} zoo), {result['metric']}",
+        ["merge", "toy_add", "toy_rev", "mean"],
+        [[name, row["toy_add"], row["toy_rev"], row["mean"]] for name, row in result["results"].items()],
+    )
+    print(f"wrote {write_result('data_aware_two_task', result)}")
 
 
 if __name__ == "__main__":
