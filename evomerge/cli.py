@@ -98,8 +98,10 @@ def merge_cmd(
     threads: int | None = typer.Option(None, min=1, help="CPU threads for the merge math (default: torch's; "
                                        "1 is often fastest on a busy machine)."),
 ) -> None:
+    from evomerge.allocator import keep_freed_memory
     from evomerge.merge import merge_from_file
 
+    keep_freed_memory()
     if threads is not None:
         import torch
 

@@ -99,14 +99,14 @@ def _kernel(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], d
             for w_delta in weighted:
                 score = score + torch.sign(w_delta)
         elected = score.sign().add(0.5).sign()
-        agreeing = [torch.sign(w_delta).mul(elected).clamp(min=0) for w_delta in weighted]
-        mixed = weighted[0] * agreeing[0]
-        for w_delta, agrees in zip(weighted[1:], agreeing[1:], strict=True):
-            mixed = mixed + w_delta * agrees
+        agreeing = [w_delta.mul(elected).clamp(min=0).mul(elected) for w_delta in weighted]
+        mixed = agreeing[0]
+        for agreed in agreeing[1:]:
+            mixed = mixed + agreed
         if normalize:
             divisor = torch.zeros_like(mixed)
-            for agrees, weight in zip(agreeing, weights, strict=True):
-                divisor = divisor + agrees * weight
+            for agreed, weight in zip(agreeing, weights, strict=True):
+                divisor = divisor + agreed.ne(0).to(torch.float32) * weight
             mixed = mixed / divisor.masked_fill(divisor == 0, 1.0)
     else:
         mixed = weighted[0]

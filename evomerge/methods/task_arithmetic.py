@@ -74,17 +74,15 @@ def generalized_task_arithmetic(call: MethodCall, sparsifier: Sparsifier, consen
         weighted.append(sparsified_delta(call, i, sparsifier, scale=weights[i]))
     normalize = bool(call.params.get("normalize", False))
     if consensus is not None:
-        # Float arithmetic instead of boolean masks (several times faster on CPU):
-        # elected = +1/-1, agree = max(sign(w_delta) * elected, 0) is 1 exactly where the signs
-        # agree (never for zeros), 0 elsewhere.
+        # In place, without masks or sign tensors: with elected = +1/-1, max(w * elected, 0) * elected
+        # is w where its sign agrees and 0 elsewhere (zeros never agree); the agreeing entries are
+        # then exactly the nonzero ones.
         elected = elected_signs(weighted, consensus)
         divisor = torch.zeros_like(weighted[0]) if normalize else None
         for w_delta, w in zip(weighted, weights, strict=True):
-            agrees = torch.sign(w_delta).mul_(elected).clamp_(min=0)
-            w_delta.mul_(agrees)
+            w_delta.mul_(elected).clamp_(min=0).mul_(elected)
             if divisor is not None:
-                divisor.add_(agrees, alpha=w)
-            del agrees
+                divisor.add_(w_delta.ne(0), alpha=w)
         del elected
         mixed = _sum_into_first(weighted)
         if divisor is not None:
