@@ -23,6 +23,7 @@ from evomerge.report_data import (
     RunData,
     RunStats,
     fitness_series,
+    front_file,
     load_chosen_recipe,
     load_run,
     recipe_heatmaps,
@@ -117,7 +118,9 @@ def _names_inside(run: RunData, models: list[str]) -> dict[str, str]:
 def _objective_background(run: RunData) -> list[dict[str, float]] | None:
     """Every search evaluation's objectives, when the front's objective names are journaled metrics."""
     names = list(run.pareto[0]["objectives"]) if run.pareto else []
-    points = [{n: r["metrics"][n] for n in names} for stage in run.stages for r in stage.search_records
+    front = front_file(run.path)
+    stages = [s for s in run.stages if front is not None and s.path == front.parent] or run.stages  # its stage
+    points = [{n: r["metrics"][n] for n in names} for stage in stages for r in stage.search_records
               if r["status"] == "ok" and all(n in r["metrics"] for n in names)]
     return points or None
 

@@ -78,9 +78,17 @@ def load_run(path: str | Path) -> RunData:
         raise EvomergeError(f"run: {run.path} has no evaluations yet; nothing to report")
     summary_file = run.file(SUMMARY_FILE)
     summary = _read_json(summary_file) if summary_file.exists() else None
-    pareto_file = run.file(PARETO_FILE)
-    pareto = load_pareto(pareto_file) if pareto_file.exists() else None
+    pareto_file = front_file(run.path)
+    pareto = load_pareto(pareto_file) if pareto_file is not None else None
     return RunData(run.path, config.kind, stages, summary, pareto, list(config.tasks))
+
+
+def front_file(path: Path) -> Path | None:
+    """The run's pareto.json: the top-level one, else (PS+DFS keeps one per stage) the last stage's."""
+    for folder in (Path(path), *(Path(path) / name for name in reversed(STAGES))):
+        if (folder / PARETO_FILE).exists():
+            return folder / PARETO_FILE
+    return None
 
 
 def _chosen_recipe(folder: Path) -> Path | None:

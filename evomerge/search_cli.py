@@ -212,12 +212,12 @@ def run_export(run_dir: Path, out: Path, *, merge_dir: Path | None, pick: int | 
 
 def _front_recipe(run: RunDir, pick: int) -> tuple[Any, str]:
     """Entry `pick` (0-based, as `evomerge report` lists them) of the run's Pareto front."""
-    from evomerge.report_data import load_pareto
+    from evomerge.report_data import front_file, load_pareto
     from evomerge.run import PARETO_FILE
     from evomerge.search import parse_recipe_text
 
-    path = run.file(PARETO_FILE)
-    if not path.exists():
+    path = front_file(run.path)
+    if path is None:
         raise EvomergeError(f"--pick: {run.path} has no {PARETO_FILE}; only runs with objectives keep a front")
     front = load_pareto(path)
     if not 0 <= pick < len(front):

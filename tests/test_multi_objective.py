@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from evomerge.cli import app
 from evomerge.errors import EvomergeError
 from evomerge.objectives import dominates
-from evomerge.report_data import load_pareto
+from evomerge.report_data import load_pareto, load_run
 from evomerge.run import read_journal
 from evomerge.search_cli import run_export, run_search
 
@@ -104,6 +104,34 @@ ps: {method: dare_ties}
     assert not (tmp_path / "run" / "pareto.json").exists()
     with pytest.raises(EvomergeError, match="--pick: .* has no pareto.json"):
         run_export(tmp_path / "run", tmp_path / "out.yaml", merge_dir=None, pick=0, echo=lambda *_: None)
+
+
+def test_ps_plus_dfs_report_and_export_use_the_dfs_stage_front(root, tmp_path):
+    """PS+DFS keeps a front per stage (ps/, dfs/); report and --pick read the last stage's."""
+    path = write_space(root / "staged.yaml", """\
+models: [models/a, models/b]
+base_model: models/base
+tasks: [{name: toy_add, weight: 0.5}, {name: toy_rev, weight: 0.5}]
+objectives: [{task: toy_add}, {task: toy_rev}]
+budget: {max_evals: 12, popsize: 6, select_top_k: 1}
+worker: {factory: "search_worker:ToyFitnessWorker"}
+ps: {method: ties}
+dfs: {repeats: 1, scales: model_pair, models: [models/b]}
+""")
+    run = tmp_path / "run"
+    run_search(path, run, workers=1, ray_address=None, max_evals=None, seed=None, echo=lambda *_: None)
+    assert not (run / "pareto.json").exists() and (run / "ps" / "pareto.json").exists()
+    dfs_front = load_pareto(run / "dfs" / "pareto.json")
+    assert dfs_front != load_pareto(run / "ps" / "pareto.json")
+    assert load_run(run).pareto == dfs_front
+    result = CliRunner().invoke(app, ["report", str(run), "-o", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "report" / "pareto.png").exists()
+    pick = len(dfs_front) - 1
+    result = CliRunner().invoke(app, ["export", str(run), "-o", str(tmp_path / "pick.yaml"), "--pick", str(pick)])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((tmp_path / "pick.yaml").read_text()) == yaml.safe_load(dfs_front[pick]["recipe"])
+    assert str(run / "dfs" / "pareto.json") in result.output
 
 
 def test_dfs_path_length_and_size_measures_with_a_single_objective_optimizer(root, tmp_path):
