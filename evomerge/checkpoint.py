@@ -304,7 +304,8 @@ class AtomicDirectory:
         self.overwrite = overwrite
         check_output_dir(self.target, overwrite=overwrite)
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.path = self.target.parent / f".{self.target.name}.partial-{uuid.uuid4().hex[:8]}"
+        _remove_orphaned_partials(self.target)
+        self.path = self.target.parent / f".{self.target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.path.mkdir()
         self._done = False
 
@@ -334,6 +335,25 @@ class AtomicDirectory:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def _remove_orphaned_partials(target: Path) -> None:
+    """Delete `.NAME.partial-PID-*` siblings left by a killed process (PID no longer running):
+    they are never user output, only a merge that did not finish."""
+    for partial in target.parent.glob(f".{target.name}.partial-*"):
+        pid = partial.name.rsplit(".partial-", 1)[1].split("-")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def check_output_dir(target: Path, *, overwrite: bool) -> None:

@@ -311,6 +311,29 @@ models: [{{model: {llama_zoo['ft1']}, parameters: {{weight: 1, density: 0.5}}}}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slow.yml"]
 
 
+def test_the_next_merge_removes_what_a_killed_merge_left(tmp_path, llama_zoo):
+    """SIGKILL gives no chance to clean up: the hidden partial directory of the dead process is
+    removed by the next merge into the same OUT_DIR; one of a live process is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    orphan = tmp_path / f".out.partial-{int(dead.stdout)}-deadbeef"
+    live = tmp_path / f".out.partial-{os.getpid()}-cafecafe"
+    for folder in (orphan, live):
+        folder.mkdir()
+        (folder / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    merge(tmp_path, f"""
+merge_method: task_arithmetic
+base_model: {llama_zoo['base']}
+models: [{{model: {llama_zoo['ft1']}, parameters: {{weight: 1}}}}]
+""")
+    assert not orphan.exists() and live.exists()
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della_linear", "breadcrumbs_ties"])
 def test_bf16_inputs_match_fp32_math(tmp_path, llama_zoo, method):
     """Low-precision inputs enter the task-vector math upcast exactly, whatever path loads them."""
