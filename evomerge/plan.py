@@ -115,9 +115,12 @@ class ModelCatalog:
     def __init__(self, search_dirs: Sequence[Path] = ()):
         self.search_dirs = [Path(d) for d in search_dirs]
         self._infos: dict[Path, ModelInfo] = {}
+        self._located: dict[str, Path] = {}  # a search plans the same references for every candidate
 
     def resolve(self, reference: str, where: str) -> ModelInfo:
-        path = self._locate(reference, where)
+        path = self._located.get(reference)
+        if path is None:
+            path = self._located[reference] = self._locate(reference, where)
         info = self._infos.get(path)
         if info is None:
             detect_architecture(read_config(path, where), where)  # fail on the config before the weights
