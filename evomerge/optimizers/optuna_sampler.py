@@ -148,7 +148,9 @@ def _make_sampler(name: str, options: dict[str, Any], *, seed: int, popsize: int
             return optuna.samplers.TPESampler(seed=seed, **options)
         if name == "nsga2":
             return optuna.samplers.NSGAIISampler(seed=seed, population_size=popsize, **options)
-        with warnings.catch_warnings():  # x0 and sigma0 are deprecated (not removed) in optuna 4.9+
+        # x0 and sigma0 are deprecated since optuna 4.9 with no replacement (optuna PR #6624; removal planned
+        # for 6.0): optuna 5 has no other public way to start CMA-ES at the space's x0 with its sigma0.
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=FutureWarning)
             return KnownSpaceCmaEs(space=space, x0=x0, sigma0=sigma0, popsize=popsize, seed=seed,
                                    n_startup_trials=0, **options)
