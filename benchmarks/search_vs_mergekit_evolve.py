@@ -5,7 +5,8 @@ of toy_ps.yaml (TIES) with a weight and a density per model per layer, fitness =
 of toy_add and toy_rev on the same seeded 100-item subset of each train split) for the same number
 of evaluations, with several seeds:
 
-  evomerge_ps         search_spaces/toy_ps.yaml, CMA-ES (the README demo)
+  evomerge_ps         search_spaces/toy_ps.yaml, CMA-ES (the README demo; its sigma0 and population
+                      are the space's own, see docs/search.md "CMA-ES settings of the toy spaces")
   evomerge_ps_dfs     search_spaces/toy_ps_dfs.yaml, half the budget per stage
   evomerge_random     toy_ps.yaml with `--optimizer random`
   mergekit_pipeline   mergekit-evolve's `serial` strategy rebuilt from mergekit's library calls
@@ -140,6 +141,7 @@ def evomerge_record(summary: dict[str, Any], search_seconds: float, run_dir: Pat
             "reason": summary.get("reason") or test.get("reason"),
             "test_score": test.get("score"), "test_ci95": test.get("ci95"),
             "search_score": final.get("train", {}).get("score"),
+            "select_score": (final.get("validation") or {}).get("score"),
             "evaluations": summary.get("evaluations", 0), "failed_evaluations": summary.get("failed", 0),
             "search_seconds": search_seconds, "run_dir": str(run_dir),
             "final_recipe": str(run_dir / "final.yaml") if final else None,
@@ -231,12 +233,14 @@ def run_one(system: str, seed: int, budget: int, run_dir: Path) -> dict[str, Any
     from mergekit_pipeline import quiet_env
 
     quiet_env()
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()
     if system == "mergekit_pipeline":
         record = run_pipeline(seed, budget, run_dir)
     else:
         record = run_evomerge(system, seed, budget, run_dir)
-    record.update(system=system, seed=seed, total_seconds=time.perf_counter() - started)
+    record.update(system=system, seed=seed, total_seconds=time.perf_counter() - started,
+                  load_average={"before": [round(v, 2) for v in load_before],
+                                "after": [round(v, 2) for v in os.getloadavg()]})
     for key in ("run_dir", "final_recipe"):
         if record.get(key):
             record[key] = os.path.relpath(record[key], ROOT)
@@ -304,6 +308,18 @@ def targets(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def per_seed_deltas(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Test score of each evomerge system minus the pipeline's on the same seed (same item subset)."""
+    peer = {r["seed"]: r.get("test_score") for r in runs if r["system"] == "mergekit_pipeline"}
+    deltas: dict[str, dict[str, float | None]] = {}
+    for run in runs:
+        if run["system"] in EVOMERGE_SYSTEMS and run["seed"] in peer:
+            ours, theirs = run.get("test_score"), peer[run["seed"]]
+            delta = ours - theirs if ours is not None and theirs is not None else None
+            deltas.setdefault(run["system"], {})[str(run["seed"])] = delta
+    return deltas
+
+
 def source_scores(runs: Sequence[dict[str, Any]]) -> dict[str, float | None]:
     """The base and the two experts on the test split (evomerge's report phase), for context."""
     for run in runs:
@@ -369,8 +385,9 @@ def benchmark(seeds: Sequence[int], budget: int, systems: Sequence[str], work: P
         "command": f".venv/bin/python benchmarks/search_vs_mergekit_evolve.py --seeds {' '.join(map(str, seeds))} "
                    f"--budget {budget}",
         "budget": {"evaluations_per_run": budget, "seeds": list(seeds),
-                   "note": "evomerge_ps_dfs: half per stage; mergekit_pipeline: cma.fmin2 maxfevals chosen to "
-                           "run the same generations as evomerge_ps, plus its final-mean evaluation"},
+                   "note": "evomerge_ps_dfs: half per stage; mergekit_pipeline: cma.fmin2 maxfevals chosen so that "
+                           "it runs the budget in whole generations of its own population (pycma's default), "
+                           "plus its final-mean evaluation"},
         "problem": {"space": "search_spaces/toy_ps.yaml", "search": "train, seeded 100-item subset per task",
                     "select": "evomerge: top 5 re-scored on the whole validation split; pipeline: best search "
                               "score (mergekit-evolve's best_config.yaml)",
@@ -378,6 +395,7 @@ def benchmark(seeds: Sequence[int], budget: int, systems: Sequence[str], work: P
         "source_models_test_score": source_scores(runs),
         "systems": per_system,
         "targets": targets(per_system),
+        "per_seed_delta_vs_pipeline": per_seed_deltas(runs),
         "mergekit_evolve": mergekit_evolve_status(),
         "wall_seconds": time.perf_counter() - started,
         "runs": runs,
@@ -398,6 +416,9 @@ def print_results(result: dict[str, Any]) -> None:
                 rows)
     for name, target in result["targets"].items():
         print(f"target {name}: {json.dumps(target)}")
+    for name, deltas in result["per_seed_delta_vs_pipeline"].items():
+        shown = ", ".join(f"seed {seed}: " + (f"{d:+.3f}" if d is not None else "-") for seed, d in deltas.items())
+        print(f"{name} - mergekit_pipeline, per seed: {shown}")
     print(f"mergekit-evolve itself: not run ({result['mergekit_evolve']['reason']})")
 
 
