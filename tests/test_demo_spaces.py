@@ -46,7 +46,8 @@ def demo_run(mini_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     data["tasks"] = [{**t, "limit": 30} for t in data["tasks"]]
     data["budget"] = {**data["budget"], "select_top_k": 2}
     (work / "space.yaml").write_text(yaml.safe_dump(data))
-    out = cli("search", str(work / "space.yaml"), "--run-dir", str(work / "run"), "--max-evals", "20")
+    two_generations = 2 * data["budget"]["popsize"]
+    out = cli("search", str(work / "space.yaml"), "--run-dir", str(work / "run"), "--max-evals", str(two_generations))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "test score" in out.stdout
     return work / "run"
@@ -59,7 +60,8 @@ def test_demo_summary_reports_final_beside_sources(demo_run: Path, mini_zoo: Pat
     low, high = test["ci95"]
     assert 0.0 <= low <= test["score"] <= high <= 1.0
     assert set(summary["sources"]) >= {str(mini_zoo / "add"), str(mini_zoo / "rev")}
-    assert summary["evaluations"] >= 20 and summary["failed"] == 0
+    space = yaml.safe_load((demo_run / "space.yaml").read_text())
+    assert summary["evaluations"] == 2 * space["budget"]["popsize"] and summary["failed"] == 0
     journal = [json.loads(line) for line in (demo_run / "journal.jsonl").read_text().splitlines()]
     assert {"eval_id", "generation", "genome", "recipe_sha", "seed", "metrics", "fitness", "status", "seconds",
             "worker"} <= set(journal[0])
