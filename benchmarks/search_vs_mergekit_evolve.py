@@ -433,6 +433,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # absolute paths: the pipeline's child process changes its working directory to its run folder
+    args.work, args.out = args.work.resolve(), args.out.resolve()
+    if args.run_dir is not None:
+        args.run_dir = args.run_dir.resolve()
     if args.one:
         record = run_one(args.one, args.seed, args.budget, args.run_dir)
         args.out.write_text(json.dumps(record, indent=2) + "\n")
