@@ -7,9 +7,9 @@ CPU, Triton on GPU) that reads the base, the resident task vectors and the per-c
 and writes the resident model's parameter directly: one read of each input, one write.
 
 What a candidate changes is only scalars (weights, thresholds, keep probabilities), so:
-- a TIES top-k at density d is `|delta| >= v` with `v` looked up in the cached sorted magnitudes
-  (when equal magnitudes straddle `v` the job falls back to the eager method, which breaks ties
-  by index);
+- a TIES top-k at density d is `|delta| >= v` with `v` looked up in the cached sorted magnitudes;
+  where equal magnitudes straddle the cut, the kernel keeps only `|delta| > v` and the kept tied
+  entries (known from the cached stable sort order) are recomputed and written afterwards;
 - DARE/DELLA compare cached uniform draws with the keep probability. The draws are the same ones
   the eager methods take from each tensor's generator (`sparsify.uniform_like`), kept in a
   bounded `DrawStore`: a search uses one mask seed per run, so they are drawn once.
@@ -62,14 +62,13 @@ def kernel_mode(requested: str | None = None) -> KernelMode:
 
 
 def _kernel(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], draws: list[torch.Tensor],
-            ranks: list[torch.Tensor], cuts: list[torch.Tensor], tied_from: list[torch.Tensor],
-            slopes: list[torch.Tensor],
+            ranks: list[torch.Tensor], cuts: list[torch.Tensor], slopes: list[torch.Tensor],
             factors: list[torch.Tensor], weights: list[torch.Tensor], lam: torch.Tensor | None,
             divide_by: torch.Tensor | None, sparsifier: str, consensus: str | None, normalize: bool,
             rescale: bool, input_dtype: torch.dtype | None) -> None:
     """`methods.task_arithmetic.generalized_task_arithmetic` with the same operations in the same
     order, on per-input scalars prepared by `FusedTaskVectors` (0-dim fp32 tensors). Kept entries:
-    magnitude |d| > cut, or |d| == cut at a flat index >= tied_from (ties go to higher indices);
+    magnitude |d| >= cut (or none: `deltas` are already masked);
     bernoulli u < cut; della u < q = cut + slope * rank (then divided by q when `rescale`).
     `factors` multiply the kept entries (the weight, or weight / density)."""
     weighted = []
@@ -77,9 +76,7 @@ def _kernel(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], d
         if sparsifier == "none":
             weighted.append(delta * factors[i])
         elif sparsifier == "magnitude":
-            magnitude = delta.abs()
-            index = torch.arange(delta.numel(), device=delta.device).view(delta.shape)
-            keep = ((magnitude > cuts[i]) | ((magnitude == cuts[i]) & (index >= tied_from[i]))).to(torch.float32)
+            keep = (delta.abs() >= cuts[i]).to(torch.float32)
             weighted.append(delta * (keep * factors[i]))
         elif sparsifier == "bernoulli":
             keep = (draws[i] - cuts[i]).floor().neg()
@@ -151,9 +148,9 @@ class _Scalars:
     """Per-input kernel arguments for one job (see `_kernel`)."""
 
     cuts: list[float]
-    tied_from: list[int]
     slopes: list[float]
     factors: list[float]
+    tied: list[torch.Tensor | None]  # flat indices of kept entries equal to a magnitude cut
 
 
 class FusedTaskVectors:
@@ -212,13 +209,12 @@ class FusedTaskVectors:
         def scalars_of(values: Sequence[float], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
             return [torch.tensor(v, dtype=dtype, device=device) for v in values]
 
+        rest = (scalars_of(scalars.factors), scalars_of(weights), scalars_of([lam])[0] if lam != 1.0 else None,
+                scalars_of([divide_by])[0] if divide_by is not None else None)
+        flags = (consensus, normalize, bool(job.params.get("rescale", False)), plan.input_dtype)
         try:
             self._kernel()(target, base, deltas, draws, ranks, scalars_of(scalars.cuts),
-                           scalars_of(scalars.tied_from, torch.int64), scalars_of(scalars.slopes),
-                           scalars_of(scalars.factors), scalars_of(weights),
-                           scalars_of([lam])[0] if lam != 1.0 else None,
-                           scalars_of([divide_by])[0] if divide_by is not None else None, sparsifier,
-                           consensus, normalize, bool(job.params.get("rescale", False)), plan.input_dtype)
+                           scalars_of(scalars.slopes), *rest, sparsifier, *flags)
         except Exception as exc:  # compilation fails before anything is written
             if self.fused_jobs:
                 raise
@@ -226,6 +222,19 @@ class FusedTaskVectors:
             self.disabled = True
             self.eager_jobs += 1
             return False
+        if any(t is not None for t in scalars.tied):
+            # The kept entries tied at a cut, recomputed by the same function (eager) and written over.
+            at = torch.unique(torch.cat([t for t in scalars.tied if t is not None])).to(device)
+            masked = []
+            for delta, cut, tied in zip(deltas, scalars.cuts, scalars.tied, strict=True):
+                picked = delta.reshape(-1)[at]
+                keep = picked.abs() >= cut
+                if tied is not None:
+                    keep |= torch.isin(at, tied.to(device))
+                masked.append(picked * keep.to(torch.float32))
+            patch = torch.empty(at.numel(), dtype=target.dtype, device=device)
+            _kernel(patch, base.reshape(-1)[at], masked, [], [], [], [], *rest, "none", *flags)
+            target.view(-1)[at] = patch
         self.fused_jobs += 1
         return True
 
@@ -242,7 +251,7 @@ def _scalars(job: TensorJob, caches: Sequence[DeltaCache] | None, sparsifier: st
     for cache, p in zip(caches, job.input_params, strict=True):
         weight = float(p["weight"])
         density = float(p.get("density", 1.0))
-        cut, tied_from, slope, factor = keep_all, 0, 0.0, weight
+        cut, tied, slope, factor = keep_all, None, 0.0, weight
         if sparsifier == "none" or density >= 1:
             pass  # every sparsifier keeps everything at density 1, without rescaling
         elif density <= 0:
@@ -250,7 +259,7 @@ def _scalars(job: TensorJob, caches: Sequence[DeltaCache] | None, sparsifier: st
         elif sparsifier == "magnitude":
             if cache.sorted_abs is None or cache.sorted_order is None:
                 return None
-            cut, tied_from = _topk_cut(cache.sorted_abs, cache.sorted_order, density)
+            cut, tied = _topk_cut(cache.sorted_abs, cache.sorted_order, density)
         elif sparsifier == "bernoulli":
             cut = density
             factor = weight / density if rescale else weight
@@ -262,20 +271,28 @@ def _scalars(job: TensorJob, caches: Sequence[DeltaCache] | None, sparsifier: st
                 return None  # eager uses a constant probability tensor here
             cut, slope = density - eps, 2 * eps / (row - 1)
         scalars.cuts.append(cut)
-        scalars.tied_from.append(tied_from)
+        scalars.tied.append(tied)
         scalars.slopes.append(slope)
         scalars.factors.append(factor)
     return scalars
 
 
-def _topk_cut(sorted_abs: torch.Tensor, sorted_order: torch.Tensor, density: float) -> tuple[float, int]:
-    """(v, j): the `max(1, int(density * n))` largest |delta| by stable rank are those with
-    |delta| > v, plus those equal to v at a flat index >= j (a stable sort orders ties by index)."""
+def _topk_cut(sorted_abs: torch.Tensor, sorted_order: torch.Tensor,
+              density: float) -> tuple[float, torch.Tensor | None]:
+    """(c, tied): the `max(1, int(density * n))` largest |delta| by stable rank are those with
+    |delta| >= c, plus the entries at the flat indices `tied` (None when no equal magnitudes
+    straddle the cut). A stable sort orders ties by index, so the kept tied entries are the sorted
+    positions from n - k to the last one equal to the cut value v; then c is just above v."""
     n = sorted_abs.numel()
     k = max(1, int(density * n))
     if k >= n:
-        return float("-inf"), 0
-    return float(sorted_abs[n - k]), int(sorted_order[n - k])
+        return float("-inf"), None
+    value = sorted_abs[n - k]
+    if float(value) == 0.0 or float(sorted_abs[n - k - 1]) != float(value):
+        return float(value), None  # no tie, or tied zeros (a zero entry changes nothing when kept)
+    last = int(torch.searchsorted(sorted_abs, value, right=True))
+    above = torch.nextafter(value, torch.tensor(float("inf"), dtype=value.dtype))
+    return float(above), sorted_order[n - k: last].to(torch.int64)
 
 
 def fused_available(mode: KernelMode, parameters: int) -> bool:
