@@ -72,13 +72,7 @@ class Objectives:
             from evomerge.search import parse_recipe_text
 
             plan = plan_merge(parse_recipe_text(record["recipe"]), self.catalog)
-            size = 0
-            for job in plan.jobs:
-                count = 1
-                for dim in job.shape:
-                    count *= dim
-                size += count
-            self._measures[key] = {"size": float(size), "path_length": float(len(plan.layer_sources))}
+            self._measures[key] = {"size": float(plan.parameters), "path_length": float(len(plan.layer_sources))}
         return self._measures[key]
 
     def document(self, records: Iterable[dict[str, Any]]) -> dict[str, Any]:

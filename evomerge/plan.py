@@ -8,6 +8,7 @@ sink and the in-memory sink of the search workers share this planner and the met
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,14 +100,13 @@ class MergePlan:
         return [make_generator(self.seed, i, job.name, device) for i in range(len(job.inputs))]
 
     @property
+    def parameters(self) -> int:
+        """Elements in all output tensors (the merged model's parameter count)."""
+        return sum(math.prod(job.shape) for job in self.jobs)
+
+    @property
     def total_bytes(self) -> int:
-        size = 0
-        for job in self.jobs:
-            count = 1
-            for dim in job.shape:
-                count *= dim
-            size += count * torch.empty((), dtype=job.out_dtype).element_size()
-        return size
+        return sum(math.prod(job.shape) * torch.empty((), dtype=job.out_dtype).element_size() for job in self.jobs)
 
 
 class ModelCatalog:

@@ -166,7 +166,7 @@ class Materializer:
             model.generation_config = generation_config
         source = ResidentSource(plan, residents)
         fields = plan.method.extra.get("delta_cache")
-        fused = fields is not None and self.fused.covers(plan) and fused_available(self.kernels, _parameters(plan))
+        fused = fields is not None and self.fused.covers(plan) and fused_available(self.kernels, plan.parameters)
         if fused and "sorted_abs" in fields:
             fields = (*fields, "sorted_order")  # the kernel's top-k cut needs the index order of ties
         caches = (lambda job: self.deltas.caches(plan, job, source, fields)) if fields is not None else None
@@ -210,12 +210,3 @@ class Materializer:
             self._generation_configs[path] = config
         return self._generation_configs[path]
 
-
-def _parameters(plan: MergePlan) -> int:
-    total = 0
-    for job in plan.jobs:
-        count = 1
-        for dim in job.shape:
-            count *= dim
-        total += count
-    return total
