@@ -9,6 +9,8 @@ of evaluations, with several seeds:
                       are the space's own, see docs/search.md "CMA-ES settings of the toy spaces")
   evomerge_ps_dfs     search_spaces/toy_ps_dfs.yaml, half the budget per stage
   evomerge_random     toy_ps.yaml with `--optimizer random`
+  evomerge_ps_top1    toy_ps.yaml with `select_top_k: 1`: the best search score is the choice, as in
+                      the pipeline (no re-scoring of a top-k on the validation split)
   mergekit_pipeline   mergekit-evolve's `serial` strategy rebuilt from mergekit's library calls
                       (benchmarks/mergekit_pipeline.py): ModelGenome, run_merge to a temporary
                       directory, lm-eval simple_evaluate on it, cma.fmin2 with its defaults
@@ -50,8 +52,8 @@ from bench_util import RESULTS, WORK, machine, print_table  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 PS_SPACE = ROOT / "search_spaces" / "toy_ps.yaml"
 PS_DFS_SPACE = ROOT / "search_spaces" / "toy_ps_dfs.yaml"
-SYSTEMS = ("evomerge_ps", "mergekit_pipeline", "evomerge_ps_dfs", "evomerge_random")
-EVOMERGE_SYSTEMS = ("evomerge_ps", "evomerge_ps_dfs", "evomerge_random")
+SYSTEMS = ("evomerge_ps", "mergekit_pipeline", "evomerge_ps_dfs", "evomerge_random", "evomerge_ps_top1")
+EVOMERGE_SYSTEMS = ("evomerge_ps", "evomerge_ps_dfs", "evomerge_random", "evomerge_ps_top1")
 RESULT_FILE = RESULTS / "search_vs_mergekit_evolve.json"
 RUN_TIMEOUT_S = 1800
 CPU_BLOCKERS = [
@@ -95,6 +97,8 @@ def evomerge_config(system: str, seed: int, budget: int) -> tuple[Any, Path]:
     config = load_space_config(space_path)
     per_stage = budget // 2 if system == "evomerge_ps_dfs" else budget
     update: dict[str, Any] = {"seed": seed, "budget": config.budget.model_copy(update={"max_evals": per_stage})}
+    if system == "evomerge_ps_top1":  # no validation re-scoring: the best search score is chosen, like the pipeline
+        update["budget"] = update["budget"].model_copy(update={"select_top_k": 1})
     if system == "evomerge_random":
         update["optimizer"] = parse_space({**config.model_dump(mode="json"), "optimizer": "random"},
                                           source="--optimizer").optimizer
