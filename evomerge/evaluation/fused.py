@@ -62,15 +62,16 @@ def kernel_mode(requested: str | None = None) -> KernelMode:
 
 
 def _kernel(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], draws: list[torch.Tensor],
-            ranks: list[torch.Tensor], cuts: list[torch.Tensor], slopes: list[torch.Tensor],
-            factors: list[torch.Tensor], weights: list[torch.Tensor], lam: torch.Tensor | None,
-            divide_by: torch.Tensor | None, sparsifier: str, consensus: str | None, normalize: bool,
-            rescale: bool, input_dtype: torch.dtype | None) -> None:
+            ranks: list[torch.Tensor], scalars: torch.Tensor, sparsifier: str, consensus: str | None,
+            normalize: bool, rescale: bool, scaled: bool, divided: bool, input_dtype: torch.dtype | None) -> None:
     """`methods.task_arithmetic.generalized_task_arithmetic` with the same operations in the same
-    order, on per-input scalars prepared by `FusedTaskVectors` (0-dim fp32 tensors). Kept entries:
+    order. `scalars` (fp32, packed by `FusedTaskVectors.write`) holds per input a cut, a slope, a factor and
+    a weight, then lambda (used when `scaled`) and the divisor (when `divided`). Kept entries:
     magnitude |d| >= cut (or none: `deltas` are already masked);
     bernoulli u < cut; della u < q = cut + slope * rank (then divided by q when `rescale`).
-    `factors` multiply the kept entries (the weight, or weight / density)."""
+    Factors multiply the kept entries (the weight, or weight / density)."""
+    n = len(deltas)
+    cuts, slopes, factors, weights = (scalars[k * n: (k + 1) * n] for k in range(4))
     weighted = []
     for i, delta in enumerate(deltas):
         if sparsifier == "none":
@@ -109,10 +110,10 @@ def _kernel(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], d
         mixed = weighted[0]
         for w_delta in weighted[1:]:
             mixed = mixed + w_delta
-        if divide_by is not None:
-            mixed = mixed / divide_by
-    if lam is not None:
-        mixed = mixed * lam
+        if divided:
+            mixed = mixed / scalars[4 * n + 1]
+    if scaled:
+        mixed = mixed * scalars[4 * n]
     base_fp32 = (base.to(input_dtype) if input_dtype is not None else base).to(torch.float32)
     out.copy_(mixed + base_fp32)
 
@@ -206,15 +207,12 @@ class FusedTaskVectors:
             divide_by = 1.0 if abs(total) < 1e-8 else total
         lam = float(job.params.get("lambda", 1.0))
 
-        def scalars_of(values: Sequence[float], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-            return [torch.tensor(v, dtype=dtype, device=device) for v in values]
-
-        rest = (scalars_of(scalars.factors), scalars_of(weights), scalars_of([lam])[0] if lam != 1.0 else None,
-                scalars_of([divide_by])[0] if divide_by is not None else None)
-        flags = (consensus, normalize, bool(job.params.get("rescale", False)), plan.input_dtype)
+        packed = torch.tensor([*scalars.cuts, *scalars.slopes, *scalars.factors, *weights, lam,
+                               1.0 if divide_by is None else divide_by], dtype=torch.float32, device=device)
+        flags = (consensus, normalize, bool(job.params.get("rescale", False)), lam != 1.0, divide_by is not None,
+                 plan.input_dtype)
         try:
-            self._kernel()(target, base, deltas, draws, ranks, scalars_of(scalars.cuts),
-                           scalars_of(scalars.slopes), *rest, sparsifier, *flags)
+            self._kernel()(target, base, deltas, draws, ranks, packed, sparsifier, *flags)
         except Exception as exc:  # compilation fails before anything is written
             if self.fused_jobs:
                 raise
@@ -233,7 +231,7 @@ class FusedTaskVectors:
                     keep |= torch.isin(at, tied.to(device))
                 masked.append(picked * keep.to(torch.float32))
             patch = torch.empty(at.numel(), dtype=target.dtype, device=device)
-            _kernel(patch, base.reshape(-1)[at], masked, [], [], [], [], *rest, "none", *flags)
+            _kernel(patch, base.reshape(-1)[at], masked, [], [], packed, "none", *flags)
             target.view(-1)[at] = patch
         self.fused_jobs += 1
         return True
