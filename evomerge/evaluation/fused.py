@@ -14,7 +14,8 @@ What a candidate changes is only scalars (weights, thresholds, keep probabilitie
   the eager methods take from each tensor's generator (`sparsify.uniform_like`), kept in a
   bounded `DrawStore`: a search uses one mask seed per run, so they are drawn once.
 
-Results equal the eager methods bit for bit (tested); anything the kernel does not cover (L1
+Results equal the eager methods' (tested with `torch.equal` against `evomerge merge`: identical
+values; only the sign of an exact zero is not compared); anything the kernel does not cover (L1
 rescaling, Breadcrumbs, density 0, data-aware context) runs the eager method. Compilation costs
 about 20 s the first time on a machine and about 5 s per process after that (Inductor's cache),
 so `auto` uses the kernels only for models large enough to repay it.

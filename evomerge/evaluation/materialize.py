@@ -12,7 +12,7 @@ resident task vectors and their sort data (`DeltaStore`), so a TIES top-k at any
 threshold lookup. The resulting weights are bit-identical to the file merge.
 
 For large models the task-vector methods run as one compiled kernel per tensor that writes the
-resident parameter directly (fused.py; `kernels="auto"|"compiled"|"eager"`), with the same bits.
+resident parameter directly (fused.py; `kernels="auto"|"compiled"|"eager"`), with the same values.
 
 Layer-stacking (DFS) recipes that are folded layer paths are not copied at all: see stacked.py.
 """
