@@ -209,4 +209,3 @@ class Materializer:
                 config = GenerationConfig.from_pretrained(path)
             self._generation_configs[path] = config
         return self._generation_configs[path]
-
