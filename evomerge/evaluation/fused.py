@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 
 from evomerge.methods.base import DeltaCache
-from evomerge.methods.sparsify import uniform_like
+from evomerge.methods.sparsify import della_ramp, topk_count, uniform_like
 from evomerge.plan import MergePlan, TensorJob
 
 log = logging.getLogger(__name__)
@@ -263,12 +263,10 @@ def _scalars(job: TensorJob, caches: Sequence[DeltaCache] | None, sparsifier: st
             cut = density
             factor = weight / density if rescale else weight
         else:
-            n = cache.delta.numel()
-            row = n if cache.delta.dim() <= 1 else n // cache.delta.shape[0]
-            eps = max(0.0, min(float(p.get("epsilon", 0.15)), density, 1.0 - density))
-            if row <= 1 or eps == 0 or cache.row_ranks is None:
+            ramp = della_ramp(cache.delta, density, float(p.get("epsilon", 0.15)))
+            if ramp is None or cache.row_ranks is None:
                 return None  # eager uses a constant probability tensor here
-            cut, slope = density - eps, 2 * eps / (row - 1)
+            cut, slope = ramp
         scalars.cuts.append(cut)
         scalars.tied.append(tied)
         scalars.slopes.append(slope)
@@ -278,12 +276,12 @@ def _scalars(job: TensorJob, caches: Sequence[DeltaCache] | None, sparsifier: st
 
 def _topk_cut(sorted_abs: torch.Tensor, sorted_order: torch.Tensor,
               density: float) -> tuple[float, torch.Tensor | None]:
-    """(c, tied): the `max(1, int(density * n))` largest |delta| by stable rank are those with
+    """(c, tied): the `topk_count(density, n)` largest |delta| by stable rank are those with
     |delta| >= c, plus the entries at the flat indices `tied` (None when no equal magnitudes
     straddle the cut). A stable sort orders ties by index, so the kept tied entries are the sorted
     positions from n - k to the last one equal to the cut value v; then c is just above v."""
     n = sorted_abs.numel()
-    k = max(1, int(density * n))
+    k = topk_count(density, n)
     if k >= n:
         return float("-inf"), None
     value = sorted_abs[n - k]

@@ -156,9 +156,14 @@ def magnitude_topk(delta: torch.Tensor, density: float, *, sorted_abs: torch.Ten
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    k = max(1, int(density * n))
+    k = topk_count(density, n)
     mask = rank_band_mask(delta.abs().reshape(-1), n - k, n, sorted_abs).reshape(delta.shape)
     return _masked(delta, mask, rescale, inplace, scale)
+
+
+def topk_count(density: float, n: int) -> int:
+    """How many of `n` entries a magnitude top-k at `density` (0 < density < 1) keeps."""
+    return max(1, int(density * n))
 
 
 def magnitude_band(delta: torch.Tensor, density: float, gamma: float, *,
@@ -246,19 +251,29 @@ def apply_keep_mask(delta: torch.Tensor, keep: torch.Tensor, probs: torch.Tensor
     return delta.mul_(factors) if inplace else delta * factors
 
 
+def della_ramp(delta: torch.Tensor, density: float, epsilon: float) -> tuple[float, float] | None:
+    """(start, slope) of the keep probability `start + slope * rank` within a row, with epsilon
+    clipped to `[0, min(density, 1 - density)]`; None when it is the constant `density` (rows of
+    one entry, or epsilon 0)."""
+    eps = max(0.0, min(epsilon, density, 1.0 - density))
+    n = _as_rows(delta).shape[1]
+    if n <= 1 or eps == 0:
+        return None
+    return density - eps, 2 * eps / (n - 1)
+
+
 def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float,
                              row_ranks: torch.Tensor | None = None) -> torch.Tensor:
     """MagPrune keep probabilities per row: linear in the |delta| rank from `density - eps`
     (smallest) to `density + eps` (largest); mean exactly `density`. Epsilon is clipped to
     `[0, min(density, 1 - density)]` so probabilities stay in [0, 1]."""
-    eps = max(0.0, min(epsilon, density, 1.0 - density))
-    rows = _as_rows(delta)
-    n = rows.shape[1]
-    if n <= 1 or eps == 0:
+    ramp = della_ramp(delta, density, epsilon)
+    if ramp is None:
         return torch.full_like(delta, density)
+    start, slope = ramp
     ranks = row_ranks if row_ranks is not None else stable_row_ranks(delta.abs())
     ranks = _as_rows(ranks).to(delta.dtype)
-    probs = (density - eps) + (2 * eps / (n - 1)) * ranks
+    probs = start + slope * ranks
     return probs.reshape(delta.shape)
 
 
