@@ -134,6 +134,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from evomerge.evaluation.materialize import Materializer
+    from evomerge.methods.registry import REGISTRY
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
@@ -157,7 +158,7 @@ def main() -> None:
                 times.append(time.perf_counter() - started)
             materialize = statistics.median(times)
             new_seed = None
-            if method != "ties":  # a seed never drawn before (draws are shared by methods, per seed)
+            if REGISTRY[method].random:  # a seed never drawn before (draws are shared by methods, per seed)
                 started = time.perf_counter()
                 materializer.apply(recipe(method, paths, 1), seed=1000 + len(figures["methods"]))
                 new_seed = time.perf_counter() - started
