@@ -8,6 +8,7 @@ sink and the in-memory sink of the search workers share this planner and the met
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -166,8 +167,82 @@ class _Slice:
 
 def plan_merge(recipe: Recipe, catalog: ModelCatalog, *, seed: int | None = None) -> MergePlan:
     """Validate `recipe` against the models and build every tensor job; reads no tensor data."""
+    return _plan(recipe, catalog, seed)[0]
+
+
+class PlanCache:
+    """`plan_merge` for a stream of recipes that differ only in parameter values, as a search sends:
+    the jobs (names, sources, shapes, dtypes) and the output config are planned once per recipe
+    structure, and each recipe then only resolves its parameters per job. Every recipe is still
+    validated in full, and the plan equals `plan_merge`'s (tested)."""
+
+    MAX_ENTRIES = 8
+
+    def __init__(self, catalog: ModelCatalog):
+        self.catalog = catalog
+        self._templates: dict[tuple[Any, ...], tuple[MergePlan, list[_JobOrigin]]] = {}
+
+    def plan(self, recipe: Recipe, seed: int | None = None) -> MergePlan:
+        key = _structure(recipe)
+        template = self._templates.get(key)
+        if template is None:
+            plan, origins = _plan(recipe, self.catalog, seed)
+            if len(self._templates) >= self.MAX_ENTRIES:
+                self._templates.pop(next(iter(self._templates)))
+            self._templates[key] = (plan, origins)
+            return plan
+        plan, origins = template
+        method = validate_recipe(recipe)
+        planner = _Planner(recipe, method, self.catalog)
+        slices = [_Slice([_Source(path, -1, 0, parameters) for path, parameters in sources], None, slice_parameters, 0)
+                  for sources, slice_parameters in _parameter_scopes(recipe)]
+        jobs = []
+        for job, origin in zip(plan.jobs, origins, strict=True):
+            s = slices[origin.slice]
+            input_params = [planner._model_params(s.sources[k], s, ref.name, origin.t)
+                            for k, ref in zip(origin.sources, job.inputs, strict=True)]
+            params = planner._global_params(s, job.name, origin.t)
+            planner._check_resolved(job.name, input_params, params)
+            jobs.append(dataclasses.replace(job, input_params=tuple(input_params), params=params))
+        seed = _seed(recipe, seed)
+        return dataclasses.replace(plan, recipe=recipe.with_seed(seed) if method.random else recipe,
+                                   jobs=tuple(jobs), seed=seed)
+
+
+@dataclass(frozen=True)
+class _JobOrigin:
+    """Where a job's parameters come from: its slice, the slice sources of its inputs, and t."""
+
+    slice: int
+    sources: tuple[int, ...]
+    t: float
+
+
+def _structure(recipe: Recipe) -> tuple[Any, ...]:
+    """Everything of a recipe that decides its jobs and output config: all but parameter values."""
+    models = tuple(m.model for m in recipe.models) if recipe.models is not None else None
+    slices = None if recipe.slices is None else tuple(
+        (s.base_model, tuple((src.model, tuple(src.layer_range)) for src in s.sources)) for s in recipe.slices)
+    return (recipe.merge_method, recipe.base_model, models, slices, recipe.dtype, recipe.out_dtype,
+            recipe.tokenizer_source)
+
+
+def _parameter_scopes(recipe: Recipe) -> list[tuple[list[tuple[str, Parameters | None]], Parameters | None]]:
+    """Per slice as `_Planner.normalize` numbers them: (field path, parameters) of each source, and
+    the slice's own parameters."""
+    if recipe.models is not None:
+        return [([(f"models[{i}]", m.parameters) for i, m in enumerate(recipe.models)], None)]
+    return [([(f"slices[{i}].sources[{j}]", src.parameters) for j, src in enumerate(s.sources)], s.parameters)
+            for i, s in enumerate(recipe.slices or [])]
+
+
+def _seed(recipe: Recipe, seed: int | None) -> int:
+    return seed if seed is not None else (recipe.seed if recipe.seed is not None else 0)
+
+
+def _plan(recipe: Recipe, catalog: ModelCatalog, seed: int | None) -> tuple[MergePlan, list[_JobOrigin]]:
     method = validate_recipe(recipe)
-    seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else 0)
+    seed = _seed(recipe, seed)
     planner = _Planner(recipe, method, catalog)
     slices = planner.normalize()
     jobs = planner.jobs(slices)
@@ -182,10 +257,11 @@ def plan_merge(recipe: Recipe, catalog: ModelCatalog, *, seed: int | None = None
     config = output_config(models[donor].config, models[donor].arch,
                            [(models[m].config, layer) for m, layer in layer_sources],
                            dtype_name=dtype_name(out_dtype), has_lm_head=has_lm_head)
-    return MergePlan(recipe=recipe.with_seed(seed) if method.random else recipe, method=method, models=models,
+    plan = MergePlan(recipe=recipe.with_seed(seed) if method.random else recipe, method=method, models=models,
                      jobs=tuple(jobs), seed=seed,
                      input_dtype=parse_dtype(recipe.dtype, "dtype") if recipe.dtype else None,
                      out_config=config, donor=donor, tokenizer_model=tokenizer_model, layer_sources=layer_sources)
+    return plan, planner.origins
 
 
 class _Planner:
@@ -196,6 +272,8 @@ class _Planner:
         self.models: list[ModelInfo] = []
         self._index: dict[Path, int] = {}
         self.layer_sources: list[tuple[int, int]] = []
+        self.origins: list[_JobOrigin] = []  # per job, in order (what PlanCache re-resolves)
+        self._slice_index: dict[int, int] = {}
         self.out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype, "out_dtype") if (
             recipe.out_dtype or recipe.dtype) else None
 
@@ -259,6 +337,7 @@ class _Planner:
     # slices -> jobs -------------------------------------------------------------------------------
 
     def jobs(self, slices: list[_Slice]) -> list[TensorJob]:
+        self._slice_index = {id(s): i for i, s in enumerate(slices)}
         out: list[TensorJob] = []
         first, last = slices[0], slices[-1]
         out += self._edge_jobs(first, "pre")
@@ -328,8 +407,8 @@ class _Planner:
              layer: int | None) -> TensorJob:
         """`refs` is aligned with `s.sources`; the first source that is the base model is the base."""
         base_ref: TensorRef | None = None
-        inputs, input_params = [], []
-        for src, ref in zip(s.sources, refs, strict=False):
+        inputs, input_params, origin = [], [], []
+        for k, (src, ref) in enumerate(zip(s.sources, refs, strict=False)):
             if s.base is not None and src.model == s.base and base_ref is None:
                 base_ref = ref
                 if ref is None:
@@ -340,6 +419,8 @@ class _Planner:
                 raise EvomergeError(f"{src.path}: {self.models[src.model].reference!r} has no tensor {name!r}")
             inputs.append(ref)
             input_params.append(self._model_params(src, s, ref.name, t))
+            origin.append(k)
+        self.origins.append(_JobOrigin(self._slice_index[id(s)], tuple(origin), t))
         shape = self._common_shape(name, base_ref, inputs, s)
         params = self._global_params(s, name, t)
         self._check_resolved(name, input_params, params)
@@ -407,4 +488,4 @@ def _resolve(name: str, scopes: Sequence[Parameters | None], tensor_name: str, t
     return None
 
 
-__all__ = ["MergePlan", "ModelCatalog", "ModelInfo", "TensorJob", "TensorRef", "plan_merge"]
+__all__ = ["MergePlan", "ModelCatalog", "ModelInfo", "PlanCache", "TensorJob", "TensorRef", "plan_merge"]

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 from test_materialize import SEED, assert_same_state, file_merge, ps_recipes
 
-from evomerge.evaluation.fused import DrawStore, _topk_cut, kernel_mode
+from evomerge.evaluation.fused import DrawStore, _kernel, _topk_cut, kernel_mode
 from evomerge.evaluation.materialize import Materializer
 from evomerge.methods.base import make_generator
-from evomerge.methods.sparsify import magnitude_topk, uniform_like
+from evomerge.methods.sparsify import magnitude_topk, stable_row_ranks, topk_count, uniform_like
 
 
 def assert_fused_equals_file_merge(zoo: Path, tmp_path: Path, labels: list[str], extra: dict | None = None) -> None:
@@ -71,6 +71,21 @@ def test_the_topk_cut_keeps_what_the_eager_top_k_keeps_with_many_ties(density: f
     nonzero = delta != 0  # zero entries are "kept" or not without changing the merge
     assert torch.equal(kept & nonzero, expected)
     assert int(kept.sum()) == max(1, int(density * delta.numel()))
+
+
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.5, 0.77, 1.0])
+def test_the_rank_cut_of_the_flat_path_keeps_what_the_eager_top_k_keeps_with_many_ties(density: float) -> None:
+    """flat.py keeps an entry when its stable rank is at least n - k: exact with equal magnitudes."""
+    delta = torch.randint(-4, 5, (37, 29)).float() / 8
+    n = delta.numel()
+    ranks = stable_row_ranks(delta.abs().reshape(-1)).to(torch.float32)
+    cut = -1.0 if density >= 1 else float(n - topk_count(density, n) - 1)
+    scalars = torch.tensor([cut, 0.0, 0.7, 0.7, 1.0, 1.0])  # one input: cut, slope, factor, weight, lambda, divisor
+    out = torch.empty(n)
+    _kernel(out, torch.zeros(n), [delta.reshape(-1)], [], [ranks], scalars, "rank", None, False, False, False, False,
+            None)
+    expected = magnitude_topk(delta.clone(), density, scale=0.7) if density < 1 else delta * 0.7
+    assert torch.equal(out, expected.reshape(-1))
 
 
 def test_the_draw_store_returns_the_generator_draws_and_stays_within_its_budget() -> None:

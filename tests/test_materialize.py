@@ -91,9 +91,13 @@ def assert_same_state(model: torch.nn.Module, written: dict[str, torch.Tensor], 
 def test_every_parameter_space_method_equals_the_file_merge_bit_for_bit(mini_zoo: Path, tmp_path: Path) -> None:
     materializer = Materializer([mini_zoo / n for n in ("base", "add", "rev", "shift")])
     snapshot = {(p, n): t.clone() for p, m in materializer._residents.items() for n, t in m.tensors.items()}
+    flat_methods = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear"}
     for label, recipe in ps_recipes(mini_zoo).items():
+        before = materializer.flat.candidates
         candidate = materializer.apply(recipe, seed=SEED)
         assert candidate.mode == "in_place", label
+        # below the compile threshold the task-vector methods run as one flat pass (flat.py)
+        assert (materializer.flat.candidates > before) == (label.split("@")[0] in flat_methods), label
         written = load_file(str(file_merge(recipe, tmp_path / label.replace("@", "-"), seed=SEED)
                                 / "model.safetensors"))
         assert_same_state(candidate.model, written, label)

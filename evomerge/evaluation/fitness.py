@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from evomerge.allocator import keep_freed_memory
 from evomerge.errors import EvomergeError
 from evomerge.evaluation.candidate import Candidate, EvalResult
 from evomerge.evaluation.materialize import Materialized, Materializer
@@ -113,6 +114,7 @@ class FitnessWorker:
 
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
+        keep_freed_memory()  # candidates reallocate the same buffers: reuse them, no page faults
         os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-call progress bars flood actor logs
         quiet_offline_env()
         self.tasks = [TaskWeight.model_validate(dict(t)) for t in tasks]

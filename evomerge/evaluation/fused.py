@@ -69,8 +69,9 @@ def _kernel(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], d
     order, except that an entry below a magnitude cut is a `where` to 0 instead of a product with
     a 0/1 factor (same values; the sign of a zero may differ; about 7% faster). `scalars` (fp32, packed by
     `FusedTaskVectors.write`) holds per input a cut, a slope, a factor and a weight, then lambda
-    (used when `scaled`) and the divisor (when `divided`). Kept entries: magnitude |d| >= cut (or
-    none: `deltas` are already masked); bernoulli u < cut; della u < q = cut + slope * rank (then
+    (used when `scaled`) and the divisor (when `divided`); each may also be one value per entry
+    (flat.py). Kept entries: magnitude |d| >= cut (or none: `deltas` are already masked); rank: stable
+    magnitude rank > cut (`ranks` as fp32); bernoulli u < cut; della u < q = cut + slope * rank (then
     divided by q when `rescale`). Factors multiply the kept entries (the weight, or weight / density)."""
     n = len(deltas)
     cuts, slopes, factors, weights = (scalars[k * n: (k + 1) * n] for k in range(4))
@@ -80,6 +81,9 @@ def _kernel(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], d
             weighted.append(delta * factors[i])
         elif sparsifier == "magnitude":
             weighted.append(torch.where(delta.abs() >= cuts[i], delta * factors[i], 0.0))
+        elif sparsifier == "rank":  # ranks and cuts are integers in fp32: the clamp is a 0/1 factor
+            keep = (ranks[i] - cuts[i]).clamp(0.0, 1.0)
+            weighted.append(delta * (keep * factors[i]))
         elif sparsifier == "bernoulli":
             keep = (draws[i] - cuts[i]).floor().neg()
             weighted.append(delta * (keep * factors[i]))
@@ -243,9 +247,9 @@ def _scalars(job: TensorJob, caches: Sequence[DeltaCache] | None, sparsifier: st
     if caches is None or job.base is None or len(caches) != len(job.inputs):
         return None
     rescale = bool(job.params.get("rescale", False))
-    if rescale and (sparsifier == "magnitude" or job.params.get("rescale_norm", "inverse") != "inverse"):
+    if rescale and (sparsifier in ("magnitude", "rank") or job.params.get("rescale_norm", "inverse") != "inverse"):
         return None  # L1 rescaling needs whole-tensor norms first
-    keep_all = {"none": 0.0, "magnitude": float("-inf"), "bernoulli": 1.0, "della": 1.0}[sparsifier]
+    keep_all = {"none": 0.0, "magnitude": float("-inf"), "rank": -1.0, "bernoulli": 1.0, "della": 1.0}[sparsifier]
     scalars = _Scalars([], [], [], [])
     for cache, p in zip(caches, job.input_params, strict=True):
         weight = float(p["weight"])
@@ -259,6 +263,9 @@ def _scalars(job: TensorJob, caches: Sequence[DeltaCache] | None, sparsifier: st
             if cache.sorted_abs is None or cache.sorted_order is None:
                 return None
             cut, tied = _topk_cut(cache.sorted_abs, cache.sorted_order, density)
+        elif sparsifier == "rank":  # keep the stable ranks n - k .. n - 1
+            n = cache.delta.numel()
+            cut = float(n - topk_count(density, n) - 1)
         elif sparsifier == "bernoulli":
             cut = density
             factor = weight / density if rescale else weight

@@ -99,7 +99,7 @@ class GreedyHFLM(HFLM):
         self.lean_calls += 1
         texts: list[str] = [""] * len(requests)
         for batch in self.prompt_cache.plan(self, [r.args for r in requests]):
-            rows = self._greedy(batch.input_ids, batch.mask, batch.max_gen_toks, batch.until)
+            rows = self._greedy(batch)
             for position, row in zip(batch.positions, rows, strict=True):
                 texts[position] = postprocess_generated_text(self.prompt_cache.decode(self, row), batch.until, None)
         for request, text in zip(requests, texts, strict=True):
@@ -109,29 +109,24 @@ class GreedyHFLM(HFLM):
     # -- the decode -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _greedy(
-        self, input_ids: torch.Tensor, mask: torch.Tensor, max_new: int, stops: Sequence[str]
-    ) -> list[list[int]]:
-        """Greedy continuation token ids per row, stopped as `generate` stops (see module doc)."""
+    def _greedy(self, batch: Batch) -> list[list[int]]:
+        """Greedy continuation token ids per row, stopped as `generate` stops (see module doc).
+        EOS and padding are tracked in Python: per step the rows' tokens are read once anyway."""
         from transformers import DynamicCache
 
         model = self.model
-        config = model.generation_config
-        eos = _as_list(config.eos_token_id)
-        pad = self.tokenizer.pad_token_id
-        pad = pad if pad is not None else (eos[0] if eos else None)
+        eos, pad = self._eos_ids
         device = self.device
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        attention = None if bool((mask == 1).all()) else mask
+        input_ids = batch.input_ids.to(device)
+        position_ids = batch.position_ids.to(device)
+        attention = batch.attention.to(device) if batch.attention is not None else None
         extra = {"logits_to_keep": 1} if self._accepts("logits_to_keep") else {}
         kv = DynamicCache(config=model.config.get_text_config(decoder=True))
-        eos_tensor = torch.tensor(eos, device=device) if eos else None
-        unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
-        tracker = _StopTracker(self, stops, input_ids.shape[0])
+        unfinished = [True] * input_ids.shape[0]
+        tracker = _StopTracker(self, batch.until, input_ids.shape[0])
         rows: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
         step_ids = input_ids
-        for step in range(max_new):
+        for step in range(batch.max_gen_toks):
             logits = model(
                 input_ids=step_ids,
                 cache=kv,
@@ -141,19 +136,27 @@ class GreedyHFLM(HFLM):
                 return_dict=True,
                 **extra,
             ).logits
-            next_ids = logits[:, -1].float().argmax(dim=-1)
-            if eos_tensor is not None:
-                next_ids = torch.where(unfinished, next_ids, pad)
-                unfinished &= ~torch.isin(next_ids, eos_tensor)
-            for row, token in zip(rows, next_ids.tolist(), strict=True):
-                row.append(token)
-            if step + 1 == max_new or tracker.batch_done(rows) or not bool(unfinished.any()):
+            tokens = logits[:, -1].float().argmax(dim=-1).tolist()
+            for i, token in enumerate(tokens):
+                if not unfinished[i]:
+                    tokens[i] = token = pad  # `generate` pads a sequence after its EOS
+                elif token in eos:
+                    unfinished[i] = False
+                rows[i].append(token)
+            if step + 1 == batch.max_gen_toks or tracker.batch_done(rows) or not any(unfinished):
                 break
-            step_ids = next_ids[:, None]
+            step_ids = torch.tensor(tokens, device=device)[:, None]
             position_ids = position_ids[:, -1:] + 1
             if attention is not None:
                 attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=-1)
         return rows
+
+    @functools.cached_property
+    def _eos_ids(self) -> tuple[frozenset[int], int | None]:
+        """The generation config's EOS ids and the id `generate` pads finished sequences with."""
+        eos = _as_list(self.model.generation_config.eos_token_id)
+        pad = self.tokenizer.pad_token_id
+        return frozenset(eos), pad if pad is not None else (eos[0] if eos else None)
 
     # -- when the lean path applies -------------------------------------------------------------
 
@@ -177,7 +180,7 @@ class GreedyHFLM(HFLM):
         """Plain greedy requests: only stop strings, a token budget, do_sample False / temperature 0."""
         if not isinstance(gen_kwargs, dict):
             return False
-        key = repr(gen_kwargs)
+        key = self.prompt_cache.kwargs_key(gen_kwargs)
         if key not in self._kwargs_ok:
             normalized = normalize_gen_kwargs(gen_kwargs)
             greedy = not normalized.get("do_sample") and normalized.get("temperature", 0.0) == 0.0
@@ -199,18 +202,19 @@ class _StopTracker:
 
     def __init__(self, lm: GreedyHFLM, stops: Sequence[str], rows: int) -> None:
         self.lm = lm
-        self.checks = [(stop, lm.prompt_cache.lookback(lm, stop), [False] * rows) for stop in stops]
+        cache = lm.prompt_cache
+        self.checks = [(stop, cache.lookback(lm, stop), cache.stop_hits(stop), [False] * rows) for stop in stops]
 
     def batch_done(self, rows: Sequence[list[int]]) -> bool:
-        cache = self.lm.prompt_cache
-        texts = cache.texts
         finished = False
-        for stop, lookback, done in self.checks:
+        for stop, lookback, hits, done in self.checks:
             for i, row in enumerate(rows):
                 if not done[i]:
                     window = tuple(row[-lookback:])
-                    text = texts.get(window)
-                    done[i] = stop in (text if text is not None else cache.raw_text(self.lm, window))
+                    hit = hits.get(window)
+                    if hit is None:
+                        hit = hits[window] = stop in self.lm.tok_decode(list(window), skip_special_tokens=False)
+                    done[i] = hit
             finished = finished or all(done)
         return finished
 
@@ -221,7 +225,8 @@ class Batch:
 
     positions: list[int]  # index of each row's request in the generate_until call
     input_ids: torch.Tensor
-    mask: torch.Tensor
+    position_ids: torch.Tensor  # from the mask, as `generate` derives them
+    attention: torch.Tensor | None  # the mask, or None without padding (`generate` drops it then)
     until: list[str]  # the task's stop strings plus the EOS text
     max_gen_toks: int
 
@@ -233,14 +238,27 @@ class PromptCache:
 
     def __init__(self) -> None:
         self._plans: dict[tuple[Any, ...], list[Batch]] = {}
-        self.texts: dict[tuple[int, ...], str] = {}  # token ids -> text, special tokens kept
         self._clean: dict[tuple[int, ...], str] = {}  # token ids -> text, special tokens skipped
         self._lookbacks: dict[str, int] = {}
+        self._stop_hits: dict[str, dict[tuple[int, ...], bool]] = {}
+        self._kwargs_reprs: dict[int, tuple[dict, str]] = {}  # id -> (the dict, its repr)
+
+    def kwargs_key(self, kwargs: dict) -> str:
+        """`repr(kwargs)`, computed once per dict object: lm-eval keeps one generation-kwargs dict
+        per request instance, and a worker reuses the instances for every candidate."""
+        hit = self._kwargs_reprs.get(id(kwargs))
+        if hit is not None and hit[0] is kwargs:
+            return hit[1]
+        self._bound(self._kwargs_reprs)
+        text = repr(kwargs)
+        self._kwargs_reprs[id(kwargs)] = (kwargs, text)
+        return text
 
     def plan(self, lm: HFLM, args: Sequence[tuple[str, dict]]) -> list[Batch]:
         """HFLM.generate_until's batches for these (context, gen_kwargs) requests: lm-eval's Collator
         (grouped by generation kwargs, longest prompt first), `tok_batch_encode` per batch."""
-        key = (lm.batch_size, lm.max_length, *((context, repr(kwargs)) for context, kwargs in args))
+        kwargs_key = self.kwargs_key
+        key = (lm.batch_size, lm.max_length, *((context, kwargs_key(kwargs)) for context, kwargs in args))
         batches = self._plans.get(key)
         if batches is None:
             self._bound(self._plans)
@@ -270,9 +288,20 @@ class PromptCache:
             input_ids, mask = lm.tok_batch_encode(
                 list(contexts), left_truncate_len=lm.max_length - max_gen_toks, truncation=lm.truncation
             )
-            batches.append(Batch(original[start : start + len(chunk)], input_ids, mask, until, max_gen_toks))
+            position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            attention = None if bool((mask == 1).all()) else mask
+            batches.append(
+                Batch(original[start : start + len(chunk)], input_ids, position_ids, attention, until, max_gen_toks)
+            )
             start += len(chunk)
         return batches
+
+    def stop_hits(self, stop: str) -> dict[tuple[int, ...], bool]:
+        """Whether `stop` occurs in the text of a window of token ids (special tokens kept, as
+        lm-eval's stop criterion decodes it), per window seen so far."""
+        hits = self._stop_hits.setdefault(stop, {})
+        self._bound(hits)
+        return hits
 
     def lookback(self, lm: HFLM, stop: str) -> int:
         """How many generated tokens lm-eval's stop criterion decodes for `stop`."""
@@ -287,12 +316,6 @@ class PromptCache:
         if text is None:
             self._bound(self._clean)
             text = self._clean[key] = lm.tok_decode(list(tokens))
-        return text
-
-    def raw_text(self, lm: HFLM, key: tuple[int, ...]) -> str:
-        """The text of token ids with special tokens kept (what lm-eval's stop criterion reads)."""
-        self._bound(self.texts)
-        text = self.texts[key] = lm.tok_decode(list(key), skip_special_tokens=False)
         return text
 
     @staticmethod

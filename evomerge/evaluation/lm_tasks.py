@@ -34,6 +34,16 @@ def quiet_offline_env() -> None:
     datasets.disable_progress_bars()
 
 
+def quiet_lm_eval_logs() -> None:
+    """lm-eval logs at ERROR only. Checked before setting: every `setLevel` clears the logging
+    module's level caches, which costs a candidate evaluation a measurable fraction of a millisecond."""
+    import logging
+
+    logger = logging.getLogger("lm_eval")
+    if logger.level != logging.ERROR:
+        logger.setLevel(logging.ERROR)
+
+
 @contextlib.contextmanager
 def _cwd(path: Path) -> Iterator[None]:
     old = os.getcwd()
@@ -95,6 +105,8 @@ def load_tasks(names: Sequence[str], split: str = "test", include_paths: Sequenc
         task.set_config(key="num_fewshot", value=0)
         _materialize_docs(task)
         task.build_all_requests = RequestCache(task)
+        if isinstance(task.dataset[task.config.test_split], list):
+            task.process_results = ResultCache(task)
     return LoadedTasks(merged, split)
 
 
@@ -128,6 +140,31 @@ class RequestCache:
             instance.resps = []
             instance.filtered_resps = {}
         self.task._instances = instances
+
+
+class ResultCache:
+    """Stands in for a task's `process_results`: the metrics of one (doc, responses) pair are
+    computed once. A search answers the same items with the same few strings over and over, and
+    lm-eval's metric functions (exact match with its regex and case options, acc, ...) are pure in
+    the doc and the responses. Only for tasks whose docs are a resident list (`_materialize_docs`),
+    so a doc's identity names it; every hit hands out a fresh dict."""
+
+    MAX_ENTRIES = 200_000
+
+    def __init__(self, task: Any) -> None:
+        self.compute = task.process_results  # lm-eval's bound method
+        self.metrics: dict[tuple[int, str], tuple[Any, dict[str, Any]]] = {}
+
+    def __call__(self, doc: Any, results: Any) -> dict[str, Any]:
+        key = (id(doc), repr(results))
+        hit = self.metrics.get(key)
+        if hit is not None and hit[0] is doc:
+            return dict(hit[1])
+        metrics = self.compute(doc, results)
+        if len(self.metrics) >= self.MAX_ENTRIES:
+            self.metrics.clear()
+        self.metrics[key] = (doc, dict(metrics))
+        return metrics
 
 
 def _materialize_docs(task: Any) -> None:
@@ -231,11 +268,9 @@ def make_lm(
     `lean=True`: greedy `generate_until` requests are decoded by `greedy_lm.GreedyHFLM`'s own loop
     (same outputs as HFLM, a fraction of the overhead); `lean=False`: HFLM's `generate`. Pass one
     `greedy_lm.PromptCache` per tokenizer to share prompt encodings across candidates."""
-    import logging
-
     from evomerge.evaluation.greedy_lm import GreedyHFLM
 
-    logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
+    quiet_lm_eval_logs()
     device = device or str(next(model.parameters()).device)
     max_length = getattr(model.config, "max_position_embeddings", 2048)
     return GreedyHFLM(
@@ -253,11 +288,9 @@ def score_tasks(
     lm: Any, tasks: LoadedTasks, samples: dict[str, list[int]] | None = None, log_samples: bool = False
 ) -> dict[str, Any]:
     """Run lm-eval on resident task objects; returns lm-eval's result dict (never reseeds RNGs)."""
-    import logging
-
     from lm_eval import evaluator
 
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    quiet_lm_eval_logs()
     samples = {k: v for k, v in (samples or {}).items() if v is not None}
     with _subset_docs(tasks, samples) as remaining:
         return evaluator.evaluate(

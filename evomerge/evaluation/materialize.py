@@ -4,7 +4,7 @@
     candidate = materializer.apply(recipe, seed=7)     # a Recipe or its mergekit-schema dict
     candidate.model(input_ids)                          # a transformers causal LM
 
-Parameter-space recipes are planned by `plan_merge` and run by `run_plan` with the method
+Parameter-space recipes are planned by `plan_merge` (`PlanCache`) and run by `run_plan` with the method
 functions of `evomerge merge`; only the sink differs: `ModuleSink` copies each merged tensor into
 one resident transformers model (reused by every candidate with the same output config) instead
 of writing safetensors. Inputs come from resident source tensors, and task-vector methods read
@@ -12,7 +12,8 @@ resident task vectors and their sort data (`DeltaStore`), so a TIES top-k at any
 threshold lookup. The resulting weights are bit-identical to the file merge.
 
 For large models the task-vector methods run as one compiled kernel per tensor that writes the
-resident parameter directly (fused.py; `kernels="auto"|"compiled"|"eager"`), with the same values.
+resident parameter directly (fused.py); for small ones, as one eager pass over all tensors
+concatenated (flat.py); `kernels="auto"|"compiled"|"eager"` picks. Both give the same values.
 
 Layer-stacking (DFS) recipes that are folded layer paths are not copied at all: see stacked.py.
 """
@@ -29,11 +30,12 @@ from typing import Any
 
 import torch
 
+from evomerge.evaluation.flat import FlatTaskVectors
 from evomerge.evaluation.fused import DrawStore, FusedTaskVectors, KernelMode, fused_available, kernel_mode
 from evomerge.evaluation.resident import DeltaStore, ResidentModel, ResidentSource, build_module
 from evomerge.evaluation.stacked import build_stacked, layer_input_scales
 from evomerge.merge import run_plan
-from evomerge.plan import MergePlan, ModelCatalog, TensorJob, plan_merge
+from evomerge.plan import MergePlan, ModelCatalog, PlanCache, TensorJob
 from evomerge.recipe import Recipe, parse_recipe
 
 
@@ -111,17 +113,21 @@ class Materializer:
     `models` are loaded up front; a recipe that names another model loads it on first use.
     `search_dirs` resolve relative model references (after the current directory). At most
     `max_targets` in-place target models (one per distinct output config) are kept.
-    `kernels` picks the fused compiled kernels (fused.py): `auto` (the default, or
-    `$EVOMERGE_KERNELS`) uses them for models of at least 20M parameters."""
+    `kernels` picks how task-vector candidates are computed: `auto` (the default, or
+    `$EVOMERGE_KERNELS`) runs the compiled per-tensor kernels (fused.py) for models of at least 20M
+    parameters and one flat eager pass over all tensors (flat.py) below that; `compiled` always
+    compiles; `eager` runs the method functions tensor by tensor, exactly as `evomerge merge` does."""
 
     def __init__(self, models: Sequence[str | Path] = (), *, device: str | torch.device = "cpu",
                  search_dirs: Sequence[Path] = (), max_targets: int = 2, kernels: KernelMode | None = None,
                  draw_cache_bytes: int | None = None):
         self.device = torch.device(device)
         self.catalog = ModelCatalog([Path(d) for d in search_dirs])
+        self.plans = PlanCache(self.catalog)
         self.deltas = DeltaStore()
         self.kernels = kernel_mode(kernels)
         self.fused = FusedTaskVectors(DrawStore(draw_cache_bytes) if draw_cache_bytes is not None else None)
+        self.flat = FlatTaskVectors()
         self.max_targets = max_targets
         self._residents: dict[Path, ResidentModel] = {}
         self._targets: OrderedDict[str, tuple[torch.nn.Module, ModuleSink]] = OrderedDict()
@@ -143,7 +149,7 @@ class Materializer:
     def plan(self, recipe: Recipe | Mapping[str, Any], seed: int | None = None) -> MergePlan:
         if not isinstance(recipe, Recipe):
             recipe = parse_recipe(recipe)
-        return plan_merge(recipe, self.catalog, seed=seed)
+        return self.plans.plan(recipe, seed)
 
     def apply(self, recipe: Recipe | Mapping[str, Any], seed: int | None = None) -> Materialized:
         """Plan `recipe` (validation errors are `EvomergeError`s naming the field) and build it."""
@@ -171,7 +177,17 @@ class Materializer:
             fields = (*fields, "sorted_order")  # the kernel's top-k cut needs the index order of ties
         caches = (lambda job: self.deltas.caches(plan, job, source, fields)) if fields is not None else None
         direct = None
-        if fused:
+        flat = None
+        if caches is not None and self.kernels == "auto" and not fused:
+            flat = self.flat.compute(plan, caches, source)
+        if flat is not None:
+
+            def direct(job: TensorJob) -> bool:
+                sink.target(job).copy_(flat[job.name])
+                sink.written_directly(job)
+                return True
+
+        elif fused:
 
             def direct(job: TensorJob) -> bool:
                 if job.base is None or not self.fused.write(plan, job, caches(job), source.get(job.base),

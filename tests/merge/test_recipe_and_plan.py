@@ -162,6 +162,46 @@ parameters: {t: [0.2, 0.8]}
     assert plan.jobs[0].params["t"] == pytest.approx(0.2)
 
 
+def test_plan_cache_replans_only_parameters_and_equals_plan_merge(five_layer):
+    """A search plans many recipes of one structure: the cached plan must be plan_merge's, values,
+    gradients, filters, slices and seeds included, and bad values must still fail by field."""
+    from evomerge.plan import PlanCache
+
+    def text(density, weight, scale):
+        return f"""
+merge_method: dare_ties
+base_model: <base>
+slices:
+  - sources:
+      - {{model: <base>, layer_range: [0, 3]}}
+      - {{model: <a>, layer_range: [0, 3], parameters: {{weight: {weight}, density: {density}}}}}
+      - {{model: <b>, layer_range: [2, 5], parameters: {{weight: 0.5, density: 0.5}}}}
+    parameters: {{lambda: {scale}}}
+  - sources:
+      - {{model: <base>, layer_range: [3, 5]}}
+      - {{model: <a>, layer_range: [3, 5], parameters: {{weight: 1.0, density: [{density}, 0.9]}}}}
+parameters:
+  density: 0.8
+  weight: [{{filter: mlp, value: {weight}}}, {{value: 0.3}}]
+"""
+
+    def recipe(*values):
+        body = text(*values)
+        for name, path in five_layer.items():
+            body = body.replace(f"<{name}>", str(path))
+        return loads_recipe(body)
+
+    cache = PlanCache(ModelCatalog())
+    cache.plan(recipe(0.4, 0.7, 1.0), seed=1)
+    for values, seed in [((0.2, 1.3, 0.9), 5), ((1.0, 0.0, 1.1), None), ((0.4, 0.7, 1.0), 1)]:
+        cached, fresh = cache.plan(recipe(*values), seed=seed), plan_merge(recipe(*values), ModelCatalog(), seed=seed)
+        assert cached.jobs == fresh.jobs and cached.seed == fresh.seed and cached.recipe == fresh.recipe
+        assert cached.out_config == fresh.out_config and cached.layer_sources == fresh.layer_sources
+    assert len(cache._templates) == 1
+    with pytest.raises(EvomergeError, match="density"):
+        cache.plan(recipe(1.5, 0.7, 1.0))
+
+
 def test_extension_blocks_plug_in():
     from pydantic import BaseModel
 
