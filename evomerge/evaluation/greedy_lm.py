@@ -136,7 +136,7 @@ class GreedyHFLM(HFLM):
                 return_dict=True,
                 **extra,
             ).logits
-            tokens = logits[:, -1].float().argmax(dim=-1).tolist()
+            tokens = logits[:, -1].argmax(dim=-1).tolist()  # argmax is exact in any float dtype
             for i, token in enumerate(tokens):
                 if not unfinished[i]:
                     tokens[i] = token = pad  # `generate` pads a sequence after its EOS

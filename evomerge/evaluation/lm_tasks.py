@@ -9,6 +9,7 @@ would otherwise freeze a CMA-ES that draws from them (reference/stack.md §4).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -147,7 +148,7 @@ class ResultCache:
     computed once. A search answers the same items with the same few strings over and over, and
     lm-eval's metric functions (exact match with its regex and case options, acc, ...) are pure in
     the doc and the responses. Only for tasks whose docs are a resident list (`_materialize_docs`),
-    so a doc's identity names it; every hit hands out a fresh dict."""
+    so a doc's identity names it; a hit returns the stored dict (lm-eval's `evaluate` only reads it)."""
 
     MAX_ENTRIES = 200_000
 
@@ -159,11 +160,11 @@ class ResultCache:
         key = (id(doc), repr(results))
         hit = self.metrics.get(key)
         if hit is not None and hit[0] is doc:
-            return dict(hit[1])
+            return hit[1]
         metrics = self.compute(doc, results)
         if len(self.metrics) >= self.MAX_ENTRIES:
             self.metrics.clear()
-        self.metrics[key] = (doc, dict(metrics))
+        self.metrics[key] = (doc, metrics)
         return metrics
 
 
@@ -188,7 +189,12 @@ def seeded_subset(size: int, limit: int | None, seed: int) -> list[int] | None:
     """A fixed random subset of item indices (sorted), or None for all items."""
     if limit is None or limit >= size:
         return None
-    return sorted(random.Random(seed).sample(range(size), limit))
+    return list(_seeded_subset(size, limit, seed))
+
+
+@functools.lru_cache(maxsize=256)
+def _seeded_subset(size: int, limit: int, seed: int) -> tuple[int, ...]:
+    return tuple(sorted(random.Random(seed).sample(range(size), limit)))  # every candidate asks again
 
 
 def task_seed(subset_seed: int, task: str) -> int:
