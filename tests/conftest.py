@@ -36,6 +36,10 @@ def ray_instance() -> Iterator[None]:
     from evomerge.evaluation.ray_cluster import init_ray
 
     temp_dir = tempfile.mkdtemp(prefix="evomerge-ray-")
+    # Workers inherit the environment Ray starts with: test-only worker factories (search_worker)
+    # must import in every later Ray test of the session too, not only in the first one.
+    tests_dir = str(Path(__file__).resolve().parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
     init_ray("local", temp_dir=temp_dir, num_cpus=2, logging_level=logging.WARNING)
     yield
     ray.shutdown()
