@@ -12,8 +12,8 @@ resident task vectors and their sort data (`DeltaStore`), so a TIES top-k at any
 threshold lookup. The resulting weights are bit-identical to the file merge.
 
 For large models the task-vector methods run as one compiled kernel per tensor that writes the
-resident parameter directly (fused.py); for small ones, as one eager pass over all tensors
-concatenated (flat.py); `kernels="auto"|"compiled"|"eager"` picks. Both give the same values.
+resident parameter directly (fused.py); for tiny ones (the toy zoo), as one eager pass over all
+tensors concatenated (flat.py); `kernels="auto"|"compiled"|"eager"` picks. All give the same values.
 
 Layer-stacking (DFS) recipes that are folded layer paths are not copied at all: see stacked.py.
 """
@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from evomerge.evaluation.flat import MAX_PARAMETERS as FLAT_MAX_PARAMETERS
 from evomerge.evaluation.flat import FlatTaskVectors
 from evomerge.evaluation.fused import DrawStore, FusedTaskVectors, KernelMode, fused_available, kernel_mode
 from evomerge.evaluation.resident import DeltaStore, ResidentModel, ResidentSource, build_module
@@ -115,7 +116,8 @@ class Materializer:
     `max_targets` in-place target models (one per distinct output config) are kept.
     `kernels` picks how task-vector candidates are computed: `auto` (the default, or
     `$EVOMERGE_KERNELS`) runs the compiled per-tensor kernels (fused.py) for models of at least 20M
-    parameters and one flat eager pass over all tensors (flat.py) below that; `compiled` always
+    parameters, one flat eager pass over all tensors (flat.py) for plans of at most 400K, and the
+    method functions tensor by tensor in between; `compiled` always
     compiles; `eager` runs the method functions tensor by tensor, exactly as `evomerge merge` does."""
 
     def __init__(self, models: Sequence[str | Path] = (), *, device: str | torch.device = "cpu",
@@ -178,7 +180,7 @@ class Materializer:
         caches = (lambda job: self.deltas.caches(plan, job, source, fields)) if fields is not None else None
         direct = None
         flat = None
-        if caches is not None and self.kernels == "auto" and not fused:
+        if caches is not None and self.kernels == "auto" and not fused and plan.parameters <= FLAT_MAX_PARAMETERS:
             flat = self.flat.compute(plan, caches, source)
         if flat is not None:
 
