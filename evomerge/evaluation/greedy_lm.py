@@ -115,7 +115,7 @@ class GreedyHFLM(HFLM):
         from transformers import DynamicCache
 
         model = self.model
-        eos, pad = self._eos_ids
+        eos, pad = self._eos_ids()
         device = self.device
         input_ids = batch.input_ids.to(device)
         position_ids = batch.position_ids.to(device)
@@ -151,9 +151,9 @@ class GreedyHFLM(HFLM):
                 attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=-1)
         return rows
 
-    @functools.cached_property
     def _eos_ids(self) -> tuple[frozenset[int], int | None]:
-        """The generation config's EOS ids and the id `generate` pads finished sequences with."""
+        """The generation config's EOS ids and the id `generate` pads finished sequences with (read
+        per batch: the materializer sets each candidate's generation config on a reused model)."""
         eos = _as_list(self.model.generation_config.eos_token_id)
         pad = self.tokenizer.pad_token_id
         return frozenset(eos), pad if pad is not None else (eos[0] if eos else None)

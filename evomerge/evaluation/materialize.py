@@ -117,8 +117,8 @@ class Materializer:
     `kernels` picks how task-vector candidates are computed: `auto` (the default, or
     `$EVOMERGE_KERNELS`) runs the compiled per-tensor kernels (fused.py) for models of at least 20M
     parameters, one flat eager pass over all tensors (flat.py) for plans of at most 400K, and the
-    method functions tensor by tensor in between; `compiled` always
-    compiles; `eager` runs the method functions tensor by tensor, exactly as `evomerge merge` does."""
+    method functions tensor by tensor in between; `compiled` always compiles; `eager` runs the
+    method functions tensor by tensor, exactly as `evomerge merge` does."""
 
     def __init__(self, models: Sequence[str | Path] = (), *, device: str | torch.device = "cpu",
                  search_dirs: Sequence[Path] = (), max_targets: int = 2, kernels: KernelMode | None = None,
