@@ -176,3 +176,18 @@ def test_scoring_a_subset_by_swapping_docs_equals_lm_evals_samples_option(mini_z
     for task in ("toy_add", "toy_rev"):
         assert [s["doc"] for s in ours["samples"][task]] == [s["doc"] for s in theirs["samples"][task]]
     assert loaded.size("toy_add") == 500  # the full split is back in place afterwards
+
+
+def test_memoised_process_results_equal_lm_evals_for_every_doc_and_response() -> None:
+    from evomerge.evaluation.lm_tasks import ResultCache, load_tasks
+
+    task = load_tasks(["toy_add"], split=SPLIT).task_dict["tasks"]["toy_add"]
+    assert isinstance(task.process_results, ResultCache)
+    docs = task.dataset[task.config.test_split][:20]
+    answers = [str(task.doc_to_target(doc)) for doc in docs]
+    assert len(set(answers)) > 1
+    for doc, answer in zip(docs, answers, strict=True):
+        for response in (answer, "x" + answer, answers[0]):  # answers[0] is right for some docs only
+            first = task.process_results(doc, [response])
+            assert task.process_results(doc, [response]) == first == task.process_results.compute(doc, [response])
+            assert first["exact_match"] == float(response == answer)
