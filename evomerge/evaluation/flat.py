@@ -99,7 +99,7 @@ class FlatTaskVectors:
         used += list(range(3 * inputs, 4 * inputs)) if normalize and consensus is not None else []
         used += [4 * inputs] if scaled else []
         used += [4 * inputs + 1] if divided else []
-        per_job = torch.tensor(rows, dtype=torch.float32)
+        per_job = torch.tensor(rows, dtype=torch.float32, device=layout.segment.device)
         for row in used:
             torch.index_select(per_job[row], 0, layout.segment, out=layout.table[row])
         draws = self._draws(plan, layout, job_caches) if sparsifier in ("bernoulli", "della") else []  # type: ignore[arg-type]
