@@ -148,16 +148,19 @@ class ResultCache:
     computed once. A search answers the same items with the same few strings over and over, and
     lm-eval's metric functions (exact match with its regex and case options, acc, ...) are pure in
     the doc and the responses. Only for tasks whose docs are a resident list (`_materialize_docs`),
-    so a doc's identity names it; a hit returns the stored dict (lm-eval's `evaluate` only reads it)."""
+    so a doc's identity names it, and only for text responses (generated answers: they repeat;
+    log-likelihoods hardly ever do); a hit returns the stored dict (lm-eval's `evaluate` only reads it)."""
 
     MAX_ENTRIES = 200_000
 
     def __init__(self, task: Any) -> None:
         self.compute = task.process_results  # lm-eval's bound method
-        self.metrics: dict[tuple[int, str], tuple[Any, dict[str, Any]]] = {}
+        self.metrics: dict[tuple[int, tuple[str, ...]], tuple[Any, dict[str, Any]]] = {}
 
     def __call__(self, doc: Any, results: Any) -> dict[str, Any]:
-        key = (id(doc), repr(results))
+        if not (isinstance(results, list) and all(isinstance(r, str) for r in results)):
+            return self.compute(doc, results)
+        key = (id(doc), tuple(results))
         hit = self.metrics.get(key)
         if hit is not None and hit[0] is doc:
             return hit[1]
