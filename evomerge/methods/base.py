@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import torch
 
+from evomerge.recipe import as_number
+
 ParamScope = Literal["model", "global"]
 BasePolicy = Literal["required", "ignored"]
 
@@ -39,8 +41,6 @@ class ParamSpec:
 
     def check(self, value: Any) -> str | None:
         """Why `value` is invalid for this parameter, or None if it is fine."""
-        from evomerge.recipe import as_number
-
         if self.kind is bool:
             return None if isinstance(value, bool) else "expected true or false"
         if self.kind is str:
@@ -59,8 +59,6 @@ class ParamSpec:
         return None
 
     def coerce(self, value: Any) -> Any:
-        from evomerge.recipe import as_number
-
         return as_number(value) if self.kind is float else value
 
 
