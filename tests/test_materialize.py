@@ -107,6 +107,23 @@ def test_every_parameter_space_method_equals_the_file_merge_bit_for_bit(mini_zoo
     assert len(materializer.deltas) > 0
 
 
+def test_above_the_flat_bound_candidates_run_tensor_by_tensor_with_the_same_bits(
+        mini_zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import evomerge.evaluation.materialize as materialize_module
+
+    sources = [mini_zoo / n for n in ("base", "add", "rev", "shift")]
+    recipes = ps_recipes(mini_zoo)
+    flat = Materializer(sources)
+    expected = {label: {k: v.clone() for k, v in flat.apply(recipes[label], seed=SEED).model.state_dict().items()}
+                for label in ("ties", "della")}
+    assert flat.flat.candidates == 2
+    monkeypatch.setattr(materialize_module, "FLAT_MAX_PARAMETERS", 0)
+    per_tensor = Materializer(sources)
+    for label, state in expected.items():
+        assert_same_state(per_tensor.apply(recipes[label], seed=SEED).model, state, label)
+    assert per_tensor.flat.candidates == 0
+
+
 def test_a_recipe_that_fails_to_plan_names_the_field(mini_zoo: Path) -> None:
     from evomerge.errors import EvomergeError
 
