@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from evomerge.evaluation.fused import _METHODS, _kernel, _scalars
+from evomerge.evaluation.fused import _METHODS, _kernel, _scalars, job_flags, packed_scalars
 from evomerge.methods.base import DeltaCache
 from evomerge.methods.sparsify import stable_row_ranks, uniform_like
 from evomerge.plan import MergePlan, TensorJob
@@ -68,8 +68,7 @@ class FlatTaskVectors:
         sparsifier = "rank" if sparsifier == "magnitude" else sparsifier
         jobs = plan.jobs
         inputs = len(jobs[0].inputs)
-        flags = {(str(j.params.get("consensus", "sum")) if has_consensus else None,
-                  bool(j.params.get("normalize", False)), bool(j.params.get("rescale", False))) for j in jobs}
+        flags = {job_flags(job, has_consensus) for job in jobs}
         if len(flags) != 1 or inputs == 0 or any(j.base is None or len(j.inputs) != inputs for j in jobs):
             return None
         consensus, normalize, rescale = flags.pop()
@@ -79,15 +78,8 @@ class FlatTaskVectors:
             scalars = _scalars(job, job_cache, sparsifier)
             if scalars is None:
                 return None
-            weights = [float(p["weight"]) for p in job.input_params]
-            total = sum(weights)
-            per_input = (scalars.cuts, scalars.slopes, scalars.factors, weights)
-            for k, values in enumerate(per_input):
-                for i, value in enumerate(values):
-                    rows[k * inputs + i].append(value)
-            rows[4 * inputs].append(float(job.params.get("lambda", 1.0)))
-            rows[4 * inputs + 1].append((1.0 if abs(total) < 1e-8 else total) if normalize and consensus is None
-                                        else 1.0)
+            for row, value in zip(rows, packed_scalars(job, scalars, consensus, normalize), strict=True):
+                row.append(value)
         layout = self._layout(plan, job_caches, source, sparsifier)  # type: ignore[arg-type]
         if layout is None:
             return None

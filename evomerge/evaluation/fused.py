@@ -209,19 +209,10 @@ class FusedTaskVectors:
         if sparsifier in ("bernoulli", "della"):
             draws = [self.draws.get(g, d) for g, d in zip(plan.generators(job, device), deltas, strict=True)]
         ranks = [c.row_ranks for c in caches] if sparsifier == "della" else []
-        consensus = str(job.params.get("consensus", "sum")) if has_consensus else None
-        normalize = bool(job.params.get("normalize", False))
-        weights = [float(p["weight"]) for p in job.input_params]
-        divide_by = None
-        if normalize and consensus is None:
-            total = sum(weights)
-            divide_by = 1.0 if abs(total) < 1e-8 else total
-        lam = float(job.params.get("lambda", 1.0))
-
-        packed = torch.tensor([*scalars.cuts, *scalars.slopes, *scalars.factors, *weights, lam,
-                               1.0 if divide_by is None else divide_by], dtype=torch.float32, device=device)
-        flags = (consensus, normalize, bool(job.params.get("rescale", False)), lam != 1.0, divide_by is not None,
-                 plan.input_dtype)
+        consensus, normalize, rescale = job_flags(job, has_consensus)
+        values = packed_scalars(job, scalars, consensus, normalize)
+        packed = torch.tensor(values, dtype=torch.float32, device=device)
+        flags = (consensus, normalize, rescale, values[-2] != 1.0, normalize and consensus is None, plan.input_dtype)
         try:
             self._kernel()(target, base, deltas, draws, ranks, packed, sparsifier, *flags)
         except Exception as exc:  # compilation fails before anything is written
@@ -246,6 +237,23 @@ class FusedTaskVectors:
             target.view(-1)[at] = patch
         self.fused_jobs += 1
         return True
+
+
+def job_flags(job: TensorJob, has_consensus: bool) -> tuple[str | None, bool, bool]:
+    """(consensus, normalize, rescale) of one job, as `_kernel` takes them."""
+    return (str(job.params.get("consensus", "sum")) if has_consensus else None,
+            bool(job.params.get("normalize", False)), bool(job.params.get("rescale", False)))
+
+
+def packed_scalars(job: TensorJob, scalars: _Scalars, consensus: str | None, normalize: bool) -> list[float]:
+    """`_kernel`'s scalars for one job: per input its cut, slope, factor and weight, then lambda and
+    the divisor of a normalised sum without sign election (1.0 otherwise)."""
+    weights = [float(p["weight"]) for p in job.input_params]
+    divisor = 1.0
+    if normalize and consensus is None:
+        total = sum(weights)
+        divisor = 1.0 if abs(total) < 1e-8 else total
+    return [*scalars.cuts, *scalars.slopes, *scalars.factors, *weights, float(job.params.get("lambda", 1.0)), divisor]
 
 
 def _scalars(job: TensorJob, caches: Sequence[DeltaCache] | None, sparsifier: str) -> _Scalars | None:
