@@ -25,22 +25,37 @@ def machine(packages: Sequence[str] = DEFAULT_PACKAGES) -> dict[str, Any]:
     cpu = "unknown"
     info = Path("/proc/cpuinfo")
     if info.exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
+        cpu = next(
+            (line.split(":", 1)[1].strip() for line in info.read_text().splitlines() if line.startswith("model name")),
+            cpu,
+        )
     mem_kb = 0
     if Path("/proc/meminfo").exists():
-        mem_kb = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                       if line.startswith("MemTotal")), 0)
+        mem_kb = next(
+            (
+                int(line.split()[1])
+                for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")
+            ),
+            0,
+        )
     versions = {}
     for package in packages:
         try:
             versions[package] = version(package.replace("_", "-"))
         except PackageNotFoundError:
             versions[package] = None
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "memory_gb": round(mem_kb / 1024**2, 1),
-            "load_average": [round(x, 2) for x in os.getloadavg()], "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.is_available(), "versions": versions}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "memory_gb": round(mem_kb / 1024**2, 1),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "versions": versions,
+    }
 
 
 def write_result(name: str, figures: dict[str, Any], packages: Sequence[str] = DEFAULT_PACKAGES) -> Path:

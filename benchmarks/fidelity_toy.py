@@ -50,14 +50,22 @@ def one_run(name: str, stages: list[int] | None, seed: int, args: argparse.Names
     shutil.rmtree(run_dir, ignore_errors=True)
     path = space_file(work / f"{name}.yaml", stages, args.z, args.rank)
     started = time.perf_counter()
-    summary = run_search(path, run_dir, workers=args.workers, ray_address=None, max_evals=args.max_evals,
-                         seed=seed, echo=lambda *_: None)
+    summary = run_search(
+        path, run_dir, workers=args.workers, ray_address=None, max_evals=args.max_evals, seed=seed, echo=lambda *_: None
+    )
     test = summary["final"]["test"]
-    return {"config": name, "seed": seed, "stages": stages, "items_scored": summary["items_scored"],
-            "test_score": test["score"], "test_ci95": test.get("ci95"),
-            "validation_score": summary["final"]["validation"]["score"],
-            "evaluations": summary["evaluations"], "seconds": round(time.perf_counter() - started, 1),
-            "run_dir": str(run_dir.relative_to(ROOT))}
+    return {
+        "config": name,
+        "seed": seed,
+        "stages": stages,
+        "items_scored": summary["items_scored"],
+        "test_score": test["score"],
+        "test_ci95": test.get("ci95"),
+        "validation_score": summary["final"]["validation"]["score"],
+        "evaluations": summary["evaluations"],
+        "seconds": round(time.perf_counter() - started, 1),
+        "run_dir": str(run_dir.relative_to(ROOT)),
+    }
 
 
 def main() -> None:
@@ -77,21 +85,45 @@ def main() -> None:
     by_config = {}
     for name in ("full", "staged"):
         mine = [r for r in runs if r["config"] == name]
-        by_config[name] = {"items_scored_mean": statistics.mean(r["items_scored"] for r in mine),
-                           "test_score_mean": statistics.mean(r["test_score"] for r in mine),
-                           "seconds_mean": statistics.mean(r["seconds"] for r in mine)}
+        by_config[name] = {
+            "items_scored_mean": statistics.mean(r["items_scored"] for r in mine),
+            "test_score_mean": statistics.mean(r["test_score"] for r in mine),
+            "seconds_mean": statistics.mean(r["seconds"] for r in mine),
+        }
     saving = 1 - by_config["staged"]["items_scored_mean"] / by_config["full"]["items_scored_mean"]
-    within = [full["test_ci95"][0] <= staged["test_score"] <= full["test_ci95"][1]  # staged inside full's CI
-              for full, staged in zip(runs[0::2], runs[1::2], strict=True)]
+    within = [
+        full["test_ci95"][0] <= staged["test_score"] <= full["test_ci95"][1]  # staged inside full's CI
+        for full, staged in zip(runs[0::2], runs[1::2], strict=True)
+    ]
     within_ci = all(within)
-    figures = {"space": str(SPACE.relative_to(ROOT)), "max_evals": args.max_evals, "z": args.z, "rank": args.rank,
-               "stages": args.stages, "runs": runs, "by_config": by_config, "items_saving": round(saving, 4),
-               "staged_score_within_full_ci_per_seed": within, "final_scores_within_ci": within_ci}
+    figures = {
+        "space": str(SPACE.relative_to(ROOT)),
+        "max_evals": args.max_evals,
+        "z": args.z,
+        "rank": args.rank,
+        "stages": args.stages,
+        "runs": runs,
+        "by_config": by_config,
+        "items_saving": round(saving, 4),
+        "staged_score_within_full_ci_per_seed": within,
+        "final_scores_within_ci": within_ci,
+    }
     path = write_result("fidelity_toy", figures)
-    print_table("toy_ps with and without fidelity stages",
-                ["config", "seed", "items scored", "test score", "95% CI", "seconds"],
-                [[r["config"], r["seed"], r["items_scored"], r["test_score"],
-                  "[{:.3f}, {:.3f}]".format(*r["test_ci95"]), r["seconds"]] for r in runs])
+    print_table(
+        "toy_ps with and without fidelity stages",
+        ["config", "seed", "items scored", "test score", "95% CI", "seconds"],
+        [
+            [
+                r["config"],
+                r["seed"],
+                r["items_scored"],
+                r["test_score"],
+                "[{:.3f}, {:.3f}]".format(*r["test_ci95"]),
+                r["seconds"],
+            ]
+            for r in runs
+        ],
+    )
     print(f"items saved: {saving:.1%}; staged test score inside the full run's CI per seed: {within}; wrote {path}")
 
 

@@ -32,8 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_util import WORK, print_table, write_result  # noqa: E402
 
-SHAPE = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8,
-         "num_attention_heads": 12, "num_key_value_heads": 4}
+SHAPE = {
+    "vocab_size": 32000,
+    "hidden_size": 768,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 4,
+}
 METHODS = ("ties", "dare_ties", "della")
 
 
@@ -46,8 +52,9 @@ def dfs_recipe(paths: dict[str, Path], variant: int) -> dict:
     steps = [Step(0, 0)]
     for i in range(1, 12):
         model, layer = i % 2, min(7, (i + variant) % 8)
-        steps.append(Step(model, layer, 1.0 + 0.1 * ((i + variant) % 3)) if model != steps[-1].model
-                     else Step(model, layer))
+        steps.append(
+            Step(model, layer, 1.0 + 0.1 * ((i + variant) % 3)) if model != steps[-1].model else Step(model, layer)
+        )
     return path_to_recipe(steps, models, ("o_proj", "down_proj")).model_dump(mode="json", exclude_none=True)
 
 
@@ -79,9 +86,14 @@ def recipe(method: str, paths: dict[str, Path], variant: int) -> dict:
     way successive CMA-ES samples do."""
     shift = 0.05 * variant
     extra = {"epsilon": 0.1} if method == "della" else {}
-    return {"merge_method": method, "base_model": str(paths["base"]), "models": [
-        {"model": str(paths["ft1"]), "parameters": {"weight": 0.6 + shift, "density": [0.3 + shift, 0.6], **extra}},
-        {"model": str(paths["ft2"]), "parameters": {"weight": 0.5 - shift / 2, "density": 0.5 - shift, **extra}}]}
+    return {
+        "merge_method": method,
+        "base_model": str(paths["base"]),
+        "models": [
+            {"model": str(paths["ft1"]), "parameters": {"weight": 0.6 + shift, "density": [0.3 + shift, 0.6], **extra}},
+            {"model": str(paths["ft2"]), "parameters": {"weight": 0.5 - shift / 2, "density": 0.5 - shift, **extra}},
+        ],
+    }
 
 
 def time_copy(model, sources: dict, repeats: int) -> float:
@@ -142,8 +154,14 @@ def main() -> None:
     started = time.perf_counter()
     materializer = Materializer(list(paths.values()), kernels=args.kernels)
     load_seconds = time.perf_counter() - started
-    figures: dict = {"model": {**SHAPE, "dtype": args.dtype}, "threads": args.threads, "kernels": args.kernels,
-                     "candidates": args.candidates, "load_seconds": load_seconds, "methods": {}}
+    figures: dict = {
+        "model": {**SHAPE, "dtype": args.dtype},
+        "threads": args.threads,
+        "kernels": args.kernels,
+        "candidates": args.candidates,
+        "load_seconds": load_seconds,
+        "methods": {},
+    }
     rows = []
     scratch = Path(tempfile.mkdtemp(prefix="materialize-", dir=WORK))
     try:
@@ -166,14 +184,31 @@ def main() -> None:
             copy = time_copy(built.model, materializer.resident(str(paths["base"])).tensors, args.candidates)
             disk = time_disk(method, paths, args.disk_repeats, scratch)
             figures["methods"][method] = {
-                "materialize_seconds": materialize, "materialize_all": times, "copy_seconds": copy,
-                "disk_seconds": disk, "precompute_seconds": precompute, "new_seed_seconds": new_seed,
+                "materialize_seconds": materialize,
+                "materialize_all": times,
+                "copy_seconds": copy,
+                "disk_seconds": disk,
+                "precompute_seconds": precompute,
+                "new_seed_seconds": new_seed,
                 "ratio_vs_copy": materialize / copy,
-                "speedup_vs_disk": disk / materialize, "parameters": params,
+                "speedup_vs_disk": disk / materialize,
+                "parameters": params,
                 "target_ratio_vs_copy_le_4": materialize / copy <= 4,
-                "target_speedup_vs_disk_ge_20": disk / materialize >= 20}
-            rows.append([method, f"{params / 1e6:.1f}M", materialize, copy, materialize / copy, disk,
-                         disk / materialize, precompute, "-" if new_seed is None else new_seed])
+                "target_speedup_vs_disk_ge_20": disk / materialize >= 20,
+            }
+            rows.append(
+                [
+                    method,
+                    f"{params / 1e6:.1f}M",
+                    materialize,
+                    copy,
+                    materialize / copy,
+                    disk,
+                    disk / materialize,
+                    precompute,
+                    "-" if new_seed is None else new_seed,
+                ]
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     times = []
@@ -182,19 +217,37 @@ def main() -> None:
         built = materializer.apply(dfs_recipe(paths, i))
         times.append(time.perf_counter() - started)
     assert built.mode == "stacked"
-    figures["dfs_stacked"] = {"materialize_seconds": statistics.median(times), "materialize_all": times,
-                              "path_length": len(built.model.model.layers), "weights_copied_bytes": 0}
+    figures["dfs_stacked"] = {
+        "materialize_seconds": statistics.median(times),
+        "materialize_all": times,
+        "path_length": len(built.model.model.layers),
+        "weights_copied_bytes": 0,
+    }
     print(f"dfs layer path (12 steps, scales): {statistics.median(times) * 1000:.1f} ms per candidate, no copies")
     figures["resident_gb"] = materializer.resident_bytes / 1e9
     figures["delta_cache_gb"] = materializer.deltas.nbytes / 1e9
     figures["draw_cache_gb"] = materializer.fused.draws.nbytes / 1e9
     figures["fused_jobs"], figures["eager_jobs"] = materializer.fused.fused_jobs, materializer.fused.eager_jobs
-    print_table(f"materialize ({args.dtype}, {args.threads} thread(s); seconds)",
-                ["method", "params", "materialize", "copy_", "ratio_vs_copy", "disk+reload", "speedup_vs_disk",
-                 "precompute", "new_seed"], rows)
-    print(f"resident sources {figures['resident_gb']:.2f} GB, task-vector caches {figures['delta_cache_gb']:.2f} GB, "
-          f"mask draws {figures['draw_cache_gb']:.2f} GB; jobs fused {figures['fused_jobs']}, "
-          f"eager {figures['eager_jobs']}")
+    print_table(
+        f"materialize ({args.dtype}, {args.threads} thread(s); seconds)",
+        [
+            "method",
+            "params",
+            "materialize",
+            "copy_",
+            "ratio_vs_copy",
+            "disk+reload",
+            "speedup_vs_disk",
+            "precompute",
+            "new_seed",
+        ],
+        rows,
+    )
+    print(
+        f"resident sources {figures['resident_gb']:.2f} GB, task-vector caches {figures['delta_cache_gb']:.2f} GB, "
+        f"mask draws {figures['draw_cache_gb']:.2f} GB; jobs fused {figures['fused_jobs']}, "
+        f"eager {figures['eager_jobs']}"
+    )
     print(f"written: {write_result('materialize', figures)}")
 
 

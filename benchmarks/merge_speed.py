@@ -28,8 +28,14 @@ ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "work" / "merge_speed"
 BIN = Path(sys.executable).parent
 
-SHAPE = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8,
-         "num_attention_heads": 12, "num_key_value_heads": 4}
+SHAPE = {
+    "vocab_size": 32000,
+    "hidden_size": 768,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 4,
+}
 
 
 def make_models(root: Path) -> dict[str, Path]:
@@ -46,17 +52,31 @@ def make_models(root: Path) -> dict[str, Path]:
     shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
     for i in range(SHAPE["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                   p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                   p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-                   p + "mlp.down_proj.weight": (h, inter)}
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (inter, h),
+            p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
+        }
     generator = torch.Generator().manual_seed(0)
-    base = {n: (torch.ones(s) if len(s) == 1 else 0.02 * torch.randn(s, generator=generator))
-            for n, s in shapes.items()}
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-              "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-              "dtype": "bfloat16", **SHAPE}
+    base = {
+        n: (torch.ones(s) if len(s) == 1 else 0.02 * torch.randn(s, generator=generator)) for n, s in shapes.items()
+    }
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "dtype": "bfloat16",
+        **SHAPE,
+    }
     for seed, (name, path) in enumerate(paths.items()):
         path.mkdir(parents=True, exist_ok=True)
         if name == "base":
@@ -64,8 +84,11 @@ def make_models(root: Path) -> dict[str, Path]:
         else:
             noise = torch.Generator().manual_seed(seed)
             state = {n: t + 0.002 * torch.randn(t.shape, generator=noise) for n, t in base.items()}
-        save_file({n: t.to(torch.bfloat16).contiguous() for n, t in state.items()}, str(path / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {n: t.to(torch.bfloat16).contiguous() for n, t in state.items()},
+            str(path / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         (path / "config.json").write_text(json.dumps(config, indent=2))
     return paths
 
@@ -74,11 +97,11 @@ def write_recipes(root: Path, models: dict[str, Path]) -> dict[str, Path]:
     recipes = {}
     for method in ("ties", "dare_ties"):
         text = f"""merge_method: {method}
-base_model: {models['base']}
+base_model: {models["base"]}
 models:
-  - model: {models['ft1']}
+  - model: {models["ft1"]}
     parameters: {{weight: 0.6, density: 0.5}}
-  - model: {models['ft2']}
+  - model: {models["ft2"]}
     parameters: {{weight: 0.4, density: 0.5}}
 """
         recipes[method] = root / f"{method}.yml"
@@ -91,8 +114,17 @@ def command(tool: str, recipe: Path, out: Path, threads: int | None) -> list[str
         extra = ["--threads", str(threads)] if threads else []
         return [str(BIN / "evomerge"), "merge", str(recipe), str(out), "--quiet", "--overwrite", "--seed", "0", *extra]
     extra = ["--num-threads", str(threads)] if threads else []
-    return [str(BIN / "mergekit-yaml"), str(recipe), str(out), "--no-copy-tokenizer", "--no-write-model-card",
-            "--quiet", "--random-seed", "0", *extra]
+    return [
+        str(BIN / "mergekit-yaml"),
+        str(recipe),
+        str(out),
+        "--no-copy-tokenizer",
+        "--no-write-model-card",
+        "--quiet",
+        "--random-seed",
+        "0",
+        *extra,
+    ]
 
 
 def timed_run(cmd: list[str]) -> tuple[float, float]:
@@ -113,9 +145,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep-models", action="store_true", help="keep benchmarks/work/ afterwards")
     parser.add_argument("--make-models-only", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads given to both tools (0: each tool's default). One thread avoids "
-                             "OpenMP spin-waiting on a shared, oversubscribed machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads given to both tools (0: each tool's default). One thread avoids "
+        "OpenMP spin-waiting on a shared, oversubscribed machine",
+    )
     args = parser.parse_args()
 
     have_mergekit = (BIN / "mergekit-yaml").exists()
@@ -142,8 +178,15 @@ def main() -> None:
                 out = WORK / f"out-{tool}-{method}"
                 shutil.rmtree(out, ignore_errors=True)
                 wall, rss = timed_run(command(tool, recipe, out, args.threads or None))
-                runs.append({"method": method, "tool": tool, "repeat": rep, "wall_s": round(wall, 3),
-                             "peak_rss_mb": round(rss, 1)})
+                runs.append(
+                    {
+                        "method": method,
+                        "tool": tool,
+                        "repeat": rep,
+                        "wall_s": round(wall, 3),
+                        "peak_rss_mb": round(rss, 1),
+                    }
+                )
                 print(f"  {method:9s} {tool:9s} rep {rep}: {wall:6.2f} s  {rss:7.1f} MB", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
 
@@ -160,21 +203,33 @@ def main() -> None:
         summary[method] = row
 
     print()
-    header = f"{'method':10s} {'evomerge s':>10s} {'mergekit s':>10s} {'ratio':>6s} " \
-             f"{'evo RSS MB':>10s} {'mk RSS MB':>10s} {'ratio':>6s}"
+    header = (
+        f"{'method':10s} {'evomerge s':>10s} {'mergekit s':>10s} {'ratio':>6s} "
+        f"{'evo RSS MB':>10s} {'mk RSS MB':>10s} {'ratio':>6s}"
+    )
     print(header)
     print("-" * len(header))
     for method, row in summary.items():
-        print(f"{method:10s} {row['evomerge_wall_s']:10.2f} {row.get('mergekit_wall_s', float('nan')):10.2f} "
-              f"{row.get('wall_ratio', float('nan')):6.3f} {row['evomerge_peak_rss_mb']:10.1f} "
-              f"{row.get('mergekit_peak_rss_mb', float('nan')):10.1f} {row.get('rss_ratio', float('nan')):6.3f}")
+        print(
+            f"{method:10s} {row['evomerge_wall_s']:10.2f} {row.get('mergekit_wall_s', float('nan')):10.2f} "
+            f"{row.get('wall_ratio', float('nan')):6.3f} {row['evomerge_peak_rss_mb']:10.1f} "
+            f"{row.get('mergekit_peak_rss_mb', float('nan')):10.1f} {row.get('rss_ratio', float('nan')):6.3f}"
+        )
 
-    path = write_result("merge_speed", {
-        "models": {"parameters_each": params, "dtype": "bfloat16", "shape": SHAPE, "count": 3},
-        "repeats": args.repeats, "threads": args.threads or "default",
-        "load_average_at_end": os.getloadavg(), "statistic": "median wall time, max peak RSS over repeats",
-        "summary": summary, "runs": runs, "targets": {"wall_ratio_max": 0.33, "rss_ratio_max": 1.0},
-    }, packages=("torch", "safetensors", "transformers", "mergekit"))
+    path = write_result(
+        "merge_speed",
+        {
+            "models": {"parameters_each": params, "dtype": "bfloat16", "shape": SHAPE, "count": 3},
+            "repeats": args.repeats,
+            "threads": args.threads or "default",
+            "load_average_at_end": os.getloadavg(),
+            "statistic": "median wall time, max peak RSS over repeats",
+            "summary": summary,
+            "runs": runs,
+            "targets": {"wall_ratio_max": 0.33, "rss_ratio_max": 1.0},
+        },
+        packages=("torch", "safetensors", "transformers", "mergekit"),
+    )
     print(f"\nwrote {path.relative_to(ROOT.parent)}")
     if not args.keep_models:
         shutil.rmtree(WORK, ignore_errors=True)

@@ -73,16 +73,35 @@ def merge_options(seed: int) -> Any:
     """The MergeOptions mergekit-evolve builds with --no-merge-cuda (scripts/evolve.py)."""
     from mergekit.options import MergeOptions
 
-    return MergeOptions(cuda=False, low_cpu_memory=False, read_to_gpu=False, out_shard_size=1_000_000_000_000,
-                        random_seed=seed, quiet=True, copy_tokenizer=True, safe_serialization=True)
+    return MergeOptions(
+        cuda=False,
+        low_cpu_memory=False,
+        read_to_gpu=False,
+        out_shard_size=1_000_000_000_000,
+        random_seed=seed,
+        quiet=True,
+        copy_tokenizer=True,
+        safe_serialization=True,
+    )
 
 
-def make_genome(models: Sequence[str], base_model: str, *, layer_granularity: int = 1,
-                merge_method: str = "dare_ties", normalize: bool | None = None) -> Any:
+def make_genome(
+    models: Sequence[str],
+    base_model: str,
+    *,
+    layer_granularity: int = 1,
+    merge_method: str = "dare_ties",
+    normalize: bool | None = None,
+) -> Any:
     from mergekit.evo.genome import ModelGenome, ModelGenomeDefinition
 
-    definition = ModelGenomeDefinition(models=list(models), base_model=base_model, merge_method=merge_method,
-                                       layer_granularity=layer_granularity, normalize=normalize)
+    definition = ModelGenomeDefinition(
+        models=list(models),
+        base_model=base_model,
+        merge_method=merge_method,
+        layer_granularity=layer_granularity,
+        normalize=normalize,
+    )
     return ModelGenome(definition)
 
 
@@ -119,11 +138,18 @@ class SerialPipeline:
 
         try:
             results = lm_eval.simple_evaluate(
-                model="hf", model_args={"pretrained": str(model_dir), "dtype": self.dtype or "bfloat16",
-                                        "use_cache": True},
-                tasks=sorted({t.name for t in self.tasks}), task_manager=self.task_manager(), device="cpu",
-                batch_size=self.batch_size, samples=dict(samples) if samples else None, log_samples=False,
-                verbosity="ERROR", apply_chat_template=False, fewshot_as_multiturn=False)
+                model="hf",
+                model_args={"pretrained": str(model_dir), "dtype": self.dtype or "bfloat16", "use_cache": True},
+                tasks=sorted({t.name for t in self.tasks}),
+                task_manager=self.task_manager(),
+                device="cpu",
+                batch_size=self.batch_size,
+                samples=dict(samples) if samples else None,
+                log_samples=False,
+                verbosity="ERROR",
+                apply_chat_template=False,
+                fewshot_as_multiturn=False,
+            )
         finally:
             shutil.rmtree(model_dir, ignore_errors=True)
         per_task = results["results"]
@@ -152,8 +178,9 @@ class SearchLog:
     best_genotype: np.ndarray | None = None
 
 
-def cma_search(pipeline: SerialPipeline, budget: int, seed: int,
-               samples: Mapping[str, list[int]] | None = None) -> tuple[SearchLog, Any]:
+def cma_search(
+    pipeline: SerialPipeline, budget: int, seed: int, samples: Mapping[str, list[int]] | None = None
+) -> tuple[SearchLog, Any]:
     """`cma.fmin2` as mergekit-evolve calls it (x0, sigma0 1/6, default popsize, maxfevals), with
     pycma on a private seeded RNG. An evaluation that raises ends the search, as in mergekit-evolve."""
     import cma
@@ -180,7 +207,12 @@ def cma_search(pipeline: SerialPipeline, budget: int, seed: int,
 
 def quiet_env() -> None:
     """Offline, no progress bars: set before lm-eval and transformers are imported."""
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "TQDM_DISABLE",
-                "HF_HUB_DISABLE_PROGRESS_BARS"):
+    for key in (
+        "HF_HUB_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "TQDM_DISABLE",
+        "HF_HUB_DISABLE_PROGRESS_BARS",
+    ):
         os.environ.setdefault(key, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -100,8 +100,9 @@ def evomerge_config(system: str, seed: int, budget: int) -> tuple[Any, Path]:
     if system == "evomerge_ps_top1":  # no validation re-scoring: the best search score is chosen, like the pipeline
         update["budget"] = update["budget"].model_copy(update={"select_top_k": 1})
     if system == "evomerge_random":
-        update["optimizer"] = parse_space({**config.model_dump(mode="json"), "optimizer": "random"},
-                                          source="--optimizer").optimizer
+        update["optimizer"] = parse_space(
+            {**config.model_dump(mode="json"), "optimizer": "random"}, source="--optimizer"
+        ).optimizer
     return config.model_copy(update=update), space_path.parent
 
 
@@ -141,15 +142,20 @@ def run_evomerge(system: str, seed: int, budget: int, run_dir: Path) -> dict[str
 def evomerge_record(summary: dict[str, Any], search_seconds: float, run_dir: Path) -> dict[str, Any]:
     final = summary.get("final") or {}
     test = final.get("test", {})
-    return {"status": "ok" if test.get("score") is not None else "failed",
-            "reason": summary.get("reason") or test.get("reason"),
-            "test_score": test.get("score"), "test_ci95": test.get("ci95"),
-            "search_score": final.get("train", {}).get("score"),
-            "select_score": (final.get("validation") or {}).get("score"),
-            "evaluations": summary.get("evaluations", 0), "failed_evaluations": summary.get("failed", 0),
-            "search_seconds": search_seconds, "run_dir": str(run_dir),
-            "final_recipe": str(run_dir / "final.yaml") if final else None,
-            **ps_stage_scores(run_dir)}
+    return {
+        "status": "ok" if test.get("score") is not None else "failed",
+        "reason": summary.get("reason") or test.get("reason"),
+        "test_score": test.get("score"),
+        "test_ci95": test.get("ci95"),
+        "search_score": final.get("train", {}).get("score"),
+        "select_score": (final.get("validation") or {}).get("score"),
+        "evaluations": summary.get("evaluations", 0),
+        "failed_evaluations": summary.get("failed", 0),
+        "search_seconds": search_seconds,
+        "run_dir": str(run_dir),
+        "final_recipe": str(run_dir / "final.yaml") if final else None,
+        **ps_stage_scores(run_dir),
+    }
 
 
 def ps_stage_scores(run_dir: Path) -> dict[str, Any]:
@@ -174,12 +180,21 @@ def pipeline_problem(seed: int) -> dict[str, Any]:
         return str((root / ref).resolve())
 
     subset_seed = derive_seed(seed, "data", config.splits.search)
-    samples = {t.name: seeded_subset(train_size(t.name), t.limit, task_seed(subset_seed, t.name))
-               for t in config.tasks if t.limit is not None}
-    return {"models": [absolute(m) for m in config.models], "base_model": absolute(config.base_model),
-            "tasks": [(t.name, t.weight) for t in config.tasks], "samples": samples,
-            "method": config.ps.method, "search_split": config.splits.search, "report_split": config.splits.report,
-            "zoo": (root / config.zoo.path, config.zoo.seed)}
+    samples = {
+        t.name: seeded_subset(train_size(t.name), t.limit, task_seed(subset_seed, t.name))
+        for t in config.tasks
+        if t.limit is not None
+    }
+    return {
+        "models": [absolute(m) for m in config.models],
+        "base_model": absolute(config.base_model),
+        "tasks": [(t.name, t.weight) for t in config.tasks],
+        "samples": samples,
+        "method": config.ps.method,
+        "search_split": config.splits.search,
+        "report_split": config.splits.report,
+        "zoo": (root / config.zoo.path, config.zoo.seed),
+    }
 
 
 def train_size(task: str) -> int:
@@ -205,8 +220,9 @@ def run_pipeline(seed: int, budget: int, run_dir: Path) -> dict[str, Any]:
     yamls = [tasks_dir() / f"{name}.yaml" for name, _ in problem["tasks"]]
     tasks = [FitnessTask(name, "exact_match,none", weight) for name, weight in problem["tasks"]]
     # the same merge operator as evomerge's space, so both searches face the same problem
-    genome = make_genome(problem["models"], problem["base_model"], layer_granularity=1, normalize=False,
-                         merge_method=problem["method"])
+    genome = make_genome(
+        problem["models"], problem["base_model"], layer_granularity=1, normalize=False, merge_method=problem["method"]
+    )
     search_folder = split_task_folder(yamls, problem["search_split"], run_dir / "tasks_search")
     pipeline = SerialPipeline(genome, tasks, search_folder, run_dir / "merged", seed=seed)
     popsize = 4 + int(3 * math.log(genome.initial_genotype().numel()))  # pycma's default
@@ -216,21 +232,39 @@ def run_pipeline(seed: int, budget: int, run_dir: Path) -> dict[str, Any]:
     try:
         log, es = cma_search(pipeline, max_fevals, seed, problem["samples"])
     except Exception as exc:  # mergekit-evolve ends the whole search on any failed evaluation
-        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:500], "test_score": None,
-                "evaluations": None, "failed_evaluations": 1, "search_seconds": time.perf_counter() - started}
+        return {
+            "status": "failed",
+            "reason": f"{type(exc).__name__}: {exc}"[:500],
+            "test_score": None,
+            "evaluations": None,
+            "failed_evaluations": 1,
+            "search_seconds": time.perf_counter() - started,
+        }
     search_seconds = time.perf_counter() - started
     report_folder = split_task_folder(yamls, problem["report_split"], run_dir / "tasks_report")
     assert log.best_genotype is not None
     best_config = genome.genotype_merge_config(log.best_genotype)
     (run_dir / "best_config.yaml").write_text(best_config.to_yaml())
     test = SerialPipeline(genome, tasks, report_folder, run_dir / "merged", seed=seed).evaluate(log.best_genotype)
-    test32 = SerialPipeline(genome, tasks, report_folder, run_dir / "merged", seed=seed,
-                            dtype="float32").evaluate(log.best_genotype)
-    return {"status": "ok", "reason": None, "test_score": test["score"], "test_metrics": test["metrics"],
-            "test_score_float32": test32["score"], "search_score": log.best_score,
-            "evaluations": len(log.scores), "failed_evaluations": 0, "search_seconds": search_seconds,
-            "max_fevals": max_fevals, "popsize": es.popsize, "generations": es.countiter,
-            "run_dir": str(run_dir), "final_recipe": str(run_dir / "best_config.yaml")}
+    test32 = SerialPipeline(genome, tasks, report_folder, run_dir / "merged", seed=seed, dtype="float32").evaluate(
+        log.best_genotype
+    )
+    return {
+        "status": "ok",
+        "reason": None,
+        "test_score": test["score"],
+        "test_metrics": test["metrics"],
+        "test_score_float32": test32["score"],
+        "search_score": log.best_score,
+        "evaluations": len(log.scores),
+        "failed_evaluations": 0,
+        "search_seconds": search_seconds,
+        "max_fevals": max_fevals,
+        "popsize": es.popsize,
+        "generations": es.countiter,
+        "run_dir": str(run_dir),
+        "final_recipe": str(run_dir / "best_config.yaml"),
+    }
 
 
 def run_one(system: str, seed: int, budget: int, run_dir: Path) -> dict[str, Any]:
@@ -242,9 +276,12 @@ def run_one(system: str, seed: int, budget: int, run_dir: Path) -> dict[str, Any
         record = run_pipeline(seed, budget, run_dir)
     else:
         record = run_evomerge(system, seed, budget, run_dir)
-    record.update(system=system, seed=seed, total_seconds=time.perf_counter() - started,
-                  load_average={"before": [round(v, 2) for v in load_before],
-                                "after": [round(v, 2) for v in os.getloadavg()]})
+    record.update(
+        system=system,
+        seed=seed,
+        total_seconds=time.perf_counter() - started,
+        load_average={"before": [round(v, 2) for v in load_before], "after": [round(v, 2) for v in os.getloadavg()]},
+    )
     for key in ("run_dir", "final_recipe"):
         if record.get(key):
             record[key] = os.path.relpath(record[key], ROOT)
@@ -257,8 +294,20 @@ def run_one(system: str, seed: int, budget: int, run_dir: Path) -> dict[str, Any
 
 
 def child_command(system: str, seed: int, budget: int, run_dir: Path, out: Path) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--one", system, "--seed", str(seed),
-            "--budget", str(budget), "--run-dir", str(run_dir), "--out", str(out)]
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--one",
+        system,
+        "--seed",
+        str(seed),
+        "--budget",
+        str(budget),
+        "--run-dir",
+        str(run_dir),
+        "--out",
+        str(out),
+    ]
 
 
 def run_child(system: str, seed: int, budget: int, work: Path) -> dict[str, Any]:
@@ -268,15 +317,28 @@ def run_child(system: str, seed: int, budget: int, work: Path) -> dict[str, Any]
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
     with log.open("w") as handle:
         try:
-            done = subprocess.run(child_command(system, seed, budget, run_dir, out), stdout=handle,
-                                  stderr=subprocess.STDOUT, env=env, cwd=ROOT, timeout=RUN_TIMEOUT_S)
+            done = subprocess.run(
+                child_command(system, seed, budget, run_dir, out),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+                timeout=RUN_TIMEOUT_S,
+            )
             code = done.returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
     if code == 0 and out.exists():
         return json.loads(out.read_text())
-    return {"system": system, "seed": seed, "status": "failed", "test_score": None,
-            "reason": f"process exit {code}; see {log}", "evaluations": None, "failed_evaluations": None}
+    return {
+        "system": system,
+        "seed": seed,
+        "status": "failed",
+        "test_score": None,
+        "reason": f"process exit {code}; see {log}",
+        "evaluations": None,
+        "failed_evaluations": None,
+    }
 
 
 def summarize(system: str, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -285,7 +347,8 @@ def summarize(system: str, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     evals = sum(r["evaluations"] for r in ok)
     seconds = sum(r["search_seconds"] for r in ok)
     return {
-        "runs": len(runs), "failed_runs": len(runs) - len(ok),
+        "runs": len(runs),
+        "failed_runs": len(runs) - len(ok),
         "test_score_mean": statistics.fmean(scores) if scores else None,
         "test_score_std": statistics.stdev(scores) if len(scores) > 1 else 0.0 if scores else None,
         "test_score_best": max(scores) if scores else None,
@@ -361,11 +424,17 @@ def mergekit_evolve_status() -> dict[str, Any]:
     import torch
 
     if torch.cuda.is_available():
-        return {"run": False, "reason": "a GPU is present but running mergekit-evolve itself is not automated "
-                                        "here yet", "cpu_blockers": CPU_BLOCKERS}
-    return {"run": False, "reason": "no GPU on this machine; mergekit-evolve 0.1.5 completes no evaluation "
-                                    "CPU-only (see ../shared/reference/mergekit_evolve_cpu.md)",
-            "cpu_blockers": CPU_BLOCKERS}
+        return {
+            "run": False,
+            "reason": "a GPU is present but running mergekit-evolve itself is not automated here yet",
+            "cpu_blockers": CPU_BLOCKERS,
+        }
+    return {
+        "run": False,
+        "reason": "no GPU on this machine; mergekit-evolve 0.1.5 completes no evaluation "
+        "CPU-only (see ../shared/reference/mergekit_evolve_cpu.md)",
+        "cpu_blockers": CPU_BLOCKERS,
+    }
 
 
 def benchmark(seeds: Sequence[int], budget: int, systems: Sequence[str], work: Path) -> dict[str, Any]:
@@ -374,12 +443,15 @@ def benchmark(seeds: Sequence[int], budget: int, systems: Sequence[str], work: P
     runs: list[dict[str, Any]] = []
     started = time.perf_counter()
     for i, seed in enumerate(seeds):
-        order = list(systems[i % len(systems):]) + list(systems[:i % len(systems)])  # rotate per seed
+        order = list(systems[i % len(systems) :]) + list(systems[: i % len(systems)])  # rotate per seed
         for system in order:
             record = run_child(system, seed, budget, work)
             runs.append(record)
-            print(f"seed {seed} {system}: {record['status']} test={record.get('test_score')} "
-                  f"evals={record.get('evaluations')} evals/h={record.get('evals_per_hour')}", flush=True)
+            print(
+                f"seed {seed} {system}: {record['status']} test={record.get('test_score')} "
+                f"evals={record.get('evaluations')} evals/h={record.get('evals_per_hour')}",
+                flush=True,
+            )
     per_system = {s: summarize(s, [r for r in runs if r["system"] == s]) for s in systems}
     return {
         "benchmark": "search_vs_mergekit_evolve",
@@ -387,15 +459,21 @@ def benchmark(seeds: Sequence[int], budget: int, systems: Sequence[str], work: P
         "machine": {**machine(), "libraries": library_versions()},
         "evomerge_commit": source_commit(),
         "command": f".venv/bin/python benchmarks/search_vs_mergekit_evolve.py --seeds {' '.join(map(str, seeds))} "
-                   f"--budget {budget}",
-        "budget": {"evaluations_per_run": budget, "seeds": list(seeds),
-                   "note": "evomerge_ps_dfs: half per stage; mergekit_pipeline: cma.fmin2 maxfevals chosen so that "
-                           "it runs the budget in whole generations of its own population (pycma's default), "
-                           "plus its final-mean evaluation"},
-        "problem": {"space": "search_spaces/toy_ps.yaml", "search": "train, seeded 100-item subset per task",
-                    "select": "evomerge: top 5 re-scored on the whole validation split; pipeline: best search "
-                              "score (mergekit-evolve's best_config.yaml)",
-                    "report": "whole test split (500 items per task)"},
+        f"--budget {budget}",
+        "budget": {
+            "evaluations_per_run": budget,
+            "seeds": list(seeds),
+            "note": "evomerge_ps_dfs: half per stage; mergekit_pipeline: cma.fmin2 maxfevals chosen so that "
+            "it runs the budget in whole generations of its own population (pycma's default), "
+            "plus its final-mean evaluation",
+        },
+        "problem": {
+            "space": "search_spaces/toy_ps.yaml",
+            "search": "train, seeded 100-item subset per task",
+            "select": "evomerge: top 5 re-scored on the whole validation split; pipeline: best search "
+            "score (mergekit-evolve's best_config.yaml)",
+            "report": "whole test split (500 items per task)",
+        },
         "source_models_test_score": source_scores(runs),
         "systems": per_system,
         "targets": targets(per_system),
@@ -410,14 +488,23 @@ def print_results(result: dict[str, Any]) -> None:
     rows = []
     for name, s in result["systems"].items():
         mean, std = s["test_score_mean"], s["test_score_std"]
-        rows.append([name, f"{mean:.3f} ± {std:.3f}" if mean is not None else "-",
-                     f"{s['test_score_best']:.3f}" if s["test_score_best"] is not None else "-",
-                     s["evaluations_per_run"], round(s["evals_per_hour"]) if s["evals_per_hour"] else "-",
-                     f"{s['failed_runs']}/{s['runs']}", s["failed_evaluations"]])
-    print_table(f"search benchmark, budget {result['budget']['evaluations_per_run']} evaluations, seeds "
-                f"{result['budget']['seeds']} (test score: whole test split)",
-                ["system", "test mean ± std", "best", "evals/run", "evals/hour", "failed runs", "failed evals"],
-                rows)
+        rows.append(
+            [
+                name,
+                f"{mean:.3f} ± {std:.3f}" if mean is not None else "-",
+                f"{s['test_score_best']:.3f}" if s["test_score_best"] is not None else "-",
+                s["evaluations_per_run"],
+                round(s["evals_per_hour"]) if s["evals_per_hour"] else "-",
+                f"{s['failed_runs']}/{s['runs']}",
+                s["failed_evaluations"],
+            ]
+        )
+    print_table(
+        f"search benchmark, budget {result['budget']['evaluations_per_run']} evaluations, seeds "
+        f"{result['budget']['seeds']} (test score: whole test split)",
+        ["system", "test mean ± std", "best", "evals/run", "evals/hour", "failed runs", "failed evals"],
+        rows,
+    )
     for name, target in result["targets"].items():
         print(f"target {name}: {json.dumps(target)}")
     for name, deltas in result["per_seed_delta_vs_pipeline"].items():

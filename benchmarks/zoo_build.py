@@ -28,10 +28,14 @@ def build(out: Path, seed: int, mini: bool) -> dict:
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - started
     manifest = json.loads((out / "manifest.json").read_text())
-    return {"flavour": "mini" if mini else "full", "wall_seconds": round(wall, 1),
-            "build_seconds": manifest["build_seconds"], "targets": manifest["targets"],
-            "models": {name: m["test_exact_match"] for name, m in manifest["models"].items()},
-            "hand_merge": manifest["hand_merge"]["test_exact_match"]}
+    return {
+        "flavour": "mini" if mini else "full",
+        "wall_seconds": round(wall, 1),
+        "build_seconds": manifest["build_seconds"],
+        "targets": manifest["targets"],
+        "models": {name: m["test_exact_match"] for name, m in manifest["models"].items()},
+        "hand_merge": manifest["hand_merge"]["test_exact_match"],
+    }
 
 
 def main() -> None:
@@ -41,11 +45,16 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for mini in ([True] if args.skip_full else [True, False]):
+        for mini in [True] if args.skip_full else [True, False]:
             rows.append(build(Path(tmp) / ("mini" if mini else "full"), args.seed, mini))
-    print_table("toy zoo build", ["zoo", "wall s", "build s", "budget s", "all targets met"],
-                [[r["flavour"], r["wall_seconds"], r["build_seconds"], BUDGET[r["flavour"]], all(r["targets"].values())]
-                 for r in rows])
+    print_table(
+        "toy zoo build",
+        ["zoo", "wall s", "build s", "budget s", "all targets met"],
+        [
+            [r["flavour"], r["wall_seconds"], r["build_seconds"], BUDGET[r["flavour"]], all(r["targets"].values())]
+            for r in rows
+        ],
+    )
     print(f"wrote {write_result('zoo_build', {'seed': args.seed, 'runs': rows})}")
 
 

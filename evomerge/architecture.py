@@ -41,7 +41,8 @@ class Architecture:
             return "post", None, name
         raise EvomergeError(
             f"tensor {name!r} is neither a layer, embedding nor final tensor of a {self.family} model; "
-            "this checkpoint layout is not supported")
+            "this checkpoint layout is not supported"
+        )
 
     def layer_name(self, prefix: str, index: int, suffix: str) -> str:
         return f"{prefix}{index}.{suffix}"
@@ -93,8 +94,7 @@ def detect_architecture(config: Mapping[str, Any], where: str) -> Architecture:
     if model_type in _BY_MODEL_TYPE and not config.get("architectures"):
         return _BY_MODEL_TYPE[model_type]
     found = ", ".join(config.get("architectures") or []) or f"model_type={model_type!r}"
-    raise EvomergeError(
-        f"{where}: unsupported architecture {found}; supported: {', '.join(sorted(_BY_CLASS))}")
+    raise EvomergeError(f"{where}: unsupported architecture {found}; supported: {', '.join(sorted(_BY_CLASS))}")
 
 
 def num_layers(config: Mapping[str, Any], arch: Architecture, where: str) -> int:
@@ -104,8 +104,14 @@ def num_layers(config: Mapping[str, Any], arch: Architecture, where: str) -> int
     return value
 
 
-def output_config(donor: Mapping[str, Any], arch: Architecture, layer_sources: Sequence[tuple[Mapping[str, Any], int]],
-                  *, dtype_name: str, has_lm_head: bool) -> dict[str, Any]:
+def output_config(
+    donor: Mapping[str, Any],
+    arch: Architecture,
+    layer_sources: Sequence[tuple[Mapping[str, Any], int]],
+    *,
+    dtype_name: str,
+    has_lm_head: bool,
+) -> dict[str, Any]:
     """The donor's config rewritten for the merged model.
 
     `layer_sources[i]` is (config of the model output layer i comes from, its layer index there);
@@ -120,8 +126,11 @@ def output_config(donor: Mapping[str, Any], arch: Architecture, layer_sources: S
             rebuilt = []
             for source_config, index in layer_sources:
                 values = source_config.get(key)
-                rebuilt.append(values[index] if isinstance(values, list) and index < len(values)
-                               else donor[key][min(index, len(donor[key]) - 1)])
+                rebuilt.append(
+                    values[index]
+                    if isinstance(values, list) and index < len(values)
+                    else donor[key][min(index, len(donor[key]) - 1)]
+                )
             config[key] = rebuilt
     if "max_window_layers" in config and isinstance(config["max_window_layers"], int):
         config["max_window_layers"] = min(config["max_window_layers"], len(layer_sources))

@@ -29,18 +29,44 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
 }
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
-                  "float": "float32", "fp64": "float64", "double": "float64"}
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "float": "float32",
+    "fp64": "float64",
+    "double": "float64",
+}
 SAFETENSORS_CODES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 CODE_TO_DTYPE = {code: dtype for dtype, code in SAFETENSORS_CODES.items()}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 TAGALONG_FILES = ("generation_config.json",)
 
 
@@ -185,8 +211,7 @@ def _tensor_locations(model_dir: Path, where: str) -> dict[str, str]:
         return dict(weight_map)
     files = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if not files:
-        hint = " (pytorch_model.bin is not read: convert it to safetensors)" if any(
-            model_dir.glob("*.bin")) else ""
+        hint = " (pytorch_model.bin is not read: convert it to safetensors)" if any(model_dir.glob("*.bin")) else ""
         raise EvomergeError(f"{where}: {model_dir} has no *.safetensors weights{hint}")
     locations: dict[str, str] = {}
     for file in files:
@@ -245,8 +270,11 @@ class StreamingShardWriter:
         header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
         offset = 0
         for e in self.entries:
-            header[e.name] = {"dtype": SAFETENSORS_CODES[e.dtype], "shape": list(e.shape),
-                              "data_offsets": [offset, offset + e.nbytes]}
+            header[e.name] = {
+                "dtype": SAFETENSORS_CODES[e.dtype],
+                "shape": list(e.shape),
+                "data_offsets": [offset, offset + e.nbytes],
+            }
             offset += e.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
@@ -258,8 +286,10 @@ class StreamingShardWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected = self.entries[self._next]
         if name != expected.name or tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
-            raise RuntimeError(f"{self.path.name}: got {name} {tuple(tensor.shape)} {tensor.dtype}, "
-                               f"expected {expected.name} {expected.shape} {expected.dtype}")
+            raise RuntimeError(
+                f"{self.path.name}: got {name} {tuple(tensor.shape)} {tensor.dtype}, "
+                f"expected {expected.name} {expected.shape} {expected.dtype}"
+            )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._fh.write(memoryview(data.numpy()))
         self._next += 1

@@ -71,17 +71,27 @@ def eval_cmd(
     """Score a model directory on lm-eval tasks, offline."""
     from evomerge.evaluation.cli_eval import run_eval
 
-    run_eval(model_dir, [t for t in tasks.split(",") if t], limit=limit, split=split,
-             include_paths=include_path, batch_size=batch_size, device=device, as_json=as_json,
-             subset_seed=subset_seed)
+    run_eval(
+        model_dir,
+        [t for t in tasks.split(",") if t],
+        limit=limit,
+        split=split,
+        include_paths=include_path,
+        batch_size=batch_size,
+        device=device,
+        as_json=as_json,
+        subset_seed=subset_seed,
+    )
 
 
 def _merge_help() -> str:
     from evomerge.methods.registry import REGISTRY
 
     methods = "\n\n".join(f"  {m.name}: {m.summary}" for m in REGISTRY.values())
-    return ("Merge models as a mergekit-style RECIPE.yaml describes, into OUT_DIR (written atomically).\n\n"
-            f"Methods:\n\n{methods}")
+    return (
+        "Merge models as a mergekit-style RECIPE.yaml describes, into OUT_DIR (written atomically).\n\n"
+        f"Methods:\n\n{methods}"
+    )
 
 
 @app.command("merge", help=_merge_help())
@@ -95,8 +105,9 @@ def merge_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; write nothing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-    threads: int | None = typer.Option(None, min=1, help="CPU threads for the merge math (default: torch's; "
-                                       "1 is often fastest on a busy machine)."),
+    threads: int | None = typer.Option(
+        None, min=1, help="CPU threads for the merge math (default: torch's; 1 is often fastest on a busy machine)."
+    ),
 ) -> None:
     from evomerge.allocator import keep_freed_memory
     from evomerge.merge import merge_from_file
@@ -106,8 +117,17 @@ def merge_cmd(
         import torch
 
         torch.set_num_threads(threads)
-    merge_from_file(recipe, out_dir, seed=seed, device=device, max_shard_size=max_shard_size,
-                    dry_run=dry_run, overwrite=overwrite, progress=not quiet, echo=typer.echo)
+    merge_from_file(
+        recipe,
+        out_dir,
+        seed=seed,
+        device=device,
+        max_shard_size=max_shard_size,
+        dry_run=dry_run,
+        overwrite=overwrite,
+        progress=not quiet,
+        echo=typer.echo,
+    )
 
 
 @app.command("search")
@@ -119,14 +139,23 @@ def search_cmd(
     ray_address: str | None = typer.Option(None, help="Join a Ray cluster ('auto' or host:port)."),
     max_evals: int | None = typer.Option(None, help="Override the space's budget.max_evals."),
     seed: int | None = typer.Option(None, help="Override the space's root seed."),
-    optimizer: str | None = typer.Option(None, help="Override the space's optimizer: cma, random, or "
-                                                "optuna:tpe / optuna:cmaes / optuna:nsga2."),
+    optimizer: str | None = typer.Option(
+        None, help="Override the space's optimizer: cma, random, or optuna:tpe / optuna:cmaes / optuna:nsga2."
+    ),
 ) -> None:
     """Run an evolutionary merge search; journal every evaluation; write final.yaml and summary.json."""
     from evomerge.search_cli import run_search
 
-    run_search(space, run_dir, workers=workers, ray_address=ray_address, max_evals=max_evals, seed=seed,
-               optimizer=optimizer, echo=typer.echo)
+    run_search(
+        space,
+        run_dir,
+        workers=workers,
+        ray_address=ray_address,
+        max_evals=max_evals,
+        seed=seed,
+        optimizer=optimizer,
+        echo=typer.echo,
+    )
 
 
 @app.command("resume")

@@ -33,7 +33,7 @@ def window_items(items: Sequence[int], window: Sequence[int | None], seed: int) 
     order = list(items)
     random.Random(seed).shuffle(order)
     start, stop = window
-    return order[int(start or 0): None if stop is None else int(stop)]
+    return order[int(start or 0) : None if stop is None else int(stop)]
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,9 @@ class Estimate:
         return self.fitness - z * self.se
 
 
-def estimate(scores: Mapping[str, Sequence[float]], totals: Mapping[str, int], weights: Mapping[str, float]
-             ) -> Estimate:
+def estimate(
+    scores: Mapping[str, Sequence[float]], totals: Mapping[str, int], weights: Mapping[str, float]
+) -> Estimate:
     """Weighted mean of per-task means; se = sqrt(sum w^2 se_t^2), tasks being independent.
 
     For scores in [0, 1] the per-item variance is bounded by p(1 - p), taken at the Agresti-Coull
@@ -71,7 +72,7 @@ def estimate(scores: Mapping[str, Sequence[float]], totals: Mapping[str, int], w
         else:
             item_var = sum((v - mean) ** 2 for v in values) / max(n - 1, 1)
         fpc = (total - n) / (total - 1) if total > 1 else 0.0
-        variance += weight ** 2 * item_var / n * fpc
+        variance += weight**2 * item_var / n * fpc
     return Estimate(fitness, math.sqrt(variance), complete)
 
 
@@ -97,8 +98,12 @@ def items_scored(records: Iterable[Mapping[str, Any]]) -> int:
     the forward-pass cost that staged evaluation saves."""
     total = 0
     for record in records:
-        if record["phase"] not in ("search", "stage") or record.get("fidelity") or record["status"] != "ok" \
-                or record.get("cached_from"):
+        if (
+            record["phase"] not in ("search", "stage")
+            or record.get("fidelity")
+            or record["status"] != "ok"
+            or record.get("cached_from")
+        ):
             continue
         total += int(sum(v for k, v in record["metrics"].items() if k.endswith("/n")))
     return total

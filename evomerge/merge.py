@@ -72,8 +72,15 @@ class CheckpointSource:
             reader.close()
 
 
-def compute_tensor(plan: MergePlan, job: TensorJob, source: TensorSource, *, device: torch.device | str = "cpu",
-                   caches: Sequence[DeltaCache | None] = (), load_inputs: bool = True) -> torch.Tensor:
+def compute_tensor(
+    plan: MergePlan,
+    job: TensorJob,
+    source: TensorSource,
+    *,
+    device: torch.device | str = "cpu",
+    caches: Sequence[DeltaCache | None] = (),
+    load_inputs: bool = True,
+) -> torch.Tensor:
     """Produce one output tensor (on `device`, in `job.out_dtype`).
 
     Inputs are rounded to the recipe's `dtype` when it sets one, then upcast to fp32. With
@@ -99,9 +106,17 @@ def compute_tensor(plan: MergePlan, job: TensorJob, source: TensorSource, *, dev
         return tensor.to(device=device, dtype=job.out_dtype)
     base = load(job.base) if job.base is not None else None
     inputs = [load(ref, owned=True) if load_inputs else None for ref in job.inputs]
-    call = MethodCall(tensor_name=job.name, base=base, inputs=inputs, input_params=job.input_params,
-                      params=job.params, generators=plan.generators(job, device), caches=caches,
-                      inputs_owned=True, context=plan.prepared.for_job(job) if plan.prepared is not None else None)
+    call = MethodCall(
+        tensor_name=job.name,
+        base=base,
+        inputs=inputs,
+        input_params=job.input_params,
+        params=job.params,
+        generators=plan.generators(job, device),
+        caches=caches,
+        inputs_owned=True,
+        context=plan.prepared.for_job(job) if plan.prepared is not None else None,
+    )
     result = plan.method.fn(call)
     return result.to(job.out_dtype)
 
@@ -110,9 +125,16 @@ DeltaCaches = Callable[[TensorJob], "Sequence[DeltaCache] | None"]
 """Resident task-vector data for a job's inputs (None: load the inputs); see `compute_tensor`."""
 
 
-def run_plan(plan: MergePlan, sink: TensorSink, source: TensorSource, *, device: torch.device | str = "cpu",
-             progress: bool = False, caches: DeltaCaches | None = None,
-             direct: Callable[[TensorJob], bool] | None = None) -> None:
+def run_plan(
+    plan: MergePlan,
+    sink: TensorSink,
+    source: TensorSource,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    caches: DeltaCaches | None = None,
+    direct: Callable[[TensorJob], bool] | None = None,
+) -> None:
     """Every job of the plan into the sink; on any exception (Ctrl-C included) the sink aborts.
 
     `caches` is how an in-memory materializer hands its resident task vectors to the methods;
@@ -137,8 +159,12 @@ def run_plan(plan: MergePlan, sink: TensorSink, source: TensorSource, *, device:
                     job_source = prefetch.current(job)
                     if i + 1 < len(plan.jobs):
                         prefetch.start(plan.jobs[i + 1])
-                sink.write(job, compute_tensor(plan, job, job_source, device=device, caches=job_caches or (),
-                                               load_inputs=job_caches is None))
+                sink.write(
+                    job,
+                    compute_tensor(
+                        plan, job, job_source, device=device, caches=job_caches or (), load_inputs=job_caches is None
+                    ),
+                )
                 advance(job.name)
         sink.commit()
     except BaseException:
@@ -194,8 +220,13 @@ def _progress(total: int, *, enabled: bool) -> Iterator[Callable[[str], None]]:
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.description}"))
+    columns = (
+        TextColumn("merging"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task("", total=total)
         yield lambda name: bar.update(task, advance=1, description=name)
@@ -249,8 +280,9 @@ class FileSink:
             if self._writer is not None:
                 self._writer.close()
             self._current += 1
-            self._writer = StreamingShardWriter(self._tmp.path / self._names[self._current],
-                                                self._shards[self._current])
+            self._writer = StreamingShardWriter(
+                self._tmp.path / self._names[self._current], self._shards[self._current]
+            )
             self._writers.append(self._writer)
         self._writer.write(name, tensor)
 
@@ -294,18 +326,20 @@ def describe_plan(plan: MergePlan, *, examples: int = 4) -> list[str]:
     lines = [f"method: {plan.method.name}" + (f" (seed {plan.seed})" if plan.method.random else "")]
     for i, model in enumerate(plan.models):
         role = " (donor of config)" if i == plan.donor else ""
-        lines.append(f"model {i}: {model.reference} -> {model.path} [{model.arch.family}, "
-                     f"{model.num_layers} layers]{role}")
-    lines.append(f"output: {len(plan.layer_sources)} layers, {len(plan.jobs)} tensors, "
-                 f"{plan.total_bytes / 1e6:.1f} MB")
+        lines.append(
+            f"model {i}: {model.reference} -> {model.path} [{model.arch.family}, {model.num_layers} layers]{role}"
+        )
+    lines.append(f"output: {len(plan.layer_sources)} layers, {len(plan.jobs)} tensors, {plan.total_bytes / 1e6:.1f} MB")
     picks = _example_jobs(plan.jobs, examples)
     for job in picks:
         sources = ", ".join(f"{plan.models[r.model].reference}:{r.name}" for r in job.inputs)
         base = f" base={plan.models[job.base.model].reference}:{job.base.name}" if job.base else ""
         per_model = "; ".join(", ".join(f"{k}={_fmt(v)}" for k, v in p.items()) for p in job.input_params)
         glob = ", ".join(f"{k}={_fmt(v)}" for k, v in job.params.items())
-        lines.append(f"  {job.name} {list(job.shape)} {str(job.out_dtype).removeprefix('torch.')}:{base} "
-                     f"inputs=[{sources}] per-model=[{per_model}] global=[{glob}]")
+        lines.append(
+            f"  {job.name} {list(job.shape)} {str(job.out_dtype).removeprefix('torch.')}:{base} "
+            f"inputs=[{sources}] per-model=[{per_model}] global=[{glob}]"
+        )
     if len(plan.jobs) > len(picks):
         lines.append(f"  ... {len(plan.jobs) - len(picks)} more tensors")
     return lines
@@ -322,9 +356,18 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def merge_from_file(recipe_path: Path, out_dir: Path, *, seed: int | None = None, device: str = "cpu",
-                    max_shard_size: str = "2GB", dry_run: bool = False, overwrite: bool = False,
-                    progress: bool = True, echo: Callable[[str], None] = print) -> MergePlan:
+def merge_from_file(
+    recipe_path: Path,
+    out_dir: Path,
+    *,
+    seed: int | None = None,
+    device: str = "cpu",
+    max_shard_size: str = "2GB",
+    dry_run: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> MergePlan:
     """`evomerge merge`: validate, plan, then stream the merge into OUT_DIR (atomically)."""
     from evomerge.checkpoint import check_output_dir, parse_size
     from evomerge.errors import EvomergeError
@@ -347,8 +390,13 @@ def merge_from_file(recipe_path: Path, out_dir: Path, *, seed: int | None = None
     source = CheckpointSource(plan)
     try:
         with _terminate_as_interrupt():
-            run_plan(plan, FileSink(out_dir, max_shard_bytes=max_bytes, overwrite=overwrite), source,
-                     device=device, progress=progress)
+            run_plan(
+                plan,
+                FileSink(out_dir, max_shard_bytes=max_bytes, overwrite=overwrite),
+                source,
+                device=device,
+                progress=progress,
+            )
     finally:
         source.close()
     return plan

@@ -88,11 +88,21 @@ class Objectives:
                 points.append((record, values))
         signs = [1.0 if d == "maximize" else -1.0 for d in self.directions]
         vectors = [[s * values[n] for s, n in zip(signs, self.names, strict=True)] for _, values in points]
-        front = [{"eval_id": record["eval_id"], "objectives": values, "fitness": record["fitness"],
-                  "recipe": record["recipe"]}
-                 for i, (record, values) in enumerate(points) if i in non_dominated(vectors)]
-        return {"objectives": [{"name": n, "direction": d} for n, d in zip(self.names, self.directions, strict=True)],
-                "evaluated": len(points), "front": front}
+        front = [
+            {
+                "eval_id": record["eval_id"],
+                "objectives": values,
+                "fitness": record["fitness"],
+                "recipe": record["recipe"],
+            }
+            for i, (record, values) in enumerate(points)
+            if i in non_dominated(vectors)
+        ]
+        return {
+            "objectives": [{"name": n, "direction": d} for n, d in zip(self.names, self.directions, strict=True)],
+            "evaluated": len(points),
+            "front": front,
+        }
 
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:

@@ -61,8 +61,9 @@ def eval_config(config: SpaceConfig, split: str, full: bool = False) -> dict[str
     }
 
 
-def make_payload(recipe: Recipe, config: SpaceConfig, split: str, full: bool = False,
-                 window: tuple[int, int | None] | None = None) -> dict[str, Any]:
+def make_payload(
+    recipe: Recipe, config: SpaceConfig, split: str, full: bool = False, window: tuple[int, int | None] | None = None
+) -> dict[str, Any]:
     """`window` (staged evaluation): score only positions [start, stop) of each task's items in a
     fixed seeded order (`order_seed`), and answer with per-item scores."""
     payload = {"recipe": recipe_to_dict(recipe), "seed": recipe.seed, **eval_config(config, split, full)}

@@ -74,9 +74,15 @@ class ModelInfo:
     def from_reader(cls, reference: str, reader: CheckpointReader, where: str) -> ModelInfo:
         arch = detect_architecture(reader.config, where)
         names = reader.names()
-        return cls(reference=reference, path=reader.dir, config=reader.config, arch=arch,
-                   num_layers=num_layers(reader.config, arch, where),
-                   shapes={n: reader.shape(n) for n in names}, dtypes={n: reader.dtype(n) for n in names})
+        return cls(
+            reference=reference,
+            path=reader.dir,
+            config=reader.config,
+            arch=arch,
+            num_layers=num_layers(reader.config, arch, where),
+            shapes={n: reader.shape(n) for n in names},
+            dtypes={n: reader.dtype(n) for n in names},
+        )
 
 
 @dataclass
@@ -130,8 +136,15 @@ class ModelCatalog:
             reader.close()
             self._infos[path] = info
         if info.reference != reference:
-            info = ModelInfo(reference=reference, path=info.path, config=info.config, arch=info.arch,
-                             num_layers=info.num_layers, shapes=info.shapes, dtypes=info.dtypes)
+            info = ModelInfo(
+                reference=reference,
+                path=info.path,
+                config=info.config,
+                arch=info.arch,
+                num_layers=info.num_layers,
+                shapes=info.shapes,
+                dtypes=info.dtypes,
+            )
         return info
 
     def _locate(self, reference: str, where: str) -> Path:
@@ -140,8 +153,11 @@ class ModelCatalog:
         for option in options:
             if (option / "config.json").is_file():
                 return option.resolve()
-        hint = "; evomerge reads local model directories only (no hub downloads)" if "/" in reference and not \
-            candidate.is_absolute() else ""
+        hint = (
+            "; evomerge reads local model directories only (no hub downloads)"
+            if "/" in reference and not candidate.is_absolute()
+            else ""
+        )
         looked = ", ".join(str(o) for o in options)
         raise EvomergeError(f"{where}: model {reference!r} not found (looked for config.json in {looked}){hint}")
 
@@ -194,19 +210,24 @@ class PlanCache:
         plan, origins = template
         method = validate_recipe(recipe)
         planner = _Planner(recipe, method, self.catalog)
-        slices = [_Slice([_Source(path, -1, 0, parameters) for path, parameters in sources], None, slice_parameters, 0)
-                  for sources, slice_parameters in _parameter_scopes(recipe)]
+        slices = [
+            _Slice([_Source(path, -1, 0, parameters) for path, parameters in sources], None, slice_parameters, 0)
+            for sources, slice_parameters in _parameter_scopes(recipe)
+        ]
         jobs = []
         for job, origin in zip(plan.jobs, origins, strict=True):
             s = slices[origin.slice]
-            input_params = [planner._model_params(s.sources[k], s, ref.name, origin.t)
-                            for k, ref in zip(origin.sources, job.inputs, strict=True)]
+            input_params = [
+                planner._model_params(s.sources[k], s, ref.name, origin.t)
+                for k, ref in zip(origin.sources, job.inputs, strict=True)
+            ]
             params = planner._global_params(s, job.name, origin.t)
             planner._check_resolved(job.name, input_params, params)
             jobs.append(dataclasses.replace(job, input_params=tuple(input_params), params=params))
         seed = _seed(recipe, seed)
-        return dataclasses.replace(plan, recipe=recipe.with_seed(seed) if method.random else recipe,
-                                   jobs=tuple(jobs), seed=seed)
+        return dataclasses.replace(
+            plan, recipe=recipe.with_seed(seed) if method.random else recipe, jobs=tuple(jobs), seed=seed
+        )
 
 
 @dataclass(frozen=True)
@@ -221,10 +242,22 @@ class _JobOrigin:
 def _structure(recipe: Recipe) -> tuple[Any, ...]:
     """Everything of a recipe that decides its jobs and output config: all but parameter values."""
     models = tuple(m.model for m in recipe.models) if recipe.models is not None else None
-    slices = None if recipe.slices is None else tuple(
-        (s.base_model, tuple((src.model, tuple(src.layer_range)) for src in s.sources)) for s in recipe.slices)
-    return (recipe.merge_method, recipe.base_model, models, slices, recipe.dtype, recipe.out_dtype,
-            recipe.tokenizer_source)
+    slices = (
+        None
+        if recipe.slices is None
+        else tuple(
+            (s.base_model, tuple((src.model, tuple(src.layer_range)) for src in s.sources)) for s in recipe.slices
+        )
+    )
+    return (
+        recipe.merge_method,
+        recipe.base_model,
+        models,
+        slices,
+        recipe.dtype,
+        recipe.out_dtype,
+        recipe.tokenizer_source,
+    )
 
 
 def _parameter_scopes(recipe: Recipe) -> list[tuple[list[tuple[str, Parameters | None]], Parameters | None]]:
@@ -232,8 +265,10 @@ def _parameter_scopes(recipe: Recipe) -> list[tuple[list[tuple[str, Parameters |
     the slice's own parameters."""
     if recipe.models is not None:
         return [([(f"models[{i}]", m.parameters) for i, m in enumerate(recipe.models)], None)]
-    return [([(f"slices[{i}].sources[{j}]", src.parameters) for j, src in enumerate(s.sources)], s.parameters)
-            for i, s in enumerate(recipe.slices or [])]
+    return [
+        ([(f"slices[{i}].sources[{j}]", src.parameters) for j, src in enumerate(s.sources)], s.parameters)
+        for i, s in enumerate(recipe.slices or [])
+    ]
 
 
 def _seed(recipe: Recipe, seed: int | None) -> int:
@@ -254,13 +289,25 @@ def _plan(recipe: Recipe, catalog: ModelCatalog, seed: int | None) -> tuple[Merg
     out_dtype = jobs[0].out_dtype if jobs else torch.float32
     has_lm_head = any(j.name == models[donor].arch.lm_head for j in jobs)
     layer_sources = planner.layer_sources
-    config = output_config(models[donor].config, models[donor].arch,
-                           [(models[m].config, layer) for m, layer in layer_sources],
-                           dtype_name=dtype_name(out_dtype), has_lm_head=has_lm_head)
-    plan = MergePlan(recipe=recipe.with_seed(seed) if method.random else recipe, method=method, models=models,
-                     jobs=tuple(jobs), seed=seed,
-                     input_dtype=parse_dtype(recipe.dtype, "dtype") if recipe.dtype else None,
-                     out_config=config, donor=donor, tokenizer_model=tokenizer_model, layer_sources=layer_sources)
+    config = output_config(
+        models[donor].config,
+        models[donor].arch,
+        [(models[m].config, layer) for m, layer in layer_sources],
+        dtype_name=dtype_name(out_dtype),
+        has_lm_head=has_lm_head,
+    )
+    plan = MergePlan(
+        recipe=recipe.with_seed(seed) if method.random else recipe,
+        method=method,
+        models=models,
+        jobs=tuple(jobs),
+        seed=seed,
+        input_dtype=parse_dtype(recipe.dtype, "dtype") if recipe.dtype else None,
+        out_config=config,
+        donor=donor,
+        tokenizer_model=tokenizer_model,
+        layer_sources=layer_sources,
+    )
     return plan, planner.origins
 
 
@@ -274,16 +321,19 @@ class _Planner:
         self.layer_sources: list[tuple[int, int]] = []
         self.origins: list[_JobOrigin] = []  # per job, in order (what PlanCache re-resolves)
         self._slice_index: dict[int, int] = {}
-        self.out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype, "out_dtype") if (
-            recipe.out_dtype or recipe.dtype) else None
+        self.out_dtype = (
+            parse_dtype(recipe.out_dtype or recipe.dtype, "out_dtype") if (recipe.out_dtype or recipe.dtype) else None
+        )
 
     def model_index(self, reference: str, where: str = "base_model") -> int:
         info = self.catalog.resolve(reference, where)
         if info.path not in self._index:
             if self.models and info.arch is not self.models[0].arch:
-                raise EvomergeError(f"{where}: {reference!r} is a {info.arch.family} model but "
-                                    f"{self.models[0].reference!r} is {self.models[0].arch.family}; "
-                                    "all models of a merge must share an architecture")
+                raise EvomergeError(
+                    f"{where}: {reference!r} is a {info.arch.family} model but "
+                    f"{self.models[0].reference!r} is {self.models[0].arch.family}; "
+                    "all models of a merge must share an architecture"
+                )
             self._index[info.path] = len(self.models)
             self.models.append(info)
         return self._index[info.path]
@@ -294,8 +344,10 @@ class _Planner:
         r = self.recipe
         base = self.model_index(r.base_model) if r.base_model else None
         if r.models is not None:
-            sources = [_Source(f"models[{i}]", self.model_index(m.model, f"models[{i}].model"), 0, m.parameters)
-                       for i, m in enumerate(r.models)]
+            sources = [
+                _Source(f"models[{i}]", self.model_index(m.model, f"models[{i}].model"), 0, m.parameters)
+                for i, m in enumerate(r.models)
+            ]
             if self.method.base == "required" and base is not None and all(s.model != base for s in sources):
                 sources.append(_Source("base_model", base, 0, None))
             if self.method.base == "ignored":
@@ -308,7 +360,8 @@ class _Planner:
                     raise EvomergeError(
                         f"{s.path}.model: {self.models[s.model].reference!r} has {n} layers but "
                         f"{self.models[reference].reference!r} has {length}; use slices: with layer_range "
-                        "to merge models of different depth")
+                        "to merge models of different depth"
+                    )
             return [_Slice(sources, base, None, length)]
         slices = []
         for i, s in enumerate(r.slices or []):
@@ -331,8 +384,10 @@ class _Planner:
     def _check_range(self, where: str, src: SliceSource, model: int) -> None:
         n = self.models[model].num_layers
         if src.layer_range[1] > n:
-            raise EvomergeError(f"{where}.layer_range: {list(src.layer_range)} reaches past the last layer of "
-                                f"{src.model!r}, which has {n} layers (valid: 0 <= start < end <= {n})")
+            raise EvomergeError(
+                f"{where}.layer_range: {list(src.layer_range)} reaches past the last layer of "
+                f"{src.model!r}, which has {n} layers (valid: 0 <= start < end <= {n})"
+            )
 
     # slices -> jobs -------------------------------------------------------------------------------
 
@@ -375,8 +430,10 @@ class _Planner:
             return TensorRef(model, name)
         if name == info.arch.lm_head:
             if info.config.get("tie_word_embeddings", info.arch.family == "gpt2") is False:
-                raise EvomergeError(f"{where}: {info.reference!r} has no {name} and does not tie it to the "
-                                    "embeddings (tie_word_embeddings: false)")
+                raise EvomergeError(
+                    f"{where}: {info.reference!r} has no {name} and does not tie it to the "
+                    "embeddings (tie_word_embeddings: false)"
+                )
             tied = next((n for n in info.arch.embedding if n in info.shapes), None)
             return None if tied is None else TensorRef(model, tied)
         raise EvomergeError(f"{where}: {info.reference!r} has no tensor {name!r}")
@@ -397,14 +454,14 @@ class _Planner:
                 info = self.models[src.model]
                 name = info.layers.get(src.layer_start + offset, {}).get(suffix)
                 if name is None:
-                    raise EvomergeError(f"{src.path}: {info.reference!r} has no tensor for layer "
-                                        f"{src.layer_start + offset} {suffix!r}")
+                    raise EvomergeError(
+                        f"{src.path}: {info.reference!r} has no tensor for layer {src.layer_start + offset} {suffix!r}"
+                    )
                 refs.append(TensorRef(src.model, name))
             jobs.append(self._job(f"{ref_info.layer_prefix}{out_layer}.{suffix}", s, refs, t=t, layer=out_layer))
         return jobs
 
-    def _job(self, name: str, s: _Slice, refs: list[TensorRef | None], *, t: float,
-             layer: int | None) -> TensorJob:
+    def _job(self, name: str, s: _Slice, refs: list[TensorRef | None], *, t: float, layer: int | None) -> TensorJob:
         """`refs` is aligned with `s.sources`; the first source that is the base model is the base."""
         base_ref: TensorRef | None = None
         inputs, input_params, origin = [], [], []
@@ -412,8 +469,9 @@ class _Planner:
             if s.base is not None and src.model == s.base and base_ref is None:
                 base_ref = ref
                 if ref is None:
-                    raise EvomergeError(f"{src.path}: the base {self.models[src.model].reference!r} has no tensor "
-                                        f"{name!r}")
+                    raise EvomergeError(
+                        f"{src.path}: the base {self.models[src.model].reference!r} has no tensor {name!r}"
+                    )
                 continue
             if ref is None:
                 raise EvomergeError(f"{src.path}: {self.models[src.model].reference!r} has no tensor {name!r}")
@@ -426,8 +484,16 @@ class _Planner:
         self._check_resolved(name, input_params, params)
         first = base_ref or inputs[0]
         out_dtype = self.out_dtype or self.models[first.model].dtypes[first.name]
-        return TensorJob(name=name, shape=shape, out_dtype=out_dtype, base=base_ref, inputs=tuple(inputs),
-                         input_params=tuple(input_params), params=params, layer=layer)
+        return TensorJob(
+            name=name,
+            shape=shape,
+            out_dtype=out_dtype,
+            base=base_ref,
+            inputs=tuple(inputs),
+            input_params=tuple(input_params),
+            params=params,
+            layer=layer,
+        )
 
     def _common_shape(self, name: str, base: TensorRef | None, inputs: list[TensorRef], s: _Slice) -> tuple[int, ...]:
         refs = ([base] if base else []) + inputs
@@ -435,36 +501,53 @@ class _Planner:
         for ref, shape in zip(refs, shapes, strict=False):
             if shape != shapes[0]:
                 info, first = self.models[ref.model], self.models[refs[0].model]
-                what = "vocabulary sizes differ; merging different tokenizers is not supported" if \
-                    info.arch.is_vocabulary(ref.name) else "shapes must match"
-                raise EvomergeError(f"{name}: {info.reference!r} has shape {list(shape)} but "
-                                    f"{first.reference!r} has {list(shapes[0])}; {what}")
+                what = (
+                    "vocabulary sizes differ; merging different tokenizers is not supported"
+                    if info.arch.is_vocabulary(ref.name)
+                    else "shapes must match"
+                )
+                raise EvomergeError(
+                    f"{name}: {info.reference!r} has shape {list(shape)} but "
+                    f"{first.reference!r} has {list(shapes[0])}; {what}"
+                )
         return shapes[0]
 
     # parameters ------------------------------------------------------------------------------------
 
     def _model_params(self, src: _Source, s: _Slice, tensor_name: str, t: float) -> dict[str, Any]:
         return _resolve_specs(
-            self.method.model_params, (src.parameters, s.parameters, self.recipe.parameters), tensor_name, t,
-            lambda name: f"{src.path}.parameters.{name}: no value applies to tensor {tensor_name!r} "
-                         "(add a fallback entry without filter)")
+            self.method.model_params,
+            (src.parameters, s.parameters, self.recipe.parameters),
+            tensor_name,
+            t,
+            lambda name: (
+                f"{src.path}.parameters.{name}: no value applies to tensor {tensor_name!r} "
+                "(add a fallback entry without filter)"
+            ),
+        )
 
     def _global_params(self, s: _Slice, name: str, t: float) -> dict[str, Any]:
         return _resolve_specs(
-            self.method.global_params, (s.parameters, self.recipe.parameters), name, t,
-            lambda param: f"parameters.{param}: required by {self.method.name} but no value "
-                          f"applies to tensor {name!r}")
+            self.method.global_params,
+            (s.parameters, self.recipe.parameters),
+            name,
+            t,
+            lambda param: f"parameters.{param}: required by {self.method.name} but no value applies to tensor {name!r}",
+        )
 
     def _check_resolved(self, name: str, input_params: list[dict[str, Any]], params: dict[str, Any]) -> None:
         if self.method.name == "linear" and params.get("normalize", True):
             total = sum(float(p["weight"]) for p in input_params)
             if abs(total) < 1e-8:
-                raise EvomergeError(f"parameters.weight: the weights for {name!r} sum to 0, so normalize "
-                                    "would divide by zero; change the weights or set normalize: false")
+                raise EvomergeError(
+                    f"parameters.weight: the weights for {name!r} sum to 0, so normalize "
+                    "would divide by zero; change the weights or set normalize: false"
+                )
 
 
-def _resolve_specs(specs: Sequence[Any], scopes: Sequence[Parameters | None], tensor_name: str, t: float,
-                   missing: Callable[[str], str]) -> dict[str, Any]:
+def _resolve_specs(
+    specs: Sequence[Any], scopes: Sequence[Parameters | None], tensor_name: str, t: float, missing: Callable[[str], str]
+) -> dict[str, Any]:
     """Each declared parameter's value for one tensor: the first scope that sets it, else its default;
     a required parameter that no scope sets is an error (`missing(name)` says which field)."""
     values = {}

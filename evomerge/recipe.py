@@ -134,8 +134,11 @@ class Recipe(BaseModel):
         if self.slices is not None:
             return list(self.slices)
         return [
-            OutputSlice(sources=[SliceSource(model=m.model, layer_range=(0, 0), parameters=m.parameters)
-                                 for m in self.models or []])
+            OutputSlice(
+                sources=[
+                    SliceSource(model=m.model, layer_range=(0, 0), parameters=m.parameters) for m in self.models or []
+                ]
+            )
         ]
 
     def referenced_models(self) -> list[str]:
@@ -173,14 +176,16 @@ def _format_validation_error(exc: ValidationError) -> str:
     if "parameters" in loc and len(loc) >= loc.index("parameters") + 2:
         name_end = loc.index("parameters") + 2
         path = _format_loc(loc[:name_end])
-        return (f"{path}: invalid parameter value (got {first.get('input')!r}); expected a number, a list of numbers"
-                " (gradient) or a list of {filter: ..., value: ...}")
+        return (
+            f"{path}: invalid parameter value (got {first.get('input')!r}); expected a number, a list of numbers"
+            " (gradient) or a list of {filter: ..., value: ...}"
+        )
     if "layer_range" in loc:
         path = _format_loc(loc[: loc.index("layer_range") + 1])
         return f"{path}: expected [start, end] as two integers (got {first.get('input')!r})"
     msg = first["msg"]
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
         return msg if not path else f"{path}: {msg}"
     if first["type"] == "extra_forbidden":
         return f"{path}: unknown key"

@@ -53,29 +53,58 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
     stats = run_stats(run)
     figures: list[Figure] = []
     series = [(stage.name, fitness_series(stage.records)) for stage in run.stages if stage.search_records]
-    figures.append(Figure("fitness.png", "Fitness over evaluations",
-                          f"search-split fitness of every evaluation ({stats.evaluations}, {stats.failed} failed)",
-                          to_png(draw_fitness(series, stats.splits.get("search", "search")))))
+    figures.append(
+        Figure(
+            "fitness.png",
+            "Fitness over evaluations",
+            f"search-split fitness of every evaluation ({stats.evaluations}, {stats.failed} failed)",
+            to_png(draw_fitness(series, stats.splits.get("search", "search"))),
+        )
+    )
     ps_file = _ps_recipe_file(run)
     maps = recipe_heatmaps(load_chosen_recipe(ps_file)) if ps_file else []
     if maps:
-        figures.append(Figure("weights.png", "Per-layer merge parameters", f"read from {_relative(ps_file, run)}",
-                              to_png(draw_heatmaps(maps, f"{_relative(ps_file, run)}: per-layer parameters"))))
+        figures.append(
+            Figure(
+                "weights.png",
+                "Per-layer merge parameters",
+                f"read from {_relative(ps_file, run)}",
+                to_png(draw_heatmaps(maps, f"{_relative(ps_file, run)}: per-layer parameters")),
+            )
+        )
     path_file = run.recipe_file
     steps = recipe_path(load_chosen_recipe(path_file)) if path_file else []
     if steps:
-        figures.append(Figure("path.png", "DFS inference path",
-                              f"{len(steps)} layers, read from {_relative(path_file, run)}",
-                              to_png(draw_path(steps, f"{_relative(path_file, run)}: layers in the order they run",
-                                                _names_inside(run, [s.model for s in steps])))))
+        figures.append(
+            Figure(
+                "path.png",
+                "DFS inference path",
+                f"{len(steps)} layers, read from {_relative(path_file, run)}",
+                to_png(
+                    draw_path(
+                        steps,
+                        f"{_relative(path_file, run)}: layers in the order they run",
+                        _names_inside(run, [s.model for s in steps]),
+                    )
+                ),
+            )
+        )
     if run.pareto:
-        figures.append(Figure("pareto.png", "Pareto front", f"{len(run.pareto)} non-dominated evaluations",
-                              to_png(draw_pareto(run.pareto, _objective_background(run)))))
+        figures.append(
+            Figure(
+                "pareto.png",
+                "Pareto front",
+                f"{len(run.pareto)} non-dominated evaluations",
+                to_png(draw_pareto(run.pareto, _objective_background(run))),
+            )
+        )
     tables = summary_tables(run, stats)
     notes = [f"run {run.path} ({run.kind})"]
     if run.summary is None:
-        notes.append("The run has not finished (no summary.json yet): figures show the evaluations journaled so "
-                     "far and the best recipe by search fitness (best.yaml).")
+        notes.append(
+            "The run has not finished (no summary.json yet): figures show the evaluations journaled so "
+            "far and the best recipe by search fitness (best.yaml)."
+        )
     page = render_page(f"evomerge report: {run.path.name}", notes, tables, figures)
 
     out = Path(out_dir) if out_dir is not None else run.path / REPORT_DIR
@@ -120,8 +149,12 @@ def _objective_background(run: RunData) -> list[dict[str, float]] | None:
     names = list(run.pareto[0]["objectives"]) if run.pareto else []
     front = front_file(run.path)
     stages = [s for s in run.stages if front is not None and s.path == front.parent] or run.stages  # its stage
-    points = [{n: r["metrics"][n] for n in names} for stage in stages for r in stage.search_records
-              if r["status"] == "ok" and all(n in r["metrics"] for n in names)]
+    points = [
+        {n: r["metrics"][n] for n in names}
+        for stage in stages
+        for r in stage.search_records
+        if r["status"] == "ok" and all(n in r["metrics"] for n in names)
+    ]
     return points or None
 
 
@@ -146,10 +179,11 @@ def summary_tables(run: RunData, stats: RunStats) -> list[tuple[str, list[str], 
         report = split.get("report")
         final = stats.final_test or {}
         ci = final.get("ci95")
-        rows = [["final.yaml", "final", _number(final.get("score")),
-                 f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-"]]
-        best_source = max((s["score"] for s in stats.sources.values() if s["score"] is not None
-                           and s["role"] == "source"), default=None)
+        rows = [["final.yaml", "final", _number(final.get("score")), f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-"]]
+        best_source = max(
+            (s["score"] for s in stats.sources.values() if s["score"] is not None and s["role"] == "source"),
+            default=None,
+        )
         for model, entry in stats.sources.items():
             rows.append([model, entry["role"], _number(entry["score"]), "-"])
         if final.get("score") is not None and best_source is not None:
@@ -157,8 +191,13 @@ def summary_tables(run: RunData, stats: RunStats) -> list[tuple[str, list[str], 
         tables.append((f"Final recipe vs sources ({report} split)", ["model", "role", "score", "95% CI"], rows))
     if run.pareto:
         names = list(run.pareto[0]["objectives"])
-        tables.append(("Pareto front", ["eval_id", *names],
-                       [[str(e["eval_id"]), *(_number(e["objectives"].get(n)) for n in names)] for e in run.pareto]))
+        tables.append(
+            (
+                "Pareto front",
+                ["eval_id", *names],
+                [[str(e["eval_id"]), *(_number(e["objectives"].get(n)) for n in names)] for e in run.pareto],
+            )
+        )
     return tables
 
 
@@ -173,5 +212,8 @@ def print_report(report: Report, console: Any) -> None:
         for row in rows:
             table.add_row(*row)
         console.print(table)
-    console.print(f"wrote {len(report.files)} files to {report.out_dir}: "
-                  + ", ".join(p.name for p in report.files), highlight=False, soft_wrap=True)
+    console.print(
+        f"wrote {len(report.files)} files to {report.out_dir}: " + ", ".join(p.name for p in report.files),
+        highlight=False,
+        soft_wrap=True,
+    )

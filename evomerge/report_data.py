@@ -70,10 +70,15 @@ def load_run(path: str | Path) -> RunData:
     run.require()
     config = load_space_config(run.space_file)
     staged = config.kind == "ps+dfs"
-    stage_dirs = [(name, run.path / name) for name in STAGES if (run.path / name / SPACE_FILE).exists()] \
-        if staged else [("search", run.path)]
-    stages = [Stage(name, folder, list(read_journal(folder / "journal.jsonl")), _chosen_recipe(folder))
-              for name, folder in stage_dirs]
+    stage_dirs = (
+        [(name, run.path / name) for name in STAGES if (run.path / name / SPACE_FILE).exists()]
+        if staged
+        else [("search", run.path)]
+    )
+    stages = [
+        Stage(name, folder, list(read_journal(folder / "journal.jsonl")), _chosen_recipe(folder))
+        for name, folder in stage_dirs
+    ]
     if not any(stage.search_records for stage in stages):
         raise EvomergeError(f"run: {run.path} has no evaluations yet; nothing to report")
     summary_file = run.file(SUMMARY_FILE)
@@ -123,8 +128,13 @@ def pareto_entries(data: Any, path: Path) -> list[dict[str, Any]]:
             objectives = {f"objective_{k}": v for k, v in enumerate(objectives)}
         if not isinstance(objectives, dict) or not objectives:
             raise EvomergeError(f"{path}: entry {i} has no objectives")
-        out.append({"eval_id": entry.get("eval_id"), "objectives": {k: float(v) for k, v in objectives.items()},
-                    "recipe": entry.get("recipe")})
+        out.append(
+            {
+                "eval_id": entry.get("eval_id"),
+                "objectives": {k: float(v) for k, v in objectives.items()},
+                "recipe": entry.get("recipe"),
+            }
+        )
     return out
 
 
@@ -169,8 +179,7 @@ def fitness_series(records: Sequence[dict[str, Any]]) -> FitnessSeries:
             mean.append(math.nan)
             low.append(math.nan)
             high.append(math.nan)
-    return FitnessSeries(x, fitness, failed, best, gens, np.array(gx), np.array(mean), np.array(low),
-                         np.array(high))
+    return FitnessSeries(x, fitness, failed, best, gens, np.array(gx), np.array(mean), np.array(low), np.array(high))
 
 
 # -- (2) PS heatmap from a recipe -------------------------------------------------------------------
@@ -213,8 +222,10 @@ def recipe_heatmaps(recipe: Recipe) -> list[Heatmap]:
     if not kinds:
         return []
     filters = [f for _, _, params in settings for v in params.values() for f in _filters(v)]
-    edge_filters = {"pre": _first(f for f in filters if f.startswith(_PRE)),
-                    "post": _first(f for f in filters if f.startswith(_POST))}
+    edge_filters = {
+        "pre": _first(f for f in filters if f.startswith(_PRE)),
+        "post": _first(f for f in filters if f.startswith(_POST)),
+    }
     row_filters = list(dict.fromkeys(f for f in filters if not f.startswith(_PRE + _POST)))
     columns = _columns(recipe, slices, settings, edge_filters)
     models = list(dict.fromkeys(m for _, m, p in settings if any(k in p for k in kinds)))
@@ -223,7 +234,7 @@ def recipe_heatmaps(recipe: Recipe) -> list[Heatmap]:
     maps = []
     for kind in kinds:
         values = np.full((len(rows), len(columns)), np.nan)
-        for (si, model, params) in settings:
+        for si, model, params in settings:
             if kind not in params:
                 continue
             for ri, (row_model, row_filter) in enumerate(rows):
@@ -234,8 +245,9 @@ def recipe_heatmaps(recipe: Recipe) -> list[Heatmap]:
                         value = _cell(params[kind], column, row_filter, edge_filters)
                         if value is not None:
                             values[ri, ci] = value
-        maps.append(Heatmap(kind, [labels[m] + (f" {f}" if f else "") for m, f in rows],
-                            [c.label for c in columns], values))
+        maps.append(
+            Heatmap(kind, [labels[m] + (f" {f}" if f else "") for m, f in rows], [c.label for c in columns], values)
+        )
     return maps
 
 
@@ -278,15 +290,20 @@ def _gradient_points(setting: ParameterSetting) -> int:
 
 
 def _columns(recipe: Recipe, slices: list, settings: list, edge_filters: dict[str, str | None]) -> list[_Column]:
-    points = {si: max([_gradient_points(v) for s, _, p in settings if s == si for v in p.values()] or [1])
-              for si in range(len(slices))}
+    points = {
+        si: max([_gradient_points(v) for s, _, p in settings if s == si for v in p.values()] or [1])
+        for si in range(len(slices))
+    }
     columns: list[_Column] = []
     if edge_filters["pre"]:
         columns.append(_Column("embed", 0, 0.0, None, "pre"))
     if recipe.slices is None:  # models: one slice over the whole model; gradient points as columns
         n = points[0]
-        columns += [_Column("all", 0, 1.0, 0)] if n == 1 else \
-            [_Column(f"t={k / (n - 1):.2f}", 0, k / (n - 1), 0) for k in range(n)]
+        columns += (
+            [_Column("all", 0, 1.0, 0)]
+            if n == 1
+            else [_Column(f"t={k / (n - 1):.2f}", 0, k / (n - 1), 0) for k in range(n)]
+        )
     else:
         layer = 0
         for si, s in enumerate(slices):
@@ -296,16 +313,19 @@ def _columns(recipe: Recipe, slices: list, settings: list, edge_filters: dict[st
                 label = f"L{layer}" if length == 1 else f"L{layer}-{layer + length - 1}"
                 columns.append(_Column(label, si, 1.0 if length == 1 else 0.0, layer))
             else:
-                columns += [_Column(f"L{layer + k}", si, k / (length - 1) if length > 1 else 1.0, layer + k)
-                            for k in range(length)]
+                columns += [
+                    _Column(f"L{layer + k}", si, k / (length - 1) if length > 1 else 1.0, layer + k)
+                    for k in range(length)
+                ]
             layer += length
     if edge_filters["post"]:
         columns.append(_Column("head", len(slices) - 1, 0.0, None, "post"))
     return columns
 
 
-def _cell(setting: ParameterSetting, column: _Column, row_filter: str | None,
-          edge_filters: dict[str, str | None]) -> float | None:
+def _cell(
+    setting: ParameterSetting, column: _Column, row_filter: str | None, edge_filters: dict[str, str | None]
+) -> float | None:
     """The value the merge gives one tensor of this row and column (first matching filter wins)."""
     if column.edge is not None:
         probe = f"{edge_filters[column.edge]}weight"
@@ -365,18 +385,33 @@ def run_stats(run: RunData) -> RunStats:
     summary = run.summary or {}
     splits = summary.get("splits") or {"search": "search", "select": "select", "report": "report"}
     final = (summary.get("final") or {}).get(splits.get("report", "report"))
-    sources = {model: {"role": entry.get("role", "source"),
-                       "score": (entry.get(splits.get("report", "report")) or {}).get("score")}
-               for model, entry in (summary.get("sources") or {}).items()}
-    return RunStats(len(searches), sum(r["status"] != "ok" for r in searches), evals_per_hour(searches),
-                    max(ok_search, default=None), max(ok_select, default=None), splits, final, sources)
+    sources = {
+        model: {
+            "role": entry.get("role", "source"),
+            "score": (entry.get(splits.get("report", "report")) or {}).get("score"),
+        }
+        for model, entry in (summary.get("sources") or {}).items()
+    }
+    return RunStats(
+        len(searches),
+        sum(r["status"] != "ok" for r in searches),
+        evals_per_hour(searches),
+        max(ok_search, default=None),
+        max(ok_select, default=None),
+        splits,
+        final,
+        sources,
+    )
 
 
 def evals_per_hour(records: Sequence[dict[str, Any]]) -> float | None:
     """Search evaluations per wall-clock hour: from the first evaluation's start (its journal time
     minus its seconds) to the last journal time. Pauses between a kill and a resume count too."""
-    timed = [(_dt.datetime.fromisoformat(r["time"]).timestamp(), float(r.get("seconds") or 0.0))
-             for r in records if r.get("time")]
+    timed = [
+        (_dt.datetime.fromisoformat(r["time"]).timestamp(), float(r.get("seconds") or 0.0))
+        for r in records
+        if r.get("time")
+    ]
     if not timed:
         return None
     span = max(end for end, _ in timed) - min(end - seconds for end, seconds in timed)

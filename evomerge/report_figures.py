@@ -37,13 +37,25 @@ def draw_fitness(stages: Sequence[tuple[str, FitnessSeries]], split: str) -> Any
     fig, axes = plt.subplots(1, len(stages), figsize=(7.5 * len(stages), 4.2), squeeze=False)
     for ax, (name, series) in zip(axes[0], stages, strict=True):
         ok = ~series.failed
-        ax.fill_between(series.generation_x, series.generation_low, series.generation_high, color="tab:blue",
-                        alpha=0.15, label="generation mean ± std")
+        ax.fill_between(
+            series.generation_x,
+            series.generation_low,
+            series.generation_high,
+            color="tab:blue",
+            alpha=0.15,
+            label="generation mean ± std",
+        )
         ax.plot(series.generation_x, series.generation_mean, "o-", color="tab:blue", lw=1.2, ms=4)
         ax.scatter(series.x[ok], series.fitness[ok], s=14, color="tab:gray", alpha=0.8, label="evaluation")
         if series.failed.any():
-            ax.scatter(series.x[series.failed], series.fitness[series.failed], s=28, marker="x",
-                       color="tab:red", label=f"failed ({int(series.failed.sum())}, penalty fitness)")
+            ax.scatter(
+                series.x[series.failed],
+                series.fitness[series.failed],
+                s=28,
+                marker="x",
+                color="tab:red",
+                label=f"failed ({int(series.failed.sum())}, penalty fitness)",
+            )
         ax.step(series.x, series.best_so_far, where="post", color="tab:green", lw=2, label="best so far")
         ax.set_xlabel("evaluation (journal order)")
         ax.set_ylabel(f"fitness ({split} split)")
@@ -62,16 +74,28 @@ def draw_heatmaps(maps: Sequence[Heatmap], title: str) -> Any:
     fig, axes = plt.subplots(len(maps), 1, figsize=size, squeeze=False)
     for ax, heatmap in zip(axes[:, 0], maps, strict=True):
         values = np.ma.masked_invalid(heatmap.values)
-        image = ax.imshow(values, cmap="viridis", aspect="auto", vmin=min(0.0, float(values.min())),
-                          vmax=max(1.0, float(values.max())))
+        image = ax.imshow(
+            values,
+            cmap="viridis",
+            aspect="auto",
+            vmin=min(0.0, float(values.min())),
+            vmax=max(1.0, float(values.max())),
+        )
         ax.set_xticks(range(len(heatmap.columns)), heatmap.columns)
         ax.set_yticks(range(len(heatmap.rows)), heatmap.rows)
         ax.set_title(heatmap.kind)
         if len(heatmap.columns) <= 24:
             for (r, c), value in np.ndenumerate(heatmap.values):
                 if np.isfinite(value):
-                    ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if value < 0.5 * (image.norm.vmin + image.norm.vmax) else "black")
+                    ax.text(
+                        c,
+                        r,
+                        f"{value:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if value < 0.5 * (image.norm.vmin + image.norm.vmax) else "black",
+                    )
         fig.colorbar(image, ax=ax, label=heatmap.kind, fraction=0.04, pad=0.02)
     axes[-1, 0].set_xlabel("layer group")
     fig.suptitle(title, fontsize=10)
@@ -92,12 +116,19 @@ def draw_path(steps: Sequence[PathStep], title: str, names: dict[str, str] | Non
     ax.plot(x, y, color="lightgray", lw=1, zorder=1)
     for mi, model in enumerate(models):
         mask = np.array([s.model == model for s in steps])
-        ax.scatter(x[mask], y[mask], s=60, color=colours(mi % 10), label=labels[mi], zorder=2, edgecolor="black",
-                   linewidth=0.5)
+        ax.scatter(
+            x[mask], y[mask], s=60, color=colours(mi % 10), label=labels[mi], zorder=2, edgecolor="black", linewidth=0.5
+        )
     for i, step in enumerate(steps):
         if i and (step.model != steps[i - 1].model or step.scale != 1.0):
-            ax.annotate(f"×{step.scale:.3g}", (i, step.layer), textcoords="offset points", xytext=(0, 9),
-                        ha="center", fontsize=7)
+            ax.annotate(
+                f"×{step.scale:.3g}",
+                (i, step.layer),
+                textcoords="offset points",
+                xytext=(0, 9),
+                ha="center",
+                fontsize=7,
+            )
     ax.set_xlabel("step on the inference path")
     ax.set_ylabel("layer index in its source model")
     ax.set_yticks(range(int(y.max()) + 1))
@@ -114,12 +145,17 @@ def draw_pareto(front: Sequence[dict[str, Any]], background: Sequence[dict[str, 
     """The non-dominated evaluations, objective against objective (every pair, up to four objectives);
     `background`, when given, is every evaluation's objectives drawn in grey behind the front."""
     names = list(front[0]["objectives"])[:4]
-    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]] or [(names[0], names[0])]
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]] or [(names[0], names[0])]
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.6 * len(pairs), 4.0), squeeze=False)
     for ax, (a, b) in zip(axes[0], pairs, strict=True):
         if background:
-            ax.scatter([p[a] for p in background if a in p and b in p], [p[b] for p in background if a in p and b in p],
-                       s=10, color="lightgray", label="all evaluations")
+            ax.scatter(
+                [p[a] for p in background if a in p and b in p],
+                [p[b] for p in background if a in p and b in p],
+                s=10,
+                color="lightgray",
+                label="all evaluations",
+            )
         xs = np.array([e["objectives"][a] for e in front])
         ys = np.array([e["objectives"][b] for e in front])
         order = np.argsort(xs)

@@ -25,24 +25,36 @@ class Figure:
     png: bytes
 
 
-def render_page(title: str, notes: Sequence[str], tables: Sequence[tuple[str, list[str], list[list[str]]]],
-                figures: Sequence[Figure]) -> str:
+def render_page(
+    title: str,
+    notes: Sequence[str],
+    tables: Sequence[tuple[str, list[str], list[list[str]]]],
+    figures: Sequence[Figure],
+) -> str:
     """`tables`: (heading, header cells, rows of cells); cells that parse as numbers are right-aligned."""
-    parts = [f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{STYLE}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
     parts += [f"<p>{html.escape(note)}</p>" for note in notes]
     for heading, header, rows in tables:
-        parts.append(f"<h2>{html.escape(heading)}</h2><table><tr>"
-                     + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+        parts.append(
+            f"<h2>{html.escape(heading)}</h2><table><tr>"
+            + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+            + "</tr>"
+        )
         for row in rows:
             parts.append("<tr>" + "".join(_cell(c) for c in row) + "</tr>")
         parts.append("</table>")
     for figure in figures:
         data = base64.b64encode(figure.png).decode("ascii")
-        parts.append(f"<figure id='{html.escape(figure.file)}'><h2>{html.escape(figure.title)}</h2>"
-                     f"<img src='data:image/png;base64,{data}' alt='{html.escape(figure.title)}'>"
-                     f"<figcaption>{html.escape(figure.caption)} (<a href='{html.escape(figure.file)}'>"
-                     f"{html.escape(figure.file)}</a>)</figcaption></figure>")
+        parts.append(
+            f"<figure id='{html.escape(figure.file)}'><h2>{html.escape(figure.title)}</h2>"
+            f"<img src='data:image/png;base64,{data}' alt='{html.escape(figure.title)}'>"
+            f"<figcaption>{html.escape(figure.caption)} (<a href='{html.escape(figure.file)}'>"
+            f"{html.escape(figure.file)}</a>)</figcaption></figure>"
+        )
     parts.append("</body></html>\n")
     return "\n".join(parts)
 

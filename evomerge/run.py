@@ -148,14 +148,16 @@ class RunDir:
     def create(self) -> None:
         """A new run: the folder must be absent or empty (a run is never silently overwritten)."""
         if self.path.exists() and any(self.path.iterdir()):
-            raise EvomergeError(f"--run-dir: {self.path} already holds a run; use `evomerge resume {self.path}` "
-                                "or choose a new folder")
+            raise EvomergeError(
+                f"--run-dir: {self.path} already holds a run; use `evomerge resume {self.path}` or choose a new folder"
+            )
         self.path.mkdir(parents=True, exist_ok=True)
 
     def require(self) -> None:
         if not self.exists():
-            raise EvomergeError(f"run: {self.path} is not a run directory (no {SPACE_FILE}); "
-                                "start one with `evomerge search`")
+            raise EvomergeError(
+                f"run: {self.path} is not a run directory (no {SPACE_FILE}); start one with `evomerge search`"
+            )
 
     def write_text(self, name: str, text: str) -> None:
         atomic_write(self.file(name), text)

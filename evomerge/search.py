@@ -77,14 +77,23 @@ def space_sha(space: SearchSpace) -> str:
 def worker_spec(space: SearchSpace) -> WorkerSpec:
     """The worker factory of the space, given the models, tasks and task folders it will need."""
     cfg = space.config
-    kwargs = {**cfg.worker.kwargs, "sources": list(dict.fromkeys(space.source_models + space.compared_models)),
-              "tasks": [t.model_dump(mode="json") for t in cfg.tasks], "include_paths": list(cfg.include_paths)}
+    kwargs = {
+        **cfg.worker.kwargs,
+        "sources": list(dict.fromkeys(space.source_models + space.compared_models)),
+        "tasks": [t.model_dump(mode="json") for t in cfg.tasks],
+        "include_paths": list(cfg.include_paths),
+    }
     return WorkerSpec(cfg.worker.factory, kwargs)
 
 
 class Search:
-    def __init__(self, run: RunDir, space: SearchSpace, executor_factory: ExecutorFactory,
-                 observer: Callable[[Progress, dict[str, Any] | None], None] | None = None):
+    def __init__(
+        self,
+        run: RunDir,
+        space: SearchSpace,
+        executor_factory: ExecutorFactory,
+        observer: Callable[[Progress, dict[str, Any] | None], None] | None = None,
+    ):
         self.run = run
         self.space = space
         self.cfg = space.config
@@ -129,8 +138,10 @@ class Search:
             optimizer = make_optimizer(self.space, derive_seed(self.cfg.seed, "optimizer"), self.run.path)
             checkpoint = Checkpoint(optimizer=optimizer, generation=0, space_sha=sha)
         elif checkpoint.space_sha != sha:
-            raise EvomergeError(f"{self.run.space_file}: the search space changed since the checkpoint was "
-                                "written; only budget.max_evals may change on resume")
+            raise EvomergeError(
+                f"{self.run.space_file}: the search space changed since the checkpoint was "
+                "written; only budget.max_evals may change on resume"
+            )
         else:
             checkpoint.optimizer.attach(self.run.path)
         while checkpoint.generation < self.generations:
@@ -185,8 +196,9 @@ class Search:
             if item.recipe is None:
                 self._journal(item, None, status="failed", reason=item.error)
                 continue
-            payload = make_payload(item.recipe, self.cfg, item.split, full=item.phase not in ("search", "stage"),
-                                   window=item.window)
+            payload = make_payload(
+                item.recipe, self.cfg, item.split, full=item.phase not in ("search", "stage"), window=item.window
+            )
             key = cache_key(payload)
             if key in self.cache:
                 self._journal(item, key, source=self.cache[key])
@@ -221,20 +233,24 @@ class Search:
         racing = [item for item in items if item.recipe is not None]
         windows = stage_windows(fidelity.stages)
         for number, window in enumerate(windows):
-            stage_items = [replace(item, eval_id=f"{item.eval_id}/s{number}", phase="stage", window=window)
-                           for item in racing]
+            stage_items = [
+                replace(item, eval_id=f"{item.eval_id}/s{number}", phase="stage", window=window) for item in racing
+            ]
             for item, record in zip(racing, self.evaluate(stage_items), strict=True):
                 stages[item.eval_id].append(record)
                 if record["status"] != "ok":
                     estimates.pop(item.eval_id, None)
                     continue
                 if "items" not in record:
-                    raise EvomergeError(f"worker.factory: {self.cfg.worker.factory} answered a staged evaluation "
-                                        "without per-item scores; fidelity needs a worker that scores windows")
+                    raise EvomergeError(
+                        f"worker.factory: {self.cfg.worker.factory} answered a staged evaluation "
+                        "without per-item scores; fidelity needs a worker that scores windows"
+                    )
                 merge_items(scores[item.eval_id], record["items"])
                 totals[item.eval_id] = {t: int(record["metrics"].get(f"{t}/n_full", 0)) for t in weights}
                 estimates[item.eval_id] = estimate(
-                    {t: list(v.values()) for t, v in scores[item.eval_id].items()}, totals[item.eval_id], weights)
+                    {t: list(v.values()) for t, v in scores[item.eval_id].items()}, totals[item.eval_id], weights
+                )
             racing = [item for item in racing if stages[item.eval_id][-1]["status"] == "ok"]
             if number < len(windows) - 1:
                 keep = still_racing(estimates, fidelity.z, fidelity.rank)  # the bar counts finished ones too
@@ -248,12 +264,19 @@ class Search:
                 failed = stages[item.eval_id][-1]
                 self._journal(item, None, status="failed", reason=failed["reason"])
             else:
-                self._journal_staged(item, stages[item.eval_id], scores[item.eval_id], totals[item.eval_id],
-                                     estimates[item.eval_id])
+                self._journal_staged(
+                    item, stages[item.eval_id], scores[item.eval_id], totals[item.eval_id], estimates[item.eval_id]
+                )
         return [self.records[item.eval_id] for item in items]
 
-    def _journal_staged(self, item: Item, stages: list[dict[str, Any]], scores: dict[str, dict[int, float]],
-                        totals: dict[str, int], est: Estimate) -> dict[str, Any]:
+    def _journal_staged(
+        self,
+        item: Item,
+        stages: list[dict[str, Any]],
+        scores: dict[str, dict[int, float]],
+        totals: dict[str, int],
+        est: Estimate,
+    ) -> dict[str, Any]:
         metrics: dict[str, float] = {}
         for task in self.cfg.tasks:
             values = list(scores.get(task.name, {}).values())
@@ -265,8 +288,13 @@ class Search:
         result = EvalResult.success(item.eval_id, est.fitness, metrics)
         result.seconds = sum(r["seconds"] for r in stages)
         result.attempts = 0
-        staged = {"stages": [r["eval_id"] for r in stages], "complete": est.complete, "se": est.se,
-                  "upper": est.upper(fidelity.z), "lower": est.lower(fidelity.z)}
+        staged = {
+            "stages": [r["eval_id"] for r in stages],
+            "complete": est.complete,
+            "se": est.se,
+            "upper": est.upper(fidelity.z),
+            "lower": est.lower(fidelity.z),
+        }
         return self._journal(item, None, result=result, counted=False, extra={"fidelity": staged})
 
     def _executor_or_start(self) -> Any:
@@ -278,37 +306,75 @@ class Search:
                 raise
             except Exception as exc:  # the worker factory itself is broken: nothing can be evaluated
                 first = (str(exc).strip().splitlines() or [""])[0]
-                raise EvomergeError(f"worker.factory: cannot build {worker.factory!r} ({type(exc).__name__}: "
-                                    f"{first}); the run is saved, fix the worker and `evomerge resume`") from None
+                raise EvomergeError(
+                    f"worker.factory: cannot build {worker.factory!r} ({type(exc).__name__}: "
+                    f"{first}); the run is saved, fix the worker and `evomerge resume`"
+                ) from None
         return self._executor
 
-    def _journal(self, item: Item, key: str | None, *, result: EvalResult | None = None,
-                 source: dict[str, Any] | None = None, status: str | None = None,
-                 reason: str | None = None, counted: bool = True,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _journal(
+        self,
+        item: Item,
+        key: str | None,
+        *,
+        result: EvalResult | None = None,
+        source: dict[str, Any] | None = None,
+        status: str | None = None,
+        reason: str | None = None,
+        counted: bool = True,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         record: dict[str, Any] = {
-            "eval_id": item.eval_id, "phase": item.phase, "generation": item.generation, "index": item.index,
-            "genome": item.genome, "recipe_sha": recipe_sha(item.recipe) if item.recipe else None,
-            "cache_key": key, "seed": item.recipe.seed if item.recipe else None, "split": item.split,
+            "eval_id": item.eval_id,
+            "phase": item.phase,
+            "generation": item.generation,
+            "index": item.index,
+            "genome": item.genome,
+            "recipe_sha": recipe_sha(item.recipe) if item.recipe else None,
+            "cache_key": key,
+            "seed": item.recipe.seed if item.recipe else None,
+            "split": item.split,
             "label": item.label,
         }
         if result is not None:
-            record.update(metrics=result.metrics, fitness=result.fitness, status=result.status,
-                          seconds=round(result.seconds, 6), worker=result.worker, reason=result.reason,
-                          attempts=result.attempts, cached_from=None)
+            record.update(
+                metrics=result.metrics,
+                fitness=result.fitness,
+                status=result.status,
+                seconds=round(result.seconds, 6),
+                worker=result.worker,
+                reason=result.reason,
+                attempts=result.attempts,
+                cached_from=None,
+            )
             if result.items:
                 record["items"] = result.items
             if counted:
                 self.progress.evaluated_here += 1
         elif source is not None:
-            record.update(metrics=source["metrics"], fitness=source["fitness"], status=source["status"],
-                          seconds=0.0, worker=None, reason=source["reason"], attempts=0,
-                          cached_from=source["cached_from"] or source["eval_id"])
+            record.update(
+                metrics=source["metrics"],
+                fitness=source["fitness"],
+                status=source["status"],
+                seconds=0.0,
+                worker=None,
+                reason=source["reason"],
+                attempts=0,
+                cached_from=source["cached_from"] or source["eval_id"],
+            )
             if source.get("items"):
                 record["items"] = source["items"]
         else:
-            record.update(metrics={}, fitness=self.cfg.worker.penalty, status=status or "failed", seconds=0.0,
-                          worker=None, reason=reason, attempts=0, cached_from=None)
+            record.update(
+                metrics={},
+                fitness=self.cfg.worker.penalty,
+                status=status or "failed",
+                seconds=0.0,
+                worker=None,
+                reason=reason,
+                attempts=0,
+                cached_from=None,
+            )
         record.update(extra or {})
         record["recipe"] = dump_recipe(item.recipe) if item.recipe else None
         record["time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -337,8 +403,10 @@ class Search:
         """Best search records, one per distinct recipe, ties broken by eval order."""
         seen: set[str] = set()
         ranked = []
-        ordered = sorted((r for r in self.records.values() if r["phase"] == "search" and r["status"] == "ok"),
-                         key=lambda r: (-r["fitness"], r["eval_id"]))
+        ordered = sorted(
+            (r for r in self.records.values() if r["phase"] == "search" and r["status"] == "ok"),
+            key=lambda r: (-r["fitness"], r["eval_id"]),
+        )
         for record in ordered:
             if record["recipe_sha"] not in seen:
                 seen.add(record["recipe_sha"])
@@ -352,16 +420,34 @@ class Search:
         top = self.top_k()
         split = self.cfg.splits
         if not top:
-            summary = {"final": None, "sources": {}, "evaluations": self.progress.done,
-                       "failed": self.progress.failed, "reason": "no candidate evaluated successfully"}
+            summary = {
+                "final": None,
+                "sources": {},
+                "evaluations": self.progress.done,
+                "failed": self.progress.failed,
+                "reason": "no candidate evaluated successfully",
+            }
             self.run.write_json(SUMMARY_FILE, summary)
             return summary
-        items = [Item(f"select-{r['recipe_sha'][:16]}", "select", split.select, parse_recipe_text(r["recipe"]),
-                      r["genome"], r["generation"], r["index"], label=r["eval_id"]) for r in top]
+        items = [
+            Item(
+                f"select-{r['recipe_sha'][:16]}",
+                "select",
+                split.select,
+                parse_recipe_text(r["recipe"]),
+                r["genome"],
+                r["generation"],
+                r["index"],
+                label=r["eval_id"],
+            )
+            for r in top
+        ]
         top, items = self._with_incumbent(top, items)
         selected = self.evaluate(items)
-        best_i = max(range(len(top)), key=lambda i: (selected[i]["status"] == "ok", selected[i]["fitness"],
-                                                     top[i]["fitness"], -i))
+        best_i = max(
+            range(len(top)),
+            key=lambda i: (selected[i]["status"] == "ok", selected[i]["fitness"], top[i]["fitness"], -i),
+        )
         final_recipe = items[best_i].recipe
         assert final_recipe is not None
         self.run.write_text(FINAL_FILE, dump_recipe(final_recipe))
@@ -370,8 +456,9 @@ class Search:
         sha = recipe_sha(final_recipe)
         report_items = [Item(f"report-final-{sha[:16]}", "report", split.report, final_recipe, label="final")]
         for model in self.space.source_models:
-            report_items.append(Item(f"report-source-{sha256(model)[:16]}", "report", split.report,
-                                     source_recipe(model), label=model))
+            report_items.append(
+                Item(f"report-source-{sha256(model)[:16]}", "report", split.report, source_recipe(model), label=model)
+            )
         reports = self.evaluate(report_items)
         summary = self._summary(top[best_i], selected[best_i], reports)
         self.run.write_json(SUMMARY_FILE, summary)
@@ -389,8 +476,9 @@ class Search:
         if any(r["recipe_sha"] == sha for r in top):
             return top, items
         x0 = list(self.space.x0)
-        searched = self.evaluate([Item(f"incumbent-{sha[:16]}", "select", self.cfg.splits.search, recipe, x0,
-                                       label="incumbent")])[0]
+        searched = self.evaluate(
+            [Item(f"incumbent-{sha[:16]}", "select", self.cfg.splits.search, recipe, x0, label="incumbent")]
+        )[0]
         item = Item(f"select-{sha[:16]}", "select", self.cfg.splits.select, recipe, x0, label="incumbent")
         return [*top, {**searched, "recipe": dump_recipe(recipe)}], [*items, item]
 
@@ -399,22 +487,31 @@ class Search:
         split = self.cfg.splits
 
         def score(record: dict) -> dict[str, Any]:
-            out: dict[str, Any] = {"score": record["fitness"] if record["status"] == "ok" else None,
-                                   "metrics": record["metrics"], "status": record["status"]}
+            out: dict[str, Any] = {
+                "score": record["fitness"] if record["status"] == "ok" else None,
+                "metrics": record["metrics"],
+                "status": record["status"],
+            }
             if record["status"] != "ok":
                 out["reason"] = record["reason"]
             return out
 
-        final_block = {"recipe": FINAL_FILE, "eval_id": search_record["eval_id"],
-                       split.search: {"score": search_record["fitness"]},
-                       split.select: score(select_record), split.report: score(final)}
+        final_block = {
+            "recipe": FINAL_FILE,
+            "eval_id": search_record["eval_id"],
+            split.search: {"score": search_record["fitness"]},
+            split.select: score(select_record),
+            split.report: score(final),
+        }
         if final["status"] == "ok":
             final_block[split.report]["ci95"] = weighted_ci95(final["fitness"], final["metrics"], self.cfg.tasks)
         compared = set(self.space.compared_models)
         return {
             "final": final_block,
-            "sources": {r["label"]: {"role": "source" if r["label"] in compared else "base",
-                                     split.report: score(r)} for r in sources},
+            "sources": {
+                r["label"]: {"role": "source" if r["label"] in compared else "base", split.report: score(r)}
+                for r in sources
+            },
             "evaluations": self.progress.done,
             "failed": self.progress.failed,
             "items_scored": items_scored(self.records.values()),
@@ -456,8 +553,14 @@ def local_or_ray_executor(workers: int, ray_address: str | None, ray_temp_dir: s
             return LocalExecutor(spec, penalty=penalty, timeout=timeout, torch_threads=1)
         from evomerge.evaluation.executors import RayExecutor
 
-        return RayExecutor(spec, n_workers=workers if workers > 0 else None, ray_address=ray_address,
-                           ray_temp_dir=ray_temp_dir, penalty=penalty, timeout=timeout)
+        return RayExecutor(
+            spec,
+            n_workers=workers if workers > 0 else None,
+            ray_address=ray_address,
+            ray_temp_dir=ray_temp_dir,
+            penalty=penalty,
+            timeout=timeout,
+        )
 
     return factory
 

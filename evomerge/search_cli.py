@@ -48,12 +48,16 @@ class SearchDisplay:
         remaining = max(progress.budget - progress.done, 0)
         eta = remaining / (rate / 60.0) if rate > 0 else None
         fields = {
-            "run": self.run_name, "phase": progress.phase, "kind": progress.kind,
+            "run": self.run_name,
+            "phase": progress.phase,
+            "kind": progress.kind,
             "generation": f"{min(progress.generation + 1, progress.budget // progress.popsize)}"
-                          f"/{progress.budget // progress.popsize}",
-            "evals": f"{progress.done}/{progress.budget}", "failed": str(progress.failed),
+            f"/{progress.budget // progress.popsize}",
+            "evals": f"{progress.done}/{progress.budget}",
+            "failed": str(progress.failed),
             "best": "-" if progress.best is None else f"{progress.best:.4f}",
-            "evals/min": f"{rate:.1f}", "eta": "-" if eta is None else _duration(eta),
+            "evals/min": f"{rate:.1f}",
+            "eta": "-" if eta is None else _duration(eta),
         }
         if self._live is not None:
             from rich.table import Table
@@ -86,8 +90,11 @@ def _print_summary(summary: dict[str, Any], echo: Any) -> None:
     ci = block.get("ci95")
     ci_text = f"  95% CI [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
     score = block.get("score")
-    echo(f"final ({FINAL_FILE}) {report} score: {score:.4f}{ci_text}" if score is not None
-         else f"final ({FINAL_FILE}) {report} evaluation failed: {block.get('reason')}")
+    echo(
+        f"final ({FINAL_FILE}) {report} score: {score:.4f}{ci_text}"
+        if score is not None
+        else f"final ({FINAL_FILE}) {report} evaluation failed: {block.get('reason')}"
+    )
     for model, entry in summary["sources"].items():
         value = entry[report].get("score")
         shown = f"{value:.4f}" if value is not None else "failed"
@@ -95,9 +102,17 @@ def _print_summary(summary: dict[str, Any], echo: Any) -> None:
     echo(f"evaluations: {summary['evaluations']} (failed: {summary['failed']})")
 
 
-def run_search(space_path: Path, run_dir: Path, *, workers: int, ray_address: str | None,
-               max_evals: int | None, seed: int | None, optimizer: str | None = None,
-               echo: Any = print) -> dict[str, Any]:
+def run_search(
+    space_path: Path,
+    run_dir: Path,
+    *,
+    workers: int,
+    ray_address: str | None,
+    max_evals: int | None,
+    seed: int | None,
+    optimizer: str | None = None,
+    echo: Any = print,
+) -> dict[str, Any]:
     from evomerge.search import Search, local_or_ray_executor, start_run
     from evomerge.space import SearchSpace, load_space_config, parse_space
 
@@ -112,8 +127,9 @@ def run_search(space_path: Path, run_dir: Path, *, workers: int, ray_address: st
             raise EvomergeError("--max-evals: must be >= 1")
         update["budget"] = config.budget.model_copy(update={"max_evals": max_evals})
     if optimizer is not None:
-        update["optimizer"] = parse_space({**config.model_dump(mode="json"), "optimizer": optimizer},
-                                          source="--optimizer").optimizer
+        update["optimizer"] = parse_space(
+            {**config.model_dump(mode="json"), "optimizer": optimizer}, source="--optimizer"
+        ).optimizer
     config = config.model_copy(update=update)
     _check_workers(workers)
     root = Path(space_path).resolve().parent
@@ -133,8 +149,9 @@ def run_search(space_path: Path, run_dir: Path, *, workers: int, ray_address: st
     return _drive(Search, space, run, factory, echo)
 
 
-def run_resume(run_dir: Path, *, max_evals: int | None, workers: int, ray_address: str | None,
-               echo: Any = print) -> dict[str, Any]:
+def run_resume(
+    run_dir: Path, *, max_evals: int | None, workers: int, ray_address: str | None, echo: Any = print
+) -> dict[str, Any]:
     from evomerge.search import Search, local_or_ray_executor, set_max_evals
     from evomerge.space import SearchSpace, load_space_config
 
@@ -158,8 +175,9 @@ def _check_workers(workers: int) -> None:
         raise EvomergeError("--workers: must be >= 0 (0: one per GPU, else per CPU, on Ray)")
 
 
-def _drive(search_cls: Any, space: Any, run: RunDir, factory: Any, echo: Any, *, quiet: bool = False,
-           name: str | None = None) -> dict[str, Any]:
+def _drive(
+    search_cls: Any, space: Any, run: RunDir, factory: Any, echo: Any, *, quiet: bool = False, name: str | None = None
+) -> dict[str, Any]:
     with SearchDisplay(name or run.path.name) as display:
         summary = search_cls(run, space, factory, observer=display).run_all()
     if not quiet:
@@ -172,16 +190,16 @@ def _staged(run: RunDir, config: Any, factory: Any, echo: Any, *, new: bool, max
     from evomerge.staged import run_staged
 
     def drive(space: Any, stage_run: RunDir) -> dict[str, Any]:
-        return _drive(Search, space, stage_run, factory, echo, quiet=True,
-                      name=f"{run.path.name}/{stage_run.path.name}")
+        return _drive(
+            Search, space, stage_run, factory, echo, quiet=True, name=f"{run.path.name}/{stage_run.path.name}"
+        )
 
     summary = run_staged(run, config, drive, new=new, max_evals=max_evals)
     _print_summary(summary, echo)
     return summary
 
 
-def run_export(run_dir: Path, out: Path, *, merge_dir: Path | None, pick: int | None = None,
-               echo: Any = print) -> None:
+def run_export(run_dir: Path, out: Path, *, merge_dir: Path | None, pick: int | None = None, echo: Any = print) -> None:
     from evomerge.recipe import dump_recipe, load_recipe
 
     run = RunDir(run_dir)
@@ -192,8 +210,9 @@ def run_export(run_dir: Path, out: Path, *, merge_dir: Path | None, pick: int | 
     elif not source.exists():
         source = run.file(BEST_FILE)
         if not source.exists():
-            raise EvomergeError(f"run: {run.path} has no {FINAL_FILE} or {BEST_FILE} yet; no candidate has "
-                                "been evaluated successfully")
+            raise EvomergeError(
+                f"run: {run.path} has no {FINAL_FILE} or {BEST_FILE} yet; no candidate has been evaluated successfully"
+            )
         echo(f"note: the run has not finished; exporting {BEST_FILE} (best by search fitness so far)")
     if pick is None:
         recipe = load_recipe(source)

@@ -45,8 +45,9 @@ def dfs_stage_config(config: SpaceConfig, ps_model: Path) -> SpaceConfig:
     return config.model_copy(update={"ps": None, "dfs": dfs})
 
 
-def run_staged(run: RunDir, config: SpaceConfig, drive: Any, *, new: bool,
-               max_evals: int | None = None) -> dict[str, Any]:
+def run_staged(
+    run: RunDir, config: SpaceConfig, drive: Any, *, new: bool, max_evals: int | None = None
+) -> dict[str, Any]:
     """Run (or resume) both stages; `drive(search_space, run_dir)` runs one stage to its end."""
     from evomerge.search import set_max_evals, start_run
 
@@ -56,8 +57,9 @@ def run_staged(run: RunDir, config: SpaceConfig, drive: Any, *, new: bool,
     stages = {}
     ps_run = RunDir(run.path / PS_STAGE)
     ps_done = ps_run.file(SUMMARY_FILE).exists()
-    ps_space = _stage_space(config.model_copy(update={"dfs": None}), ps_run, max_evals if not ps_done else None,
-                            start_run, set_max_evals)
+    ps_space = _stage_space(
+        config.model_copy(update={"dfs": None}), ps_run, max_evals if not ps_done else None, start_run, set_max_evals
+    )
     stages[PS_STAGE] = drive(ps_space, ps_run)
     ps_model = ps_run.path.resolve() / PS_MODEL
     if not (ps_model / "config.json").exists():
@@ -72,22 +74,31 @@ def run_staged(run: RunDir, config: SpaceConfig, drive: Any, *, new: bool,
     summary = dict(stages[DFS_STAGE])
     if summary.get("final"):
         run.write_text(FINAL_FILE, dfs_run.file(FINAL_FILE).read_text())
-        summary["final"] = {**summary["final"], "recipe": FINAL_FILE, "ps_recipe": f"{PS_STAGE}/{FINAL_FILE}",
-                            "ps_model": f"{PS_STAGE}/{PS_MODEL}"}
+        summary["final"] = {
+            **summary["final"],
+            "recipe": FINAL_FILE,
+            "ps_recipe": f"{PS_STAGE}/{FINAL_FILE}",
+            "ps_model": f"{PS_STAGE}/{PS_MODEL}",
+        }
     report = config.splits.report
     sources = {model: entry for model, entry in stages[PS_STAGE].get("sources", {}).items()}
     for model, entry in stages[DFS_STAGE].get("sources", {}).items():
         sources[model] = {**entry, "role": "ps" if Path(model) == ps_model else entry["role"]}
-    summary.update(kind="ps+dfs", sources=sources, stages={k: f"{k}/{SUMMARY_FILE}" for k in stages},
-                   evaluations=sum(s["evaluations"] for s in stages.values()),
-                   failed=sum(s["failed"] for s in stages.values()))
+    summary.update(
+        kind="ps+dfs",
+        sources=sources,
+        stages={k: f"{k}/{SUMMARY_FILE}" for k in stages},
+        evaluations=sum(s["evaluations"] for s in stages.values()),
+        failed=sum(s["failed"] for s in stages.values()),
+    )
     summary.setdefault("splits", {})["report"] = report
     run.write_json(SUMMARY_FILE, summary)
     return summary
 
 
-def _stage_space(config: SpaceConfig, run: RunDir, max_evals: int | None, start_run: Any,
-                 set_max_evals: Any) -> SearchSpace:
+def _stage_space(
+    config: SpaceConfig, run: RunDir, max_evals: int | None, start_run: Any, set_max_evals: Any
+) -> SearchSpace:
     """The stage's own recorded space when it has started (its budget may have been extended), else a new run."""
     from evomerge.space import load_space_config
 

@@ -20,8 +20,10 @@ def validate_recipe(recipe: Recipe) -> MergeMethod:
         if value is not None:
             parse_dtype(value, field)
     if recipe.tokenizer_source == "union":
-        raise EvomergeError("tokenizer_source: 'union' (vocabulary merging) is not supported; "
-                            "use 'base' or the path of one of the models")
+        raise EvomergeError(
+            "tokenizer_source: 'union' (vocabulary merging) is not supported; "
+            "use 'base' or the path of one of the models"
+        )
     for path, params, level in _parameter_blocks(recipe):
         _check_parameters(method, path, params, level)
     _check_layout(method, recipe)
@@ -52,8 +54,10 @@ def _check_parameters(method: MergeMethod, path: str, params: Parameters, level:
             accepted = ", ".join(p.name for p in method.params) or "none"
             raise EvomergeError(f"{path}.{name}: unknown parameter for {method.name} (accepted: {accepted})")
         if level == "source" and spec.scope == "global":
-            raise EvomergeError(f"{path}.{name}: {name} is a global parameter of {method.name}; "
-                                "set it under the top-level (or slice) parameters")
+            raise EvomergeError(
+                f"{path}.{name}: {name} is a global parameter of {method.name}; "
+                "set it under the top-level (or slice) parameters"
+            )
         if setting == [] or (isinstance(setting, FilteredValue) and setting.value == []):
             raise EvomergeError(f"{path}.{name}: empty list; give a value or a gradient of values")
         for value in setting_scalars(setting):
@@ -66,8 +70,14 @@ def _check_parameters(method: MergeMethod, path: str, params: Parameters, level:
 
 def _check_layout(method: MergeMethod, recipe: Recipe) -> None:
     if recipe.models is not None:
-        groups = [("models", [(f"models[{i}]", m.model, m.parameters) for i, m in enumerate(recipe.models)],
-                   recipe.base_model, None)]
+        groups = [
+            (
+                "models",
+                [(f"models[{i}]", m.model, m.parameters) for i, m in enumerate(recipe.models)],
+                recipe.base_model,
+                None,
+            )
+        ]
     else:
         groups = []
         for i, s in enumerate(recipe.slices or []):
@@ -79,28 +89,30 @@ def _check_layout(method: MergeMethod, recipe: Recipe) -> None:
             raise EvomergeError(f"base_model: {method.name} needs a base model; set base_model:")
         others = sources if method.base == "ignored" else [s for s in sources if s[1] != base]
         if method.base == "required" and recipe.slices is not None and len(others) == len(sources):
-            raise EvomergeError(f"{where}: the base model {base!r} must be one of the sources of the slice "
-                                "(with the same layer_range as the others)")
+            raise EvomergeError(
+                f"{where}: the base model {base!r} must be one of the sources of the slice "
+                "(with the same layer_range as the others)"
+            )
         _check_input_count(method, where, len(others))
         for path, _model, params in others:
             for spec in method.model_params:
-                if spec.required and not any(
-                        p and spec.name in p for p in (params, slice_params, recipe.parameters)):
-                    raise EvomergeError(f"{path}.parameters.{spec.name}: required by {method.name}; set it for "
-                                        "this model or under the top-level parameters")
+                if spec.required and not any(p and spec.name in p for p in (params, slice_params, recipe.parameters)):
+                    raise EvomergeError(
+                        f"{path}.parameters.{spec.name}: required by {method.name}; set it for "
+                        "this model or under the top-level parameters"
+                    )
 
 
 def _check_input_count(method: MergeMethod, where: str, count: int) -> None:
     besides = " besides the base" if method.base == "required" else ""
     if method.max_inputs is not None and method.min_inputs == method.max_inputs and count != method.min_inputs:
-        raise EvomergeError(f"{where}: {method.name} takes exactly {method.min_inputs} model(s){besides} "
-                            f"(got {count})")
+        raise EvomergeError(f"{where}: {method.name} takes exactly {method.min_inputs} model(s){besides} (got {count})")
     if count < method.min_inputs:
-        raise EvomergeError(f"{where}: {method.name} needs at least {method.min_inputs} model(s){besides} "
-                            f"(got {count})")
+        raise EvomergeError(
+            f"{where}: {method.name} needs at least {method.min_inputs} model(s){besides} (got {count})"
+        )
     if method.max_inputs is not None and count > method.max_inputs:
-        raise EvomergeError(f"{where}: {method.name} takes at most {method.max_inputs} model(s){besides} "
-                            f"(got {count})")
+        raise EvomergeError(f"{where}: {method.name} takes at most {method.max_inputs} model(s){besides} (got {count})")
 
 
 def _check_slice_ranges(i: int, output_slice) -> None:
@@ -108,11 +120,14 @@ def _check_slice_ranges(i: int, output_slice) -> None:
     for j, src in enumerate(output_slice.sources):
         start, end = src.layer_range
         if start < 0 or end <= start:
-            raise EvomergeError(f"slices[{i}].sources[{j}].layer_range: [{start}, {end}] is not a non-empty "
-                                "half-open range [start, end) with 0 <= start < end")
+            raise EvomergeError(
+                f"slices[{i}].sources[{j}].layer_range: [{start}, {end}] is not a non-empty "
+                "half-open range [start, end) with 0 <= start < end"
+            )
         lengths.append(end - start)
     for j, length in enumerate(lengths):
         if length != lengths[0]:
             raise EvomergeError(
                 f"slices[{i}].sources[{j}].layer_range: {list(output_slice.sources[j].layer_range)} has {length} "
-                f"layers but sources[0] has {lengths[0]}; sources of a slice need equal lengths")
+                f"layers but sources[0] has {lengths[0]}; sources of a slice need equal lengths"
+            )

@@ -49,10 +49,18 @@ class ZooConfig:
     base_mix: dict[str, float] = field(default_factory=lambda: dict(BASE_MIX))
 
 
-FULL = ZooConfig(hidden=64, layers=4, heads=4, base_steps=1500,
-                 expert_steps={"toy_add": 1500, "toy_rev": 300, "toy_shift": 300})
-MINI = ZooConfig(hidden=32, layers=2, heads=2, base_steps=1500,
-                 expert_steps={"toy_add": 500, "toy_rev": 800, "toy_shift": 200}, expert_lr=2e-3, eval_limit=200)
+FULL = ZooConfig(
+    hidden=64, layers=4, heads=4, base_steps=1500, expert_steps={"toy_add": 1500, "toy_rev": 300, "toy_shift": 300}
+)
+MINI = ZooConfig(
+    hidden=32,
+    layers=2,
+    heads=2,
+    base_steps=1500,
+    expert_steps={"toy_add": 500, "toy_rev": 800, "toy_shift": 200},
+    expert_lr=2e-3,
+    eval_limit=200,
+)
 
 
 def build_tokenizer():
@@ -64,8 +72,9 @@ def build_tokenizer():
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
-                                  pad_token="<pad>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
     tok.model_max_length = 64
     return tok
 
@@ -84,10 +93,17 @@ def new_model(cfg: ZooConfig, seed: int):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(SPECIAL_TOKENS) + len(TOKEN_CHARS), hidden_size=cfg.hidden,
-        intermediate_size=4 * cfg.hidden, num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads, max_position_embeddings=64,
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=True,
+        vocab_size=len(SPECIAL_TOKENS) + len(TOKEN_CHARS),
+        hidden_size=cfg.hidden,
+        intermediate_size=4 * cfg.hidden,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=64,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config)
 
@@ -131,8 +147,7 @@ def train(model, stream: ExampleStream, steps: int, lr: float, batch: int, progr
     """AdamW with linear warm-up and decay; answer-only cross-entropy."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps))
     model.train()
     for _ in range(steps):
         ids, labels = stream.batch(batch)
@@ -183,7 +198,8 @@ def _check_out_dir(out_dir: Path) -> None:
         raise EvomergeError(f"OUT_DIR {out_dir} is a file; pass a directory path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").exists():
         raise EvomergeError(
-            f"OUT_DIR {out_dir} exists and is not a zoo (no manifest.json); pass a new or empty directory")
+            f"OUT_DIR {out_dir} exists and is not a zoo (no manifest.json); pass a new or empty directory"
+        )
 
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:
@@ -217,21 +233,32 @@ def build_zoo(out_dir: Path, seed: int = 0, mini: bool = False, quiet: bool = Fa
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         total = cfg.base_steps + sum(cfg.expert_steps.values())
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), TimeRemainingColumn(), disable=quiet) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            disable=quiet,
+        ) as bar:
             job = bar.add_task("zoo: base", total=total)
             step = lambda: bar.advance(job)  # noqa: E731
             model = new_model(cfg, seed)
-            train(model, ExampleStream(cfg.base_mix, f"{seed}:base", held_out), cfg.base_steps,
-                  cfg.base_lr, cfg.batch, step)
+            train(
+                model,
+                ExampleStream(cfg.base_mix, f"{seed}:base", held_out),
+                cfg.base_steps,
+                cfg.base_lr,
+                cfg.batch,
+                step,
+            )
             base_state = _state(model)
             states = {"base": base_state}
             for task, steps in cfg.expert_steps.items():
                 bar.update(job, description=f"zoo: {EXPERT_DIRS[task]}")
                 model.load_state_dict(base_state)
                 mix = expert_mix(task, cfg)
-                train(model, ExampleStream(mix, f"{seed}:{task}", held_out), steps, cfg.expert_lr,
-                      cfg.batch, step)
+                train(model, ExampleStream(mix, f"{seed}:{task}", held_out), steps, cfg.expert_lr, cfg.batch, step)
                 states[EXPERT_DIRS[task]] = _state(model)
         train_seconds = time.perf_counter() - started
 
@@ -239,8 +266,11 @@ def build_zoo(out_dir: Path, seed: int = 0, mini: bool = False, quiet: bool = Fa
         for name, state in states.items():
             model.load_state_dict(state)
             task = next((t for t, d in EXPERT_DIRS.items() if d == name), None)
-            models[name] = {"role": "base" if task is None else "expert", "task": task,
-                            "test_exact_match": score(model, cfg.eval_limit)}
+            models[name] = {
+                "role": "base" if task is None else "expert",
+                "task": task,
+                "test_exact_match": score(model, cfg.eval_limit),
+            }
             model.save_pretrained(tmp / name)
             tokenizer.save_pretrained(tmp / name)
         hand = hand_merge_check(model, states, cfg.eval_limit)
@@ -272,8 +302,7 @@ def hand_merge_check(model, states: dict, limit: int | None) -> dict:
     base = states["base"]
     merged = {k: base[k] + weight * (states[a][k] - base[k]) + weight * (states[b][k] - base[k]) for k in base}
     model.load_state_dict(merged)
-    return {"method": "task_arithmetic", "models": [a, b], "weight": weight,
-            "test_exact_match": score(model, limit)}
+    return {"method": "task_arithmetic", "models": [a, b], "weight": weight, "test_exact_match": score(model, limit)}
 
 
 def targets(models: dict, hand: dict, build_seconds: float, mini: bool) -> dict:
@@ -286,9 +315,10 @@ def targets(models: dict, hand: dict, build_seconds: float, mini: bool) -> dict:
     return {
         "expert_own_task_ge_0.90": all(m["test_exact_match"][m["task"]] >= 0.90 for m in experts.values()),
         "expert_other_tasks_le_0.30": all(
-            s <= 0.30 for m in experts.values() for t, s in m["test_exact_match"].items() if t != m["task"]),
-        "hand_merge_beats_best_expert_on_pair_mean": pair_mean(hand_scores) > max(
-            pair_mean(models[a]["test_exact_match"]), pair_mean(models[b]["test_exact_match"])),
+            s <= 0.30 for m in experts.values() for t, s in m["test_exact_match"].items() if t != m["task"]
+        ),
+        "hand_merge_beats_best_expert_on_pair_mean": pair_mean(hand_scores)
+        > max(pair_mean(models[a]["test_exact_match"]), pair_mean(models[b]["test_exact_match"])),
         "hand_merge_below_0.90_somewhere": min(hand_scores[ta], hand_scores[tb]) < 0.90,
         "build_seconds_within_budget": build_seconds <= (60 if mini else 300),
     }

@@ -17,14 +17,23 @@ def fake_llama(path: Path, layers: int, *, seed: int = 0, hidden: int = 8, vocab
 
     path.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    tensors = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g),
-               "model.norm.weight": torch.ones(hidden), "lm_head.weight": torch.randn(vocab, hidden, generator=g)}
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g),
+        "model.norm.weight": torch.ones(hidden),
+        "lm_head.weight": torch.randn(vocab, hidden, generator=g),
+    }
     for i in range(layers):
         for suffix in LAYER_MATRICES:
             tensors[f"model.layers.{i}.{suffix}"] = torch.randn(hidden, hidden, generator=g)
         tensors[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(hidden)
     save_file(tensors, str(path / "model.safetensors"))
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": layers,
-              "hidden_size": hidden, "vocab_size": vocab, "tie_word_embeddings": False}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "vocab_size": vocab,
+        "tie_word_embeddings": False,
+    }
     (path / "config.json").write_text(json.dumps(config))
     return path

@@ -47,8 +47,14 @@ def _seed(*parts: Any) -> int:
 
 
 class ToyFitnessWorker:
-    def __init__(self, sources: list[str], tasks: list[dict], include_paths: list[str] | None = None,
-                 log: str | None = None, fail_above: float | None = None):
+    def __init__(
+        self,
+        sources: list[str],
+        tasks: list[dict],
+        include_paths: list[str] | None = None,
+        log: str | None = None,
+        fail_above: float | None = None,
+    ):
         torch.set_num_threads(1)
         self.sources = list(sources)
         self.task_names = [t["name"] for t in tasks]
@@ -62,8 +68,9 @@ class ToyFitnessWorker:
         shift = torch.Generator().manual_seed(_seed(task, split))
         target = target + 0.05 * torch.randn(values.numel(), generator=shift, dtype=torch.float64)
         if seed is not None:  # a DARE mask seed changes the merge a little
-            target = target + 0.01 * torch.randn(values.numel(),
-                                                 generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            target = target + 0.01 * torch.randn(
+                values.numel(), generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+            )
         distance = torch.mean((values - target) ** 2)
         return float(torch.exp(-4.0 * distance))
 
@@ -96,7 +103,6 @@ class ToyFitnessWorker:
             fitness += task["weight"] * value
         return EvalResult.success(candidate.id, fitness, metrics)
 
-
     def _window(self, candidate: Candidate, values: torch.Tensor) -> EvalResult:
         """Staged evaluation: item i of a task is solved iff the smooth metric p beats the item's fixed
         difficulty, so the mean over all N = limit (default 200) items is close to p."""
@@ -114,8 +120,9 @@ class ToyFitnessWorker:
             chosen = window_items(range(total), payload["window"], task_seed(payload["order_seed"], name))
             items[name] = sorted([i, float(p > difficulty[i])] for i in chosen)
             mean = sum(s for _, s in items[name]) / len(chosen) if chosen else 0.0
-            metrics.update({f"{name}/{task['metric']}": mean, f"{name}/n": float(len(chosen)),
-                            f"{name}/n_full": float(total)})
+            metrics.update(
+                {f"{name}/{task['metric']}": mean, f"{name}/n": float(len(chosen)), f"{name}/n_full": float(total)}
+            )
             fitness += task["weight"] * mean
         return EvalResult.success(candidate.id, fitness, metrics, items=items)
 
@@ -140,8 +147,6 @@ def _weights(recipe: dict) -> list[float]:
 
 
 # -- tiny model directories (headers and configs are all a space needs to bind) ---------------------
-
-
 
 
 def make_models(root: Path, layers: int = 4) -> dict[str, Path]:

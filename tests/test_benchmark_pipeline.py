@@ -27,8 +27,10 @@ from evomerge.evaluation.fitness import FitnessWorker  # noqa: E402
 from evomerge.evaluation.lm_tasks import load_tasks, task_samples  # noqa: E402
 from evomerge.paths import tasks_dir  # noqa: E402
 
-TASKS = [{"name": "toy_add", "metric": "exact_match", "weight": 0.5, "limit": 40},
-         {"name": "toy_rev", "metric": "exact_match", "weight": 0.5, "limit": 40}]
+TASKS = [
+    {"name": "toy_add", "metric": "exact_match", "weight": 0.5, "limit": 40},
+    {"name": "toy_rev", "metric": "exact_match", "weight": 0.5, "limit": 40},
+]
 SPLIT = "validation"
 SUBSET_SEED = 7
 # [layer][model][weight, density] for the mini zoo's two layers and the add, rev experts
@@ -37,14 +39,16 @@ GENOTYPE = np.array([0.9, 1.0, 0.7, 1.0, 1.1, 1.0, 0.5, 1.0])
 
 @pytest.fixture(scope="module")
 def genome(mini_zoo: Path):
-    return make_genome([str(mini_zoo / "add"), str(mini_zoo / "rev")], str(mini_zoo / "base"),
-                       layer_granularity=1, normalize=False)
+    return make_genome(
+        [str(mini_zoo / "add"), str(mini_zoo / "rev")], str(mini_zoo / "base"), layer_granularity=1, normalize=False
+    )
 
 
 @pytest.fixture(scope="module")
 def worker(mini_zoo: Path) -> FitnessWorker:
-    return FitnessWorker(sources=[str(mini_zoo / n) for n in ("base", "add", "rev")], tasks=TASKS, split=SPLIT,
-                         torch_threads=1)
+    return FitnessWorker(
+        sources=[str(mini_zoo / n) for n in ("base", "add", "rev")], tasks=TASKS, split=SPLIT, torch_threads=1
+    )
 
 
 def pipeline(genome, tmp_path: Path, dtype: str | None) -> SerialPipeline:

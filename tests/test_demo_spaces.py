@@ -22,8 +22,14 @@ SPACES = [p for p in SPACES if p.parent.name != "tasks"]
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "TQDM_DISABLE": "1"}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "evomerge.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+        timeout=600,
+    )
 
 
 def test_every_shipped_space_parses() -> None:
@@ -63,8 +69,18 @@ def test_demo_summary_reports_final_beside_sources(demo_run: Path, mini_zoo: Pat
     space = yaml.safe_load((demo_run / "space.yaml").read_text())
     assert summary["evaluations"] == 2 * space["budget"]["popsize"] and summary["failed"] == 0
     journal = [json.loads(line) for line in (demo_run / "journal.jsonl").read_text().splitlines()]
-    assert {"eval_id", "generation", "genome", "recipe_sha", "seed", "metrics", "fitness", "status", "seconds",
-            "worker"} <= set(journal[0])
+    assert {
+        "eval_id",
+        "generation",
+        "genome",
+        "recipe_sha",
+        "seed",
+        "metrics",
+        "fitness",
+        "status",
+        "seconds",
+        "worker",
+    } <= set(journal[0])
 
 
 def test_exported_model_scores_what_the_summary_reports(demo_run: Path, tmp_path: Path) -> None:
@@ -87,8 +103,9 @@ def test_exported_ps_recipe_runs_unchanged_in_mergekit(demo_run: Path, tmp_path:
     assert cli("export", str(demo_run), "-o", str(recipe), "--merge", str(tmp_path / "ours")).returncode == 0
     mergekit_yaml = shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent))
     assert mergekit_yaml, "mergekit is importable but its mergekit-yaml script is missing"
-    run = subprocess.run([mergekit_yaml, str(recipe), str(tmp_path / "theirs")], capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run(
+        [mergekit_yaml, str(recipe), str(tmp_path / "theirs")], capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     ours = load_file(tmp_path / "ours" / "model.safetensors")
     theirs = load_file(tmp_path / "theirs" / "model.safetensors")

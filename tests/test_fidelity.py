@@ -16,8 +16,10 @@ from evomerge.run import read_journal
 from evomerge.search_cli import run_search
 from evomerge.space import parse_space
 
-TASKS = [{"name": "toy_add", "metric": "exact_match", "weight": 0.6, "limit": 100},
-         {"name": "toy_rev", "metric": "exact_match", "weight": 0.4, "limit": 60}]
+TASKS = [
+    {"name": "toy_add", "metric": "exact_match", "weight": 0.6, "limit": 100},
+    {"name": "toy_rev", "metric": "exact_match", "weight": 0.4, "limit": 60},
+]
 
 
 def test_windows_cover_every_position_once():
@@ -36,14 +38,19 @@ def test_estimate_bounds_shrink_to_the_exact_value_once_every_item_is_scored():
 
 
 def test_the_race_keeps_what_can_still_reach_the_top():
-    estimates = {"best": Estimate(0.8, 0.05, False), "close": Estimate(0.75, 0.05, False),
-                 "far": Estimate(0.4, 0.05, False), "done": Estimate(0.7, 0.0, True)}
+    estimates = {
+        "best": Estimate(0.8, 0.05, False),
+        "close": Estimate(0.75, 0.05, False),
+        "far": Estimate(0.4, 0.05, False),
+        "done": Estimate(0.7, 0.0, True),
+    }
     assert still_racing(estimates, z=1.96, rank=1) == {"best", "close"}  # far: 0.498 < 0.702
     assert still_racing(estimates, z=1.96, rank=2) == {"best", "close"}  # bar: done's exact 0.7
     assert still_racing(estimates, z=1.96, rank=4) == {"best", "close", "far"}  # bar: 0.302
     with pytest.raises(EvomergeError, match="fidelity.stages: must be ascending"):
-        parse_space({"models": ["a"], "base_model": "b", "tasks": [{"name": "t"}], "ps": {},
-                     "fidelity": {"stages": [50, 50]}})
+        parse_space(
+            {"models": ["a"], "base_model": "b", "tasks": [{"name": "t"}], "ps": {}, "fidelity": {"stages": [50, 50]}}
+        )
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +59,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     make_models(root / "models")
     out = {}
     for name, extra in (("full", ""), ("staged", "fidelity: {stages: [15, 40]}")):
-        path = write_space(root / f"{name}.yaml", f"""\
+        path = write_space(
+            root / f"{name}.yaml",
+            f"""\
 models: [models/a, models/b]
 base_model: models/base
 tasks: {json.dumps(TASKS)}
@@ -61,7 +70,8 @@ seed: 2
 worker: {{factory: "search_worker:ToyFitnessWorker"}}
 ps: {{method: dare_ties, granularity: 2}}
 {extra}
-""")
+""",
+        )
         run_search(path, root / name, workers=1, ray_address=None, max_evals=None, seed=None, echo=lambda *_: None)
         out[name] = root / name
     return out
@@ -89,7 +99,8 @@ def test_a_staged_run_scores_each_item_once_and_fewer_items(runs):
     summaries = {k: json.loads((v / "summary.json").read_text()) for k, v in runs.items()}
     assert summaries["full"]["items_scored"] == 48 * 160
     assert summaries["staged"]["items_scored"] == sum(
-        sum(r["metrics"][f"{t['name']}/n"] for t in TASKS) for r in stages.values())
+        sum(r["metrics"][f"{t['name']}/n"] for t in TASKS) for r in stages.values()
+    )
     assert summaries["staged"]["items_scored"] < summaries["full"]["items_scored"]
 
 
@@ -122,9 +133,14 @@ def _payload(stage_record: dict) -> dict:
 
     from evomerge.payload import derive_seed
 
-    return {"recipe": yaml.safe_load(stage_record["recipe"]), "seed": stage_record["seed"], "split": "train",
-            "tasks": TASKS, "subset_seed": derive_seed(2, "data", "train"),
-            "order_seed": derive_seed(2, "order", "train")}
+    return {
+        "recipe": yaml.safe_load(stage_record["recipe"]),
+        "seed": stage_record["seed"],
+        "split": "train",
+        "tasks": TASKS,
+        "subset_seed": derive_seed(2, "data", "train"),
+        "order_seed": derive_seed(2, "order", "train"),
+    }
 
 
 def test_the_lm_eval_worker_scores_windows_of_the_same_subset(mini_zoo):
@@ -137,8 +153,10 @@ def test_the_lm_eval_worker_scores_windows_of_the_same_subset(mini_zoo):
     recipe = {"merge_method": "passthrough", "models": [{"model": str(mini_zoo / "add")}]}
     base = {"recipe": recipe, "seed": None, "tasks": tasks, "split": "validation", "subset_seed": 4}
     whole = worker.evaluate(Candidate("whole", base))
-    parts = [worker.evaluate(Candidate(f"w{i}", {**base, "window": list(w), "order_seed": 9}))
-             for i, w in enumerate(stage_windows([5]))]
+    parts = [
+        worker.evaluate(Candidate(f"w{i}", {**base, "window": list(w), "order_seed": 9}))
+        for i, w in enumerate(stage_windows([5]))
+    ]
     assert all(p.ok for p in parts), [p.reason for p in parts]
     items = [pair for p in parts for pair in p.items["toy_add"]]
     assert [p.metrics["toy_add/n"] for p in parts] == [5, 7] and parts[0].metrics["toy_add/n_full"] == 12

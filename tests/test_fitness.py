@@ -21,22 +21,30 @@ from evomerge.space.dfs import Step, path_to_recipe
 
 torch.set_num_threads(1)
 
-TASKS = [{"name": "toy_add", "metric": "exact_match", "weight": 0.7, "limit": 40},
-         {"name": "toy_rev", "metric": "exact_match", "weight": 0.3, "limit": 40}]
+TASKS = [
+    {"name": "toy_add", "metric": "exact_match", "weight": 0.7, "limit": 40},
+    {"name": "toy_rev", "metric": "exact_match", "weight": 0.3, "limit": 40},
+]
 SPLIT = "validation"
 SUBSET_SEED = 11
 
 
 def ties(zoo: Path, weight: float = 1.0, density: float = 0.7) -> dict:
-    return {"merge_method": "ties", "base_model": str(zoo / "base"), "models": [
-        {"model": str(zoo / "add"), "parameters": {"weight": weight, "density": density}},
-        {"model": str(zoo / "rev"), "parameters": {"weight": weight, "density": [0.4, 0.9]}}]}
+    return {
+        "merge_method": "ties",
+        "base_model": str(zoo / "base"),
+        "models": [
+            {"model": str(zoo / "add"), "parameters": {"weight": weight, "density": density}},
+            {"model": str(zoo / "rev"), "parameters": {"weight": weight, "density": [0.4, 0.9]}},
+        ],
+    }
 
 
 def dfs_path(zoo: Path) -> dict:
     steps = [Step(0, 0), Step(1, 0, 0.9), Step(1, 1), Step(0, 1, 1.2)]
     return path_to_recipe(steps, [str(zoo / "add"), str(zoo / "rev")], ("o_proj", "down_proj")).model_dump(
-        mode="json", exclude_none=True)
+        mode="json", exclude_none=True
+    )
 
 
 def payload(recipe: dict, seed: int | None = 5, **extra) -> dict:
@@ -56,8 +64,9 @@ def eval_merged(recipe: dict, out: Path, seed: int | None) -> dict[str, dict[str
     return report["metrics"]
 
 
-def test_worker_scores_equal_evomerge_eval_of_the_merged_directory(worker: FitnessWorker, mini_zoo: Path,
-                                                                   tmp_path: Path) -> None:
+def test_worker_scores_equal_evomerge_eval_of_the_merged_directory(
+    worker: FitnessWorker, mini_zoo: Path, tmp_path: Path
+) -> None:
     recipe = ties(mini_zoo, weight=0.9)
     result = worker.evaluate(Candidate("ties", payload(recipe, seed=5)))
     assert result.ok, result.reason
@@ -69,16 +78,19 @@ def test_worker_scores_equal_evomerge_eval_of_the_merged_directory(worker: Fitne
     assert {"materialize", "eval", "forward"} <= set(result.timings)
     assert 0 < result.timings["forward"] < result.timings["eval"]
     # A source model scored through the worker (a one-model passthrough) equals scoring its directory.
-    source = worker.evaluate(Candidate("add", payload({"merge_method": "passthrough",
-                                                       "models": [{"model": str(mini_zoo / "add")}]})))
-    direct = run_eval(mini_zoo / "add", ["toy_add", "toy_rev"], limit=40, split=SPLIT, subset_seed=SUBSET_SEED,
-                      as_json=True)["metrics"]
+    source = worker.evaluate(
+        Candidate("add", payload({"merge_method": "passthrough", "models": [{"model": str(mini_zoo / "add")}]}))
+    )
+    direct = run_eval(
+        mini_zoo / "add", ["toy_add", "toy_rev"], limit=40, split=SPLIT, subset_seed=SUBSET_SEED, as_json=True
+    )["metrics"]
     assert source.metrics["toy_add/exact_match"] == direct["toy_add"]["exact_match"]
     assert source.metrics["toy_add/exact_match"] > 0.5  # the add expert, on its own task
 
 
-def test_worker_scores_a_layer_path_like_its_exported_model(worker: FitnessWorker, mini_zoo: Path,
-                                                            tmp_path: Path) -> None:
+def test_worker_scores_a_layer_path_like_its_exported_model(
+    worker: FitnessWorker, mini_zoo: Path, tmp_path: Path
+) -> None:
     recipe = dfs_path(mini_zoo)
     result = worker.evaluate(Candidate("dfs", payload(recipe, seed=None)))
     assert result.ok, result.reason
@@ -93,17 +105,26 @@ def test_seeded_subsets_are_fixed_and_differ_between_seeds(worker: FitnessWorker
     one = worker.evaluate(Candidate("a", payload(recipe, seed=None)))
     again = worker.evaluate(Candidate("b", payload(recipe, seed=None)))
     assert one.outcome()[2:] == again.outcome()[2:]
-    other = [worker.evaluate(Candidate(f"s{s}", payload(recipe, seed=None, subset_seed=s)))
-             .metrics["toy_add/exact_match"] for s in range(4)]
+    other = [
+        worker.evaluate(Candidate(f"s{s}", payload(recipe, seed=None, subset_seed=s))).metrics["toy_add/exact_match"]
+        for s in range(4)
+    ]
     assert len(set(other)) > 1  # 40 of 500 items: different subsets give different scores
 
 
 def test_merge_errors_and_unknown_metrics_are_failures_with_reasons(worker: FitnessWorker, mini_zoo: Path) -> None:
-    no_base = worker.evaluate(Candidate("x", payload({"merge_method": "ties", "models": [
-        {"model": str(mini_zoo / "add"), "parameters": {"weight": 1.0}}]})))
+    no_base = worker.evaluate(
+        Candidate(
+            "x",
+            payload(
+                {"merge_method": "ties", "models": [{"model": str(mini_zoo / "add"), "parameters": {"weight": 1.0}}]}
+            ),
+        )
+    )
     assert no_base.status == "failed" and no_base.reason.startswith("merge failed: base_model")
-    missing = worker.evaluate(Candidate("y", payload({"merge_method": "passthrough", "models": [
-        {"model": str(mini_zoo / "nope")}]})))
+    missing = worker.evaluate(
+        Candidate("y", payload({"merge_method": "passthrough", "models": [{"model": str(mini_zoo / "nope")}]}))
+    )
     assert missing.status == "failed" and "not found" in missing.reason
     metric = worker.evaluate(Candidate("z", payload(ties(mini_zoo), tasks=[{"name": "toy_add", "metric": "acc"}])))
     assert metric.status == "failed" and "toy_add/acc" in metric.reason and "exact_match" in metric.reason
@@ -124,8 +145,10 @@ def test_weighted_fitness_rejects_missing_and_nan_metrics() -> None:
 
 
 def candidates(zoo: Path) -> list[Candidate]:
-    out = [Candidate(f"ties{i}", payload(ties(zoo, weight=w, density=d), seed=i))
-           for i, (w, d) in enumerate([(0.9, 0.7), (0.6, 0.4), (1.0, 0.9)])]
+    out = [
+        Candidate(f"ties{i}", payload(ties(zoo, weight=w, density=d), seed=i))
+        for i, (w, d) in enumerate([(0.9, 0.7), (0.6, 0.4), (1.0, 0.9)])
+    ]
     out.append(Candidate("dare", payload({**ties(zoo), "merge_method": "dare_ties"}, seed=3)))
     out.append(Candidate("dfs", payload(dfs_path(zoo), seed=None)))
     out.append(Candidate("broken", payload({"merge_method": "ties", "models": [{"model": str(zoo / "add")}]})))
@@ -134,9 +157,15 @@ def candidates(zoo: Path) -> list[Candidate]:
 
 @pytest.fixture(scope="module")
 def spec(mini_zoo: Path) -> WorkerSpec:
-    return WorkerSpec("evomerge.evaluation.fitness:FitnessWorker",
-                      {"sources": [str(mini_zoo / n) for n in ("base", "add", "rev")], "tasks": TASKS,
-                       "include_paths": [], "split": SPLIT})
+    return WorkerSpec(
+        "evomerge.evaluation.fitness:FitnessWorker",
+        {
+            "sources": [str(mini_zoo / n) for n in ("base", "add", "rev")],
+            "tasks": TASKS,
+            "include_paths": [],
+            "split": SPLIT,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +175,9 @@ def ray_results(ray_instance: None, spec: WorkerSpec, mini_zoo: Path) -> Iterato
         yield {"results": results, "workers": {r.worker for r in results.values()}}
 
 
-def test_a_ray_pool_of_two_fitness_workers_equals_the_local_pool(ray_results: dict, spec: WorkerSpec,
-                                                                 mini_zoo: Path) -> None:
+def test_a_ray_pool_of_two_fitness_workers_equals_the_local_pool(
+    ray_results: dict, spec: WorkerSpec, mini_zoo: Path
+) -> None:
     with LocalExecutor(spec, penalty=-1.0, torch_threads=1) as pool:
         local = {r.candidate_id: r for r in pool.map_unordered(candidates(mini_zoo))}
     assert [cid for cid, r in local.items() if not r.ok] == ["broken"], {c: r.reason for c, r in local.items()}
@@ -170,8 +200,9 @@ def test_scoring_a_subset_by_swapping_docs_equals_lm_evals_samples_option(mini_z
     lm = make_lm(model, tokenizer, batch_size=64)
     samples = task_samples(loaded, {"toy_add": 30, "toy_rev": 30}, SUBSET_SEED)
     ours = score_tasks(lm, loaded, samples=samples, log_samples=True)
-    theirs = evaluator.evaluate(lm=lm, task_dict=loaded.task_dict, samples=samples, bootstrap_iters=0,
-                                log_samples=True, verbosity="ERROR")
+    theirs = evaluator.evaluate(
+        lm=lm, task_dict=loaded.task_dict, samples=samples, bootstrap_iters=0, log_samples=True, verbosity="ERROR"
+    )
     assert metric_values(ours) == metric_values(theirs)
     for task in ("toy_add", "toy_rev"):
         assert [s["doc"] for s in ours["samples"][task]] == [s["doc"] for s in theirs["samples"][task]]

@@ -25,8 +25,9 @@ def assert_fused_equals_file_merge(zoo: Path, tmp_path: Path, labels: list[str],
     for label in labels:
         before = materializer.fused.eager_jobs
         candidate = materializer.apply(recipes[label], seed=SEED)
-        written = load_file(str(file_merge(recipes[label], tmp_path / label.replace("@", "-"), seed=SEED)
-                                / "model.safetensors"))
+        written = load_file(
+            str(file_merge(recipes[label], tmp_path / label.replace("@", "-"), seed=SEED) / "model.safetensors")
+        )
         assert_same_state(candidate.model, written, label)
         if not label.endswith("@eager-fallback"):
             assert materializer.fused.eager_jobs == before, f"{label}: some jobs did not use the kernel"
@@ -41,19 +42,33 @@ def test_compiled_kernels_equal_the_file_merge_bit_for_bit(mini_zoo: Path, tmp_p
 def test_every_fused_method_equals_the_file_merge_bit_for_bit(mini_zoo: Path, tmp_path: Path) -> None:
     base, add, rev = (str(mini_zoo / n) for n in ("base", "add", "rev"))
     extra = {
-        "task_arithmetic@normalize": {"merge_method": "task_arithmetic", "base_model": base,
-                                      "parameters": {"normalize": True},
-                                      "models": [{"model": add, "parameters": {"weight": 0.7}},
-                                                 {"model": rev, "parameters": {"weight": 0.2}}]},
-        "ties@count": {"merge_method": "ties", "base_model": base, "parameters": {"consensus": "count"},
-                       "models": [{"model": add, "parameters": {"weight": 1.0, "density": 0.3}},
-                                  {"model": rev, "parameters": {"weight": 0.6, "density": 1.0}}]},
-        "della_linear@no-rescale": {"merge_method": "della_linear", "base_model": base,
-                                    "parameters": {"rescale": False, "lambda": 1.3},
-                                    "models": [{"model": add, "parameters": {"weight": 0.9, "density": 0.4}}]},
-        "dare_ties@eager-fallback": {"merge_method": "dare_ties", "base_model": base,
-                                     "parameters": {"rescale_norm": "l1"},
-                                     "models": [{"model": add, "parameters": {"weight": 0.9, "density": 0.4}}]},
+        "task_arithmetic@normalize": {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "parameters": {"normalize": True},
+            "models": [{"model": add, "parameters": {"weight": 0.7}}, {"model": rev, "parameters": {"weight": 0.2}}],
+        },
+        "ties@count": {
+            "merge_method": "ties",
+            "base_model": base,
+            "parameters": {"consensus": "count"},
+            "models": [
+                {"model": add, "parameters": {"weight": 1.0, "density": 0.3}},
+                {"model": rev, "parameters": {"weight": 0.6, "density": 1.0}},
+            ],
+        },
+        "della_linear@no-rescale": {
+            "merge_method": "della_linear",
+            "base_model": base,
+            "parameters": {"rescale": False, "lambda": 1.3},
+            "models": [{"model": add, "parameters": {"weight": 0.9, "density": 0.4}}],
+        },
+        "dare_ties@eager-fallback": {
+            "merge_method": "dare_ties",
+            "base_model": base,
+            "parameters": {"rescale_norm": "l1"},
+            "models": [{"model": add, "parameters": {"weight": 0.9, "density": 0.4}}],
+        },
     }
     labels = ["task_arithmetic", "ties", "dare_linear", "della", "della_linear", "della@bf16", *extra]
     assert_fused_equals_file_merge(mini_zoo, tmp_path, labels, extra)
@@ -82,8 +97,9 @@ def test_the_rank_cut_of_the_flat_path_keeps_what_the_eager_top_k_keeps_with_man
     cut = -1.0 if density >= 1 else float(n - topk_count(density, n) - 1)
     scalars = torch.tensor([cut, 0.0, 0.7, 0.7, 1.0, 1.0])  # one input: cut, slope, factor, weight, lambda, divisor
     out = torch.empty(n)
-    _kernel(out, torch.zeros(n), [delta.reshape(-1)], [], [ranks], scalars, "rank", None, False, False, False, False,
-            None)
+    _kernel(
+        out, torch.zeros(n), [delta.reshape(-1)], [], [ranks], scalars, "rank", None, False, False, False, False, None
+    )
     expected = magnitude_topk(delta.clone(), density, scale=0.7) if density < 1 else delta * 0.7
     assert torch.equal(out, expected.reshape(-1))
 

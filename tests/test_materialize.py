@@ -33,22 +33,38 @@ def ps_recipes(zoo: Path) -> dict[str, dict]:
     density = [{"filter": "self_attn", "value": 0.3}, {"filter": "mlp", "value": [0.2, 0.7]}, {"value": 0.5}]
 
     def experts(**extra):
-        return [{"model": add, "parameters": {"weight": 0.8, "density": density, **extra}},
-                {"model": rev, "parameters": {"weight": [0.4, 0.9], "density": 0.6, **extra}},
-                {"model": shift, "parameters": {"weight": 0.5, "density": 0.4, **extra}}]
+        return [
+            {"model": add, "parameters": {"weight": 0.8, "density": density, **extra}},
+            {"model": rev, "parameters": {"weight": [0.4, 0.9], "density": 0.6, **extra}},
+            {"model": shift, "parameters": {"weight": 0.5, "density": 0.4, **extra}},
+        ]
 
     def task_vectors(method, **extra):
         return {"merge_method": method, "base_model": base, "models": experts(**extra)}
 
     recipes = {
-        "linear": {"merge_method": "linear", "models": [
-            {"model": add, "parameters": {"weight": 0.5}}, {"model": rev, "parameters": {"weight": [0.2, 0.8]}},
-            {"model": shift, "parameters": {"weight": 0.3}}]},
-        "slerp": {"merge_method": "slerp", "base_model": base, "models": [{"model": base}, {"model": add}],
-                  "parameters": {"t": [0.1, 0.9]}},
-        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base, "parameters": {"lambda": 0.9},
-                            "models": [{"model": m, "parameters": {"weight": w}}
-                                       for m, w in ((add, 0.7), (rev, [0.3, 0.6]), (shift, 0.5))]},
+        "linear": {
+            "merge_method": "linear",
+            "models": [
+                {"model": add, "parameters": {"weight": 0.5}},
+                {"model": rev, "parameters": {"weight": [0.2, 0.8]}},
+                {"model": shift, "parameters": {"weight": 0.3}},
+            ],
+        },
+        "slerp": {
+            "merge_method": "slerp",
+            "base_model": base,
+            "models": [{"model": base}, {"model": add}],
+            "parameters": {"t": [0.1, 0.9]},
+        },
+        "task_arithmetic": {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "parameters": {"lambda": 0.9},
+            "models": [
+                {"model": m, "parameters": {"weight": w}} for m, w in ((add, 0.7), (rev, [0.3, 0.6]), (shift, 0.5))
+            ],
+        },
         "ties": task_vectors("ties"),
         "dare_ties": task_vectors("dare_ties"),
         "dare_linear": task_vectors("dare_linear"),
@@ -56,8 +72,11 @@ def ps_recipes(zoo: Path) -> dict[str, dict]:
         "breadcrumbs_ties": task_vectors("breadcrumbs_ties", gamma=0.05),
         "della": task_vectors("della", epsilon=0.1),
         "della_linear": task_vectors("della_linear", epsilon=0.1),
-        "model_stock": {"merge_method": "model_stock", "base_model": base,
-                        "models": [{"model": add}, {"model": rev}, {"model": shift}]},
+        "model_stock": {
+            "merge_method": "model_stock",
+            "base_model": base,
+            "models": [{"model": add}, {"model": rev}, {"model": shift}],
+        },
         "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": base, "models": [{"model": add}]},
         "passthrough": {"merge_method": "passthrough", "models": [{"model": add, "parameters": {"scale": 0.9}}]},
         "ties@bf16-inputs": {**task_vectors("ties"), "dtype": "bfloat16", "out_dtype": "float32"},
@@ -98,8 +117,9 @@ def test_every_parameter_space_method_equals_the_file_merge_bit_for_bit(mini_zoo
         assert candidate.mode == "in_place", label
         # below the compile threshold the task-vector methods run as one flat pass (flat.py)
         assert (materializer.flat.candidates > before) == (label.split("@")[0] in flat_methods), label
-        written = load_file(str(file_merge(recipe, tmp_path / label.replace("@", "-"), seed=SEED)
-                                / "model.safetensors"))
+        written = load_file(
+            str(file_merge(recipe, tmp_path / label.replace("@", "-"), seed=SEED) / "model.safetensors")
+        )
         assert_same_state(candidate.model, written, label)
     # The resident sources are untouched and task vectors were cached (and reused) by the methods.
     for (path, name), before in snapshot.items():
@@ -108,14 +128,17 @@ def test_every_parameter_space_method_equals_the_file_merge_bit_for_bit(mini_zoo
 
 
 def test_above_the_flat_bound_candidates_run_tensor_by_tensor_with_the_same_bits(
-        mini_zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mini_zoo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import evomerge.evaluation.materialize as materialize_module
 
     sources = [mini_zoo / n for n in ("base", "add", "rev", "shift")]
     recipes = ps_recipes(mini_zoo)
     flat = Materializer(sources)
-    expected = {label: {k: v.clone() for k, v in flat.apply(recipes[label], seed=SEED).model.state_dict().items()}
-                for label in ("ties", "della")}
+    expected = {
+        label: {k: v.clone() for k, v in flat.apply(recipes[label], seed=SEED).model.state_dict().items()}
+        for label in ("ties", "della")
+    }
     assert flat.flat.candidates == 2
     monkeypatch.setattr(materialize_module, "FLAT_MAX_PARAMETERS", 0)
     per_tensor = Materializer(sources)
@@ -128,18 +151,26 @@ def test_a_recipe_that_fails_to_plan_names_the_field(mini_zoo: Path) -> None:
     from evomerge.errors import EvomergeError
 
     materializer = Materializer([mini_zoo / "base"])
-    bad = {"merge_method": "ties", "base_model": str(mini_zoo / "base"),
-           "models": [{"model": str(mini_zoo / "add"), "parameters": {"weight": 1.0, "density": 1.5}}]}
+    bad = {
+        "merge_method": "ties",
+        "base_model": str(mini_zoo / "base"),
+        "models": [{"model": str(mini_zoo / "add"), "parameters": {"weight": 1.0, "density": 1.5}}],
+    }
     with pytest.raises(EvomergeError, match="density"):
         materializer.apply(bad)
 
 
 def test_module_sink_refuses_a_plan_that_leaves_weights_unwritten(mini_zoo: Path) -> None:
     materializer = Materializer([mini_zoo / "base"])
-    plan = materializer.plan({"merge_method": "passthrough", "slices": [
-        {"sources": [{"model": str(mini_zoo / "base"), "layer_range": [0, 1]}]}]})
-    full = materializer.apply({"merge_method": "linear", "models": [
-        {"model": str(mini_zoo / "base"), "parameters": {"weight": 1.0}}]}).model
+    plan = materializer.plan(
+        {
+            "merge_method": "passthrough",
+            "slices": [{"sources": [{"model": str(mini_zoo / "base"), "layer_range": [0, 1]}]}],
+        }
+    )
+    full = materializer.apply(
+        {"merge_method": "linear", "models": [{"model": str(mini_zoo / "base"), "parameters": {"weight": 1.0}}]}
+    ).model
     with pytest.raises(ValueError, match="does not write"):
         ModuleSink(full).begin(plan)  # a 1-layer plan cannot fill a 2-layer model
 
@@ -156,9 +187,17 @@ def random_llamas(root: Path, eps: float, count: int = 2) -> list[str]:
     paths = []
     for seed in range(count):
         torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=eps,
-                             max_position_embeddings=64, tie_word_embeddings=False)
+        config = LlamaConfig(
+            vocab_size=50,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=eps,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
         path = root / f"llama{seed}"
         LlamaForCausalLM(config).save_pretrained(path)
         paths.append(str(path))
@@ -178,7 +217,8 @@ def exported_model(recipe, out: Path):
 # eps / mean(h^2) relatively (activations of random models are small: measured 2.8e-4).
 @pytest.mark.parametrize(("eps", "tolerance"), [(1e-12, 1e-5), (1e-6, 2e-3)])
 def test_a_layer_path_runs_on_resident_layers_and_matches_the_exported_model(
-        tmp_path: Path, eps: float, tolerance: float) -> None:
+    tmp_path: Path, eps: float, tolerance: float
+) -> None:
     paths = random_llamas(tmp_path, eps)
     recipe = path_to_recipe(PATH, paths, PROJECTIONS)
     materializer = Materializer(paths)
@@ -197,10 +237,12 @@ def test_a_layer_path_runs_on_resident_layers_and_matches_the_exported_model(
     # Each path position has its own KV-cache slot (layer 1 of model 1 ... appear once each here;
     # generation with the cache equals generation without it).
     with torch.no_grad():
-        cached = candidate.model.generate(ids[:, :8], max_new_tokens=6, do_sample=False,
-                                          attention_mask=torch.ones_like(ids[:, :8]))
-        uncached = candidate.model.generate(ids[:, :8], max_new_tokens=6, do_sample=False, use_cache=False,
-                                            attention_mask=torch.ones_like(ids[:, :8]))
+        cached = candidate.model.generate(
+            ids[:, :8], max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids[:, :8])
+        )
+        uncached = candidate.model.generate(
+            ids[:, :8], max_new_tokens=6, do_sample=False, use_cache=False, attention_mask=torch.ones_like(ids[:, :8])
+        )
     assert torch.equal(cached, uncached)
 
 
@@ -226,10 +268,17 @@ def test_a_path_that_repeats_a_layer_keeps_one_cache_slot_per_position(tmp_path:
 
 def test_a_passthrough_recipe_that_is_not_a_folded_path_is_copied_and_exact(mini_zoo: Path, tmp_path: Path) -> None:
     base, add = str(mini_zoo / "base"), str(mini_zoo / "add")
-    recipe = {"merge_method": "passthrough", "slices": [
-        {"sources": [{"model": base, "layer_range": [0, 2]}]},
-        {"sources": [{"model": add, "layer_range": [1, 2],
-                      "parameters": {"scale": [{"filter": "q_proj", "value": 0.5}]}}]}]}
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": base, "layer_range": [0, 2]}]},
+            {
+                "sources": [
+                    {"model": add, "layer_range": [1, 2], "parameters": {"scale": [{"filter": "q_proj", "value": 0.5}]}}
+                ]
+            },
+        ],
+    }
     materializer = Materializer([base, add])
     candidate = materializer.apply(recipe)
     assert candidate.mode == "in_place"
@@ -241,15 +290,22 @@ def test_search_space_dfs_genomes_materialize_like_their_export(mini_zoo: Path, 
     """The decoder of the search (space.py) and the materializer agree on the recipe shape."""
     from evomerge.space import SearchSpace, parse_space
 
-    config = parse_space({"models": [str(mini_zoo / "add"), str(mini_zoo / "rev")],
-                          "tasks": [{"name": "toy_add"}], "dfs": {"repeats": 2, "scales": "layer_pair"}})
+    config = parse_space(
+        {
+            "models": [str(mini_zoo / "add"), str(mini_zoo / "rev")],
+            "tasks": [{"name": "toy_add"}],
+            "dfs": {"repeats": 2, "scales": "layer_pair"},
+        }
+    )
     space = SearchSpace(config)
     materializer = Materializer(space.source_models)
     generator = torch.Generator().manual_seed(3)
     ids = torch.randint(4, 48, (2, 12), generator=generator)
     for trial in range(3):
-        genome = [lo + (hi - lo) * float(torch.rand((), generator=generator))
-                  for lo, hi in zip(space.lower, space.upper, strict=True)]
+        genome = [
+            lo + (hi - lo) * float(torch.rand((), generator=generator))
+            for lo, hi in zip(space.lower, space.upper, strict=True)
+        ]
         recipe = space.decode(genome)
         candidate = materializer.apply(recipe)
         assert candidate.mode == "stacked"

@@ -30,7 +30,9 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def nsga2_run(root) -> Path:
-    path = write_space(root / "nsga2.yaml", """\
+    path = write_space(
+        root / "nsga2.yaml",
+        """\
 models: [models/a, models/b]
 base_model: models/base
 tasks: [{name: toy_add, weight: 0.5}, {name: toy_rev, weight: 0.5}]
@@ -40,7 +42,8 @@ seed: 4
 optimizer: {name: optuna, sampler: nsga2}
 worker: {factory: "search_worker:ToyFitnessWorker"}
 ps: {method: dare_ties, granularity: 2}
-""")
+""",
+    )
     run_search(path, root / "run", workers=1, ray_address=None, max_evals=None, seed=None, echo=lambda *_: None)
     return root / "run"
 
@@ -66,7 +69,8 @@ def test_pareto_json_is_the_non_dominated_set_of_the_journal(nsga2_run):
     for entry in front:
         assert tuple(entry["objectives"][n] for n in NAMES) == points[entry["eval_id"]]
     assert load_pareto(nsga2_run / "pareto.json") == [  # what `evomerge report` reads
-        {"eval_id": e["eval_id"], "objectives": e["objectives"], "recipe": e["recipe"]} for e in front]
+        {"eval_id": e["eval_id"], "objectives": e["objectives"], "recipe": e["recipe"]} for e in front
+    ]
     # the optimizer really was multi-objective: the study holds two values per trial
     import optuna
 
@@ -85,21 +89,25 @@ def test_report_plots_the_front_and_export_picks_any_point(nsga2_run, tmp_path):
         result = CliRunner().invoke(app, ["export", str(nsga2_run), "-o", str(out), "--pick", str(pick)])
         assert result.exit_code == 0, result.output
         assert yaml.safe_load(out.read_text()) == yaml.safe_load(front[pick]["recipe"])
-    result = CliRunner().invoke(app, ["export", str(nsga2_run), "-o", str(tmp_path / "x.yaml"),
-                                      "--pick", str(len(front))])
+    result = CliRunner().invoke(
+        app, ["export", str(nsga2_run), "-o", str(tmp_path / "x.yaml"), "--pick", str(len(front))]
+    )
     assert result.exit_code == 2 and f"--pick: {len(front)} is not an entry" in result.output
     assert not (tmp_path / "x.yaml").exists()
 
 
 def test_export_pick_needs_a_front(root, tmp_path):
-    path = write_space(root / "single.yaml", """\
+    path = write_space(
+        root / "single.yaml",
+        """\
 models: [models/a, models/b]
 base_model: models/base
 tasks: [{name: toy_add}]
 budget: {max_evals: 6, popsize: 6, select_top_k: 1}
 worker: {factory: "search_worker:ToyFitnessWorker"}
 ps: {method: dare_ties}
-""")
+""",
+    )
     run_search(path, tmp_path / "run", workers=1, ray_address=None, max_evals=None, seed=None, echo=lambda *_: None)
     assert not (tmp_path / "run" / "pareto.json").exists()
     with pytest.raises(EvomergeError, match="--pick: .* has no pareto.json"):
@@ -108,7 +116,9 @@ ps: {method: dare_ties}
 
 def test_ps_plus_dfs_report_and_export_use_the_dfs_stage_front(root, tmp_path):
     """PS+DFS keeps a front per stage (ps/, dfs/); report and --pick read the last stage's."""
-    path = write_space(root / "staged.yaml", """\
+    path = write_space(
+        root / "staged.yaml",
+        """\
 models: [models/a, models/b]
 base_model: models/base
 tasks: [{name: toy_add, weight: 0.5}, {name: toy_rev, weight: 0.5}]
@@ -117,7 +127,8 @@ budget: {max_evals: 12, popsize: 6, select_top_k: 1}
 worker: {factory: "search_worker:ToyFitnessWorker"}
 ps: {method: ties}
 dfs: {repeats: 1, scales: model_pair, models: [models/b]}
-""")
+""",
+    )
     run = tmp_path / "run"
     run_search(path, run, workers=1, ray_address=None, max_evals=None, seed=None, echo=lambda *_: None)
     assert not (run / "pareto.json").exists() and (run / "ps" / "pareto.json").exists()
@@ -136,14 +147,17 @@ dfs: {repeats: 1, scales: model_pair, models: [models/b]}
 
 def test_dfs_path_length_and_size_measures_with_a_single_objective_optimizer(root, tmp_path):
     """pycma optimizes the fitness; the run still keeps the front of task metric vs. path length."""
-    path = write_space(root / "dfs.yaml", """\
+    path = write_space(
+        root / "dfs.yaml",
+        """\
 models: [models/a, models/b]
 tasks: [{name: toy_add}]
 objectives: [{task: toy_add}, {measure: path_length}, {measure: size}]
 budget: {max_evals: 24, popsize: 8, select_top_k: 2}
 worker: {factory: "search_worker:ToyFitnessWorker"}
 dfs: {repeats: 1, scales: model_pair}
-""")
+""",
+    )
     run_search(path, tmp_path / "run", workers=1, ray_address=None, max_evals=None, seed=None, echo=lambda *_: None)
     document = json.loads((tmp_path / "run" / "pareto.json").read_text())
     assert [o["direction"] for o in document["objectives"]] == ["maximize", "minimize", "minimize"]
@@ -160,7 +174,9 @@ dfs: {repeats: 1, scales: model_pair}
 
 def test_nsga2_on_the_mini_zoo_end_to_end(mini_zoo, tmp_path):
     """Real merges, real lm-eval: an NSGA-II search over toy_add vs toy_rev, then export a front point."""
-    path = write_space(tmp_path / "space.yaml", f"""\
+    path = write_space(
+        tmp_path / "space.yaml",
+        f"""\
 models: [{mini_zoo}/add, {mini_zoo}/rev]
 base_model: {mini_zoo}/base
 tasks: [{{name: toy_add, weight: 0.5, limit: 20}}, {{name: toy_rev, weight: 0.5, limit: 20}}]
@@ -168,12 +184,19 @@ objectives: [{{task: toy_add}}, {{task: toy_rev}}]
 budget: {{max_evals: 12, popsize: 6, select_top_k: 1}}
 optimizer: {{name: optuna, sampler: nsga2}}
 ps: {{method: task_arithmetic, genes: {{weight: [0.0, 1.5]}}}}
-""")
-    summary = run_search(path, tmp_path / "run", workers=1, ray_address=None, max_evals=None, seed=None,
-                         echo=lambda *_: None)
+""",
+    )
+    summary = run_search(
+        path, tmp_path / "run", workers=1, ray_address=None, max_evals=None, seed=None, echo=lambda *_: None
+    )
     assert summary["final"]["test"]["score"] is not None
     front = load_pareto(tmp_path / "run" / "pareto.json")
     assert front and all(set(e["objectives"]) == set(NAMES) for e in front)
-    run_export(tmp_path / "run", tmp_path / "pick.yaml", merge_dir=tmp_path / "model", pick=len(front) - 1,
-               echo=lambda *_: None)
+    run_export(
+        tmp_path / "run",
+        tmp_path / "pick.yaml",
+        merge_dir=tmp_path / "model",
+        pick=len(front) - 1,
+        echo=lambda *_: None,
+    )
     assert (tmp_path / "model" / "config.json").exists()

@@ -28,11 +28,18 @@ def models(tmp_path_factory) -> Path:
 
 
 def bound_space(root: Path, sampler: str, objectives: list, **optimizer) -> SearchSpace:
-    config = parse_space({"models": ["models/a", "models/b"], "base_model": "models/base",
-                          "tasks": [{"name": "toy_add"}, {"name": "toy_rev"}], "objectives": objectives,
-                          "budget": {"max_evals": 30, "popsize": 6}, "seed": 5,
-                          "optimizer": {"name": "optuna", "sampler": sampler, **optimizer},
-                          "ps": {"method": "dare_ties", "granularity": 2}})
+    config = parse_space(
+        {
+            "models": ["models/a", "models/b"],
+            "base_model": "models/base",
+            "tasks": [{"name": "toy_add"}, {"name": "toy_rev"}],
+            "objectives": objectives,
+            "budget": {"max_evals": 30, "popsize": 6},
+            "seed": 5,
+            "optimizer": {"name": "optuna", "sampler": sampler, **optimizer},
+            "ps": {"method": "dare_ties", "granularity": 2},
+        }
+    )
     return SearchSpace(config, root=root)
 
 

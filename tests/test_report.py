@@ -64,8 +64,15 @@ def root(tmp_path_factory) -> Path:
 
 def _search(root: Path, name: str, text: str) -> Path:
     run_dir = root / "runs" / name
-    run_search(write_space(root / f"{name}.yaml", text), run_dir, workers=1, ray_address=None, max_evals=None,
-               seed=None, echo=lambda *_: None)
+    run_search(
+        write_space(root / f"{name}.yaml", text),
+        run_dir,
+        workers=1,
+        ray_address=None,
+        max_evals=None,
+        seed=None,
+        echo=lambda *_: None,
+    )
     return run_dir
 
 
@@ -130,16 +137,23 @@ def check_files(report, names: set[str]) -> str:
 
 def heatmap_cells(maps) -> dict[tuple[str, str, str], float]:
     """(row, column, kind) -> value of every non-empty cell."""
-    return {(row, column, m.kind): float(m.values[r, c]) for m in maps for r, row in enumerate(m.rows)
-            for c, column in enumerate(m.columns) if np.isfinite(m.values[r, c])}
+    return {
+        (row, column, m.kind): float(m.values[r, c])
+        for m in maps
+        for r, row in enumerate(m.rows)
+        for c, column in enumerate(m.columns)
+        if np.isfinite(m.values[r, c])
+    }
 
 
 def gene_cells(space: SearchSpace, genome: list[float]) -> dict[tuple[str, str, str], float]:
     """The same cells from the genes the recipe was decoded from (independent of the recipe)."""
     layout = space.layout
-    return {(layout.labels[model] + (f" {cls}" if cls else ""), group, kind): value
-            for (group, model, gene_cls, kind), value in layout.values(genome).items()
-            for cls in ([gene_cls] if gene_cls or not layout.config.split_attn_mlp else ["attn", "mlp"])}
+    return {
+        (layout.labels[model] + (f" {cls}" if cls else ""), group, kind): value
+        for (group, model, gene_cls, kind), value in layout.values(genome).items()
+        for cls in ([gene_cls] if gene_cls or not layout.config.split_attn_mlp else ["attn", "mlp"])
+    }
 
 
 def test_ps_report_figures_tables_and_heatmap_values(ps_run):
@@ -156,8 +170,9 @@ def test_ps_report_figures_tables_and_heatmap_values(ps_run):
     assert stats.best_select == max(r["fitness"] for r in records if r["phase"] == "select" and r["status"] == "ok")
     final = summary["final"]["test"]
     assert stats.final_test["score"] == final["score"] and stats.final_test["ci95"] == final["ci95"]
-    assert {m: s["score"] for m, s in stats.sources.items()} == {m: e["test"]["score"]
-                                                                 for m, e in summary["sources"].items()}
+    assert {m: s["score"] for m, s in stats.sources.items()} == {
+        m: e["test"]["score"] for m, e in summary["sources"].items()
+    }
     for number in (final["score"], *final["ci95"], stats.best_search, stats.best_select):
         assert f"{number:.4f}" in page
     assert f"<td class='num'>{stats.failed}</td>" in page
@@ -191,8 +206,9 @@ def test_dfs_report_draws_the_path_of_the_final_recipe(dfs_run):
     drawn = figure.axes[0].lines[0].get_xydata()
     assert drawn.tolist() == [[float(i), float(s.layer)] for i, s in enumerate(steps)]
     labels = [t.get_text() for t in figure.axes[0].texts]
-    assert labels == [f"×{s.scale:.3g}" for i, s in enumerate(steps) if i and
-                      (s.model != steps[i - 1].model or s.scale != 1.0)]
+    assert labels == [
+        f"×{s.scale:.3g}" for i, s in enumerate(steps) if i and (s.model != steps[i - 1].model or s.scale != 1.0)
+    ]
     assert not recipe_heatmaps(recipe)  # passthrough has no merge weights
 
 
@@ -208,8 +224,9 @@ def test_ps_plus_dfs_report_shows_both_stages(staged_run):
     assert maps[0].columns == ["all"]
     ps_summary = json.loads((staged_run / "ps" / "summary.json").read_text())
     genome = next(r["genome"] for r in journal(staged_run / "ps") if r["eval_id"] == ps_summary["final"]["eval_id"])
-    assert heatmap_cells(maps) == {(row, "all", kind): v for (row, _, kind), v in
-                                   gene_cells(bound_space(staged_run / "ps"), genome).items()}
+    assert heatmap_cells(maps) == {
+        (row, "all", kind): v for (row, _, kind), v in gene_cells(bound_space(staged_run / "ps"), genome).items()
+    }
     steps = recipe_path(load_recipe(staged_run / "final.yaml"))
     assert steps[0].model == str((staged_run / "ps" / "model").resolve())
 
@@ -235,9 +252,12 @@ def test_cli_writes_to_the_chosen_folder_and_plots_a_pareto_front(ps_run, tmp_pa
     records = [r for r in journal(ps_run) if r["phase"] == "search" and r["status"] == "ok"]
     names = ("toy_add/exact_match", "toy_rev/exact_match")
     points = {r["eval_id"]: tuple(r["metrics"][n] for n in names) for r in records}
-    front = [{"eval_id": e, "objectives": dict(zip(names, p, strict=True)), "recipe": r["recipe"]}
-             for r in records for e, p in [(r["eval_id"], points[r["eval_id"]])]
-             if not any(q != p and all(a >= b for a, b in zip(q, p, strict=True)) for q in points.values())]
+    front = [
+        {"eval_id": e, "objectives": dict(zip(names, p, strict=True)), "recipe": r["recipe"]}
+        for r in records
+        for e, p in [(r["eval_id"], points[r["eval_id"]])]
+        if not any(q != p and all(a >= b for a, b in zip(q, p, strict=True)) for q in points.values())
+    ]
     assert front
     (ps_run / "pareto.json").write_text(json.dumps(front))
     try:

@@ -33,13 +33,19 @@ def root(tmp_path_factory) -> Path:
 
 
 def space(root: Path, name: str, *, max_evals: int = 24, seed: int = 3, **kwargs) -> Path:
-    return write_space(root / f"{name}.yaml", SPACE.format(max_evals=max_evals, seed=seed,
-                                                           kwargs=json.dumps(kwargs)))
+    return write_space(root / f"{name}.yaml", SPACE.format(max_evals=max_evals, seed=seed, kwargs=json.dumps(kwargs)))
 
 
 def search(space_path: Path, run_dir: Path, **options):
-    return run_search(space_path, run_dir, workers=1, ray_address=None, max_evals=options.get("max_evals"),
-                      seed=options.get("seed"), echo=lambda *_: None)
+    return run_search(
+        space_path,
+        run_dir,
+        workers=1,
+        ray_address=None,
+        max_evals=options.get("max_evals"),
+        seed=options.get("seed"),
+        echo=lambda *_: None,
+    )
 
 
 def journal(run_dir: Path) -> list[dict]:
@@ -56,8 +62,19 @@ def test_a_run_writes_journal_checkpoint_best_final_and_summary(root, tmp_path):
     records = journal(run_dir)
     search_records = [r for r in records if r["phase"] == "search"]
     assert len(search_records) == 24
-    for key in ("eval_id", "generation", "genome", "recipe_sha", "seed", "metrics", "fitness", "status",
-                "seconds", "worker", "reason"):
+    for key in (
+        "eval_id",
+        "generation",
+        "genome",
+        "recipe_sha",
+        "seed",
+        "metrics",
+        "fitness",
+        "status",
+        "seconds",
+        "worker",
+        "reason",
+    ):
         assert all(key in r for r in records), key
     assert {r["generation"] for r in search_records} == {0, 1, 2, 3}
     assert len({r["seed"] for r in search_records}) == 1  # one mask seed per run, stored in each recipe
@@ -68,8 +85,9 @@ def test_a_run_writes_journal_checkpoint_best_final_and_summary(root, tmp_path):
     assert summary["final"]["recipe"] == "final.yaml"
     test = summary["final"]["test"]
     assert test["ci95"][0] < test["score"] < test["ci95"][1]
-    assert test["score"] == pytest.approx(0.6 * test["metrics"]["toy_add/exact_match"]
-                                          + 0.4 * test["metrics"]["toy_rev/exact_match"])
+    assert test["score"] == pytest.approx(
+        0.6 * test["metrics"]["toy_add/exact_match"] + 0.4 * test["metrics"]["toy_rev/exact_match"]
+    )
     assert set(summary["sources"]) == {str((root / "models" / n).resolve()) for n in ("base", "a", "b")}
     assert summary["evaluations"] == 24 and summary["failed"] == 0
     assert json.loads((run_dir / "summary.json").read_text()) == summary
@@ -105,13 +123,16 @@ def test_failed_candidates_get_the_penalty_and_the_search_goes_on(root, tmp_path
 def test_identical_recipes_are_evaluated_once(root, tmp_path):
     """DFS genomes collapse onto few paths: each distinct recipe reaches the worker once."""
     log = tmp_path / "worker.log"
-    path = write_space(root / "dfs.yaml", f"""\
+    path = write_space(
+        root / "dfs.yaml",
+        f"""\
 models: [models/a, models/b]
 tasks: [{{name: toy_add}}]
 budget: {{max_evals: 40, popsize: 8, select_top_k: 2}}
 worker: {{factory: "search_worker:ToyFitnessWorker", kwargs: {{log: "{log}"}}}}
 dfs: {{repeats: 1, scales: model_pair, scale_bounds: [0.999999, 1.000001], max_path_length: 3}}
-""")
+""",
+    )
     run_dir = tmp_path / "run"
     search(path, run_dir)
     records = journal(run_dir)
@@ -122,8 +143,11 @@ dfs: {{repeats: 1, scales: model_pair, scale_bounds: [0.999999, 1.000001], max_p
     assert hits
     for hit in hits:
         source = by_id[hit["cached_from"]]
-        assert (hit["cache_key"], hit["fitness"], hit["metrics"]) == (source["cache_key"], source["fitness"],
-                                                                      source["metrics"])
+        assert (hit["cache_key"], hit["fitness"], hit["metrics"]) == (
+            source["cache_key"],
+            source["fitness"],
+            source["metrics"],
+        )
         assert hit["worker"] is None and hit["eval_id"] not in log_ids(log)
 
 
@@ -197,7 +221,9 @@ def test_export_writes_the_final_recipe_and_merges_it(root, tmp_path):
 
 def test_ps_plus_dfs_runs_two_stages_and_resumes_without_recomputing(root, tmp_path):
     log = tmp_path / "worker.log"
-    path = write_space(root / "psdfs.yaml", f"""\
+    path = write_space(
+        root / "psdfs.yaml",
+        f"""\
 models: [models/a, models/b]
 base_model: models/base
 tasks: [{{name: toy_add}}]
@@ -205,7 +231,8 @@ budget: {{max_evals: 12, select_top_k: 2}}
 worker: {{factory: "search_worker:ToyFitnessWorker", kwargs: {{log: "{log}"}}}}
 ps: {{method: ties}}
 dfs: {{repeats: 1, scales: model_pair, models: [models/b]}}
-""")
+""",
+    )
     run_dir = tmp_path / "run"
     summary = search(path, run_dir)
     ps_model = (run_dir / "ps" / "model").resolve()
@@ -245,13 +272,16 @@ def test_a_ray_pool_of_two_gives_the_same_run_as_one_local_worker(root, tmp_path
 def test_dfs_selection_also_offers_the_anchor_alone(root, tmp_path):
     """The x0 path (the anchor model alone) competes in the selection, so a DFS run never ends on a
     path that is worse on the selection split than not re-routing at all."""
-    path = write_space(root / "dfs_incumbent.yaml", """\
+    path = write_space(
+        root / "dfs_incumbent.yaml",
+        """\
 models: [models/a, models/b]
 tasks: [{name: toy_add}]
 budget: {max_evals: 16, popsize: 8, select_top_k: 2}
 worker: {factory: "search_worker:ToyFitnessWorker"}
 dfs: {repeats: 1, scales: model_pair}
-""")
+""",
+    )
     run_dir = tmp_path / "run"
     summary = search(path, run_dir)
     records = journal(run_dir)

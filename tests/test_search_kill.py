@@ -25,10 +25,19 @@ POPSIZE = 6
 
 
 def cli(*args: str, delay: float = 0.0, **popen) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-           "EVOMERGE_TEST_WORKER_DELAY": str(delay)}
-    return subprocess.Popen([sys.executable, "-m", "evomerge.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "EVOMERGE_TEST_WORKER_DELAY": str(delay),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "evomerge.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def search_ids(run_dir: Path) -> list[str]:
@@ -40,8 +49,7 @@ OPTIMIZERS = {
     "cma": "",
     "optuna-tpe": "optimizer: {name: optuna, sampler: tpe, options: {n_startup_trials: 6}}",
     "optuna-cmaes": "optimizer: {name: optuna, sampler: cmaes}",
-    "optuna-nsga2": "optimizer: {name: optuna, sampler: nsga2}\n"
-                    "objectives: [{task: toy_add}, {task: toy_rev}]",
+    "optuna-nsga2": "optimizer: {name: optuna, sampler: nsga2}\nobjectives: [{task: toy_add}, {task: toy_rev}]",
     "cma-fidelity": "fidelity: {stages: [20, 80]}",
 }
 
@@ -49,12 +57,15 @@ OPTIMIZERS = {
 SLOW = {"optuna-tpe", "optuna-nsga2"}  # test_optuna.py covers their exact continuation in-process
 
 
-@pytest.mark.parametrize("optimizer", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
-                                       for name in OPTIMIZERS])
+@pytest.mark.parametrize(
+    "optimizer", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name for name in OPTIMIZERS]
+)
 def test_sigkill_inside_a_generation_then_resume_equals_an_uninterrupted_run(tmp_path, optimizer):
     make_models(tmp_path / "models")
     log = tmp_path / "worker.log"
-    path = write_space(tmp_path / "space.yaml", f"""\
+    path = write_space(
+        tmp_path / "space.yaml",
+        f"""\
 models: [models/a, models/b]
 base_model: models/base
 tasks: [{{name: toy_add, weight: 0.5}}, {{name: toy_rev, weight: 0.5}}]
@@ -63,7 +74,8 @@ seed: 11
 worker: {{factory: "search_worker:ToyFitnessWorker", kwargs: {{log: "{log}", fail_above: 0.8}}}}
 ps: {{method: dare_ties, granularity: 2, split_attn_mlp: true}}
 {OPTIMIZERS[optimizer]}
-""")
+""",
+    )
     killed = tmp_path / "killed"
     proc = cli("search", str(path), "--run-dir", str(killed), delay=0.25)
     deadline = time.monotonic() + 90

@@ -27,8 +27,14 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 
 def ps_space(models, **ps) -> SearchSpace:
-    config = parse_space({"models": [str(models["a"]), str(models["b"])], "base_model": str(models["base"]),
-                          "tasks": [{"name": "toy_add"}], "ps": ps})
+    config = parse_space(
+        {
+            "models": [str(models["a"]), str(models["b"])],
+            "base_model": str(models["base"]),
+            "tasks": [{"name": "toy_add"}],
+            "ps": ps,
+        }
+    )
     return SearchSpace(config)
 
 
@@ -44,8 +50,10 @@ def test_whole_model_ps_is_a_models_recipe_with_one_scalar_per_model(models):
     genome = [0.123456789, 0.9, 0.25, 0.5]
     recipe = space.decode(genome, seed=11)
     assert recipe.seed == 11 and recipe.slices is None
-    assert [m.parameters for m in recipe.models] == [{"weight": 0.123457, "density": 0.9},
-                                                     {"weight": 0.25, "density": 0.5}]
+    assert [m.parameters for m in recipe.models] == [
+        {"weight": 0.123457, "density": 0.9},
+        {"weight": 0.25, "density": 0.5},
+    ]
     assert loads_recipe(dump_recipe(recipe)) == recipe  # plain mergekit YAML, round trip
 
 
@@ -92,8 +100,7 @@ def test_each_ps_method_decodes_to_a_plannable_recipe(models, method):
 
 
 def dfs_space(models, **dfs) -> SearchSpace:
-    config = parse_space({"models": [str(models["a"]), str(models["b"])], "tasks": [{"name": "toy_add"}],
-                          "dfs": dfs})
+    config = parse_space({"models": [str(models["a"]), str(models["b"])], "tasks": [{"name": "toy_add"}], "dfs": dfs})
     return SearchSpace(config)
 
 
@@ -137,9 +144,17 @@ def _tiny_llama(seed: int, path: Path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                         rms_norm_eps=1e-12, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        rms_norm_eps=1e-12,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(path)
     return model
@@ -167,10 +182,12 @@ def test_dfs_export_matches_the_scaled_path_on_real_models(tmp_path):
         layer = copy.deepcopy((a, b)[step.model].model.layers[step.layer])
         layer.self_attn.layer_idx = index
         if step.scale != 1.0:
+
             def scale_input(module, args, kwargs, s=step.scale):
                 if args:
                     return (args[0] * s, *args[1:]), kwargs
                 return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * s}
+
             layer.register_forward_pre_hook(scale_input, with_kwargs=True)
         layers.append(layer)
     reference.model.layers = torch.nn.ModuleList(layers)
@@ -190,25 +207,40 @@ def test_dfs_export_matches_the_scaled_path_on_real_models(tmp_path):
 # -- validation: one line naming the field, exit 2, nothing written --------------------------------
 
 BAD = {
-    "unknown key": ("models: [a]\ntasks: [{name: t}]\nps: {method: ties}\nbase_model: base\nbudgett: {}\n",
-                    "budgett: unknown key"),
-    "bad method": ("models: [a]\nbase_model: base\ntasks: [{name: t}]\nps: {method: slerpy}\n",
-                   "ps.method: unknown PS method 'slerpy'"),
-    "bounds": ("models: [a]\nbase_model: base\ntasks: [{name: t}]\nps: {genes: {weight: [1, 0]}}\n",
-               "ps.genes: weight: bounds must be [low, high] with low < high"),
+    "unknown key": (
+        "models: [a]\ntasks: [{name: t}]\nps: {method: ties}\nbase_model: base\nbudgett: {}\n",
+        "budgett: unknown key",
+    ),
+    "bad method": (
+        "models: [a]\nbase_model: base\ntasks: [{name: t}]\nps: {method: slerpy}\n",
+        "ps.method: unknown PS method 'slerpy'",
+    ),
+    "bounds": (
+        "models: [a]\nbase_model: base\ntasks: [{name: t}]\nps: {genes: {weight: [1, 0]}}\n",
+        "ps.genes: weight: bounds must be [low, high] with low < high",
+    ),
     "density on task_arithmetic": (
         "models: [a]\nbase_model: base\ntasks: [{name: t}]\nps: {method: task_arithmetic, genes: {density: [0, 1]}}\n",
-        "ps.genes.density: not a per-model numeric parameter of task_arithmetic"),
-    "report split": ("models: [a]\nbase_model: base\ntasks: [{name: t}]\nsplits: {search: test}\nps: {}\n",
-                     "splits.report: 'test' is also searched or used for selection"),
-    "missing model": ("models: [nope]\nbase_model: base\ntasks: [{name: t}]\nps: {}\n",
-                      "models[0]: model 'nope' not found"),
-    "negative scale": ("models: [a, b]\ntasks: [{name: t}]\ndfs: {scale_bounds: [-1, 2]}\n",
-                       "dfs.scale_bounds: must be [low, high] with 0 < low < high"),
+        "ps.genes.density: not a per-model numeric parameter of task_arithmetic",
+    ),
+    "report split": (
+        "models: [a]\nbase_model: base\ntasks: [{name: t}]\nsplits: {search: test}\nps: {}\n",
+        "splits.report: 'test' is also searched or used for selection",
+    ),
+    "missing model": (
+        "models: [nope]\nbase_model: base\ntasks: [{name: t}]\nps: {}\n",
+        "models[0]: model 'nope' not found",
+    ),
+    "negative scale": (
+        "models: [a, b]\ntasks: [{name: t}]\ndfs: {scale_bounds: [-1, 2]}\n",
+        "dfs.scale_bounds: must be [low, high] with 0 < low < high",
+    ),
     "anchor": ("models: [a, b]\ntasks: [{name: t}]\ndfs: {anchor: c}\n", "dfs.anchor: 'c' is not one of"),
     "no kind": ("models: [a]\ntasks: [{name: t}]\n", "ps/dfs: give a `ps:` block"),
-    "x0": ("models: [a]\nbase_model: base\ntasks: [{name: t}]\nps: {x0: {weight: 3}}\n",
-           "ps.x0.weight: 3.0 is outside the bounds [0.0, 1.0]"),
+    "x0": (
+        "models: [a]\nbase_model: base\ntasks: [{name: t}]\nps: {x0: {weight: 3}}\n",
+        "ps.x0.weight: 3.0 is outside the bounds [0.0, 1.0]",
+    ),
 }
 
 
@@ -226,8 +258,12 @@ def test_validation_errors_name_the_field(models, tmp_path, case):
 def test_cli_rejects_a_bad_space_with_one_line_and_writes_nothing(models, tmp_path):
     path = write_space(models["a"].parent / "bad_cli.yaml", BAD["bad method"][0])
     run_dir = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(path), "--run-dir", str(run_dir)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "evomerge.cli", "search", str(path), "--run-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {BAD['bad method'][1]}")

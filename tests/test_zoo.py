@@ -17,8 +17,13 @@ MODEL_DIRS = ["base", "add", "rev", "shift"]
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "evomerge.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
 def test_manifest_shape(mini_zoo: Path) -> None:
@@ -49,8 +54,13 @@ def test_models_reload_offline_in_fresh_process(mini_zoo: Path, tmp_path: Path) 
         "    print(type(m).__name__)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    out = subprocess.run([sys.executable, "-c", code, *(str(mini_zoo / d) for d in MODEL_DIRS)],
-                         capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *(str(mini_zoo / d) for d in MODEL_DIRS)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["LlamaForCausalLM"] * len(MODEL_DIRS)
 
@@ -80,8 +90,9 @@ def test_same_seed_same_bytes(mini_zoo: Path, tmp_path: Path) -> None:
 
     again = build_zoo(tmp_path / "again", seed=0, mini=True, quiet=True)
     for name in MODEL_DIRS:
-        assert (tmp_path / "again" / name / "model.safetensors").read_bytes() == \
-            (mini_zoo / name / "model.safetensors").read_bytes(), name
+        assert (tmp_path / "again" / name / "model.safetensors").read_bytes() == (
+            mini_zoo / name / "model.safetensors"
+        ).read_bytes(), name
     first = json.loads((mini_zoo / "manifest.json").read_text())
     assert again["models"] == first["models"]
 
@@ -90,8 +101,9 @@ def test_different_seed_different_weights(mini_zoo: Path, tmp_path: Path) -> Non
     from evomerge.zoo import build_zoo
 
     build_zoo(tmp_path / "other", seed=1, mini=True, quiet=True)
-    assert (tmp_path / "other" / "base" / "model.safetensors").read_bytes() != \
-        (mini_zoo / "base" / "model.safetensors").read_bytes()
+    assert (tmp_path / "other" / "base" / "model.safetensors").read_bytes() != (
+        mini_zoo / "base" / "model.safetensors"
+    ).read_bytes()
 
 
 @pytest.mark.parametrize("breakage", ["missing", "no_config", "bad_config", "no_weights"])

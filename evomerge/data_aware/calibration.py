@@ -84,8 +84,11 @@ class TokenBatch:
 
     def batches(self, size: int):
         for start in range(0, self.input_ids.shape[0], size):
-            yield (self.input_ids[start:start + size], self.attention_mask[start:start + size],
-                   self.loss_mask[start:start + size])
+            yield (
+                self.input_ids[start : start + size],
+                self.attention_mask[start : start + size],
+                self.loss_mask[start : start + size],
+            )
 
 
 def read_examples(source: DataSource, search_dirs: list[Path], where: str) -> list[tuple[str, str]]:
@@ -119,11 +122,19 @@ def _jsonl_examples(path: Path, where: str) -> list[tuple[str, str]]:
         if isinstance(row, dict) and isinstance(row.get("text"), str):
             out.append(("", row["text"]))
             continue
-        target = next((row.get(k) for k in ("answer", "completion", "target") if isinstance(row, dict)
-                       and isinstance(row.get(k), str)), None)
+        target = next(
+            (
+                row.get(k)
+                for k in ("answer", "completion", "target")
+                if isinstance(row, dict) and isinstance(row.get(k), str)
+            ),
+            None,
+        )
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or target is None:
-            raise EvomergeError(f"{where}: line {number} of {path} needs a 'text' string, or 'prompt' and "
-                                "'answer' (or 'completion'/'target') strings")
+            raise EvomergeError(
+                f"{where}: line {number} of {path} needs a 'text' string, or 'prompt' and "
+                "'answer' (or 'completion'/'target') strings"
+            )
         out.append((row["prompt"], target))
     if not out:
         raise EvomergeError(f"{where}: {path} has no examples")
@@ -179,8 +190,9 @@ def tokenize(examples: list[tuple[str, str]], tokenizer: Any, seq_len: int) -> T
         attention[i, : len(ids)] = 1
         loss[i, first - 1 : len(ids) - 1] = True  # position t predicts token t + 1
     if not bool(loss.any()):
-        raise EvomergeError("calibration.seq_len: every example is truncated before its first target token; "
-                            "raise seq_len")
+        raise EvomergeError(
+            "calibration.seq_len: every example is truncated before its first target token; raise seq_len"
+        )
     return TokenBatch(input_ids, attention, loss)
 
 

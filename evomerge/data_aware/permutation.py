@@ -43,8 +43,16 @@ class PermutationSpec:
     sizes: dict[str, int] = field(default_factory=dict)
     axes: dict[str, list[AxisPerm]] = field(default_factory=dict)  # tensor name -> permuted axes
 
-    def add(self, name: str, shapes: Mapping[str, tuple[int, ...]], group: str, axis: int, *, block: int = 1,
-            sections: int = 1) -> None:
+    def add(
+        self,
+        name: str,
+        shapes: Mapping[str, tuple[int, ...]],
+        group: str,
+        axis: int,
+        *,
+        block: int = 1,
+        sections: int = 1,
+    ) -> None:
         if name not in shapes:
             return
         n = shapes[name][axis] // (block * sections)
@@ -63,8 +71,9 @@ def expand(perm: torch.Tensor, ap: AxisPerm) -> torch.Tensor:
     return torch.cat([s * n * ap.block + blocks for s in range(ap.sections)])
 
 
-def apply_permutation(name: str, tensor: torch.Tensor, spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
-                      skip: str | None = None) -> torch.Tensor:
+def apply_permutation(
+    name: str, tensor: torch.Tensor, spec: PermutationSpec, perms: Mapping[str, torch.Tensor], skip: str | None = None
+) -> torch.Tensor:
     """`tensor` (of model B) re-indexed into the matched basis; `skip` leaves one group out."""
     for ap in spec.axes.get(name, ()):
         if ap.group == skip or ap.group not in perms:
@@ -102,14 +111,21 @@ def llama_spec(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
                 spec.add(f"{p}mlp.{proj}.weight", shapes, res, 1)
         spec.add(f"{p}mlp.down_proj.weight", shapes, m, 1)
         if residual:
-            for name in ("self_attn.o_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.weight",
-                         "mlp.down_proj.bias", "input_layernorm.weight", "post_attention_layernorm.weight"):
+            for name in (
+                "self_attn.o_proj.weight",
+                "self_attn.o_proj.bias",
+                "mlp.down_proj.weight",
+                "mlp.down_proj.bias",
+                "input_layernorm.weight",
+                "post_attention_layernorm.weight",
+            ):
                 spec.add(p + name, shapes, res, 0)
     return spec
 
 
-def gpt2_spec(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], *, residual: bool,
-              prefix: str) -> PermutationSpec:
+def gpt2_spec(
+    config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], *, residual: bool, prefix: str
+) -> PermutationSpec:
     """GPT-2 `Conv1D` weights are [in, out]: the axes are swapped relative to Llama."""
     spec = PermutationSpec()
     n_layers, heads, hidden = int(config["n_layer"]), int(config["n_head"]), int(config["n_embd"])
@@ -135,14 +151,14 @@ def gpt2_spec(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], 
                 spec.add(p + name, shapes, res, 0)
             for name in ("attn.c_proj.weight", "mlp.c_proj.weight"):
                 spec.add(p + name, shapes, res, 1)
-            for name in ("attn.c_proj.bias", "mlp.c_proj.bias", "ln_1.weight", "ln_1.bias", "ln_2.weight",
-                         "ln_2.bias"):
+            for name in ("attn.c_proj.bias", "mlp.c_proj.bias", "ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias"):
                 spec.add(p + name, shapes, res, 0)
     return spec
 
 
-def permutation_spec(family: str, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], *,
-                     residual: bool) -> PermutationSpec:
+def permutation_spec(
+    family: str, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], *, residual: bool
+) -> PermutationSpec:
     if family == "llama":
         return llama_spec(config, shapes, residual=residual)
     if family == "gpt2":
@@ -159,8 +175,13 @@ def _unfold(tensor: torch.Tensor, ap: AxisPerm) -> torch.Tensor:
     return rest.permute(1, 0, 2, 3).reshape(n, -1)
 
 
-def _cost(group: str, spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
-          perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def _cost(
+    group: str,
+    spec: PermutationSpec,
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    perms: Mapping[str, torch.Tensor],
+) -> torch.Tensor:
     """C[i, j] = sum of inner products of A's block i with B's block j (other groups applied to B)."""
     n = spec.sizes[group]
     cost = torch.zeros(n, n, dtype=torch.float64)
@@ -170,8 +191,14 @@ def _cost(group: str, spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: M
     return cost
 
 
-def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], *,
-                    max_sweeps: int = 100, seed: int = 0) -> tuple[dict[str, torch.Tensor], int]:
+def weight_matching(
+    spec: PermutationSpec,
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    *,
+    max_sweeps: int = 100,
+    seed: int = 0,
+) -> tuple[dict[str, torch.Tensor], int]:
     """Permutations of B's groups that maximise sum_w <A_w, pi(B_w)>; returns (perms, sweeps run)."""
     from scipy.optimize import linear_sum_assignment
 
@@ -202,7 +229,8 @@ def random_permutations(spec: PermutationSpec, seed: int) -> dict[str, torch.Ten
     return {group: torch.randperm(n, generator=generator) for group, n in sorted(spec.sizes.items())}
 
 
-def permute_state(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
-                  perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def permute_state(
+    state: Mapping[str, torch.Tensor], spec: PermutationSpec, perms: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Every tensor of a state dict re-indexed by `perms` (a function-preserving relabelling)."""
     return {name: apply_permutation(name, tensor, spec, perms).contiguous() for name, tensor in state.items()}

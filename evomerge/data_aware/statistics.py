@@ -44,8 +44,9 @@ def linear_modules(model: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Modul
 
 
 @torch.no_grad()
-def collect_grams(model: torch.nn.Module, tokens: TokenBatch, batch_size: int,
-                  names: set[str] | None = None) -> dict[str, tuple[torch.Tensor, int]]:
+def collect_grams(
+    model: torch.nn.Module, tokens: TokenBatch, batch_size: int, names: set[str] | None = None
+) -> dict[str, tuple[torch.Tensor, int]]:
     """Weight name -> (sum of X^T X over non-padding input rows in fp64, row count)."""
     grams: dict[str, list] = {}
     handles = []
@@ -75,8 +76,9 @@ def collect_grams(model: torch.nn.Module, tokens: TokenBatch, batch_size: int,
     return {k: (v[0], v[1]) for k, v in grams.items()}
 
 
-def collect_fisher(model: torch.nn.Module, tokens: TokenBatch, *, sampled: bool = False,
-                   seed: int = 0) -> dict[str, torch.Tensor]:
+def collect_fisher(
+    model: torch.nn.Module, tokens: TokenBatch, *, sampled: bool = False, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Parameter name -> mean over examples of the squared per-example log-likelihood gradient."""
     params = dict(model.named_parameters())  # tied weights appear once; their gradient sums both uses
     fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}

@@ -59,8 +59,15 @@ class EvalResult:
         timings: Mapping[str, float] | None = None,
         items: Mapping[str, list[list[float]]] | None = None,
     ) -> EvalResult:
-        return cls(candidate_id, "ok", float(fitness), dict(metrics or {}), None, timings=dict(timings or {}),
-                   items=dict(items or {}))
+        return cls(
+            candidate_id,
+            "ok",
+            float(fitness),
+            dict(metrics or {}),
+            None,
+            timings=dict(timings or {}),
+            items=dict(items or {}),
+        )
 
     @classmethod
     def failure(cls, candidate_id: str, reason: str, metrics: Mapping[str, float] | None = None) -> EvalResult:

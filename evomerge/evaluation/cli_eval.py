@@ -11,9 +11,17 @@ from evomerge.evaluation.lm_tasks import load_tasks, make_lm, metric_values, sco
 from evomerge.model_loading import check_model_dir, load_model_and_tokenizer
 
 
-def run_eval(model_dir: Path, tasks: Sequence[str], limit: int | None = None, split: str = "test",
-             include_paths: Sequence[Path] = (), batch_size: int = 64, device: str = "cpu",
-             as_json: bool = False, subset_seed: int | None = None) -> dict:
+def run_eval(
+    model_dir: Path,
+    tasks: Sequence[str],
+    limit: int | None = None,
+    split: str = "test",
+    include_paths: Sequence[Path] = (),
+    batch_size: int = 64,
+    device: str = "cpu",
+    as_json: bool = False,
+    subset_seed: int | None = None,
+) -> dict:
     """`subset_seed` picks the same seeded item subsets as a search worker (else the first `limit`)."""
     check_model_dir(model_dir)  # before the slow imports
     started = time.perf_counter()
@@ -22,8 +30,14 @@ def run_eval(model_dir: Path, tasks: Sequence[str], limit: int | None = None, sp
     lm = make_lm(model, tokenizer, batch_size=batch_size, device=device)
     samples = task_samples(loaded, dict.fromkeys(loaded.names, limit), subset_seed) if limit else None
     metrics = metric_values(score_tasks(lm, loaded, samples=samples))
-    report = {"model": str(model_dir), "split": split, "limit": limit, "subset_seed": subset_seed, "metrics": metrics,
-              "seconds": round(time.perf_counter() - started, 2)}
+    report = {
+        "model": str(model_dir),
+        "split": split,
+        "limit": limit,
+        "subset_seed": subset_seed,
+        "metrics": metrics,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
     if as_json:
         print(json.dumps(report, indent=2))
     else:

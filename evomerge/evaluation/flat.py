@@ -95,17 +95,38 @@ class FlatTaskVectors:
         for row in used:
             torch.index_select(per_job[row], 0, layout.segment, out=layout.table[row])
         draws = self._draws(plan, layout, job_caches) if sparsifier in ("bernoulli", "della") else []  # type: ignore[arg-type]
-        _kernel(layout.out, layout.base, layout.deltas, draws, layout.ranks, layout.table, sparsifier, consensus,
-                normalize, rescale, scaled, divided, None)
+        _kernel(
+            layout.out,
+            layout.base,
+            layout.deltas,
+            draws,
+            layout.ranks,
+            layout.table,
+            sparsifier,
+            consensus,
+            normalize,
+            rescale,
+            scaled,
+            divided,
+            None,
+        )
         self.candidates += 1
-        return {job.name: layout.out[offset:offset + size].view(job.shape)
-                for job, (offset, size) in zip(jobs, layout.spans, strict=True)}
+        return {
+            job.name: layout.out[offset : offset + size].view(job.shape)
+            for job, (offset, size) in zip(jobs, layout.spans, strict=True)
+        }
 
-    def _layout(self, plan: MergePlan, job_caches: Sequence[Sequence[DeltaCache]], source,
-                sparsifier: str) -> _Layout | None:
+    def _layout(
+        self, plan: MergePlan, job_caches: Sequence[Sequence[DeltaCache]], source, sparsifier: str
+    ) -> _Layout | None:
         jobs = plan.jobs
-        key = (tuple((j.name, j.base, j.inputs) for j in jobs), tuple(m.path for m in plan.models), plan.input_dtype,
-               sparsifier, jobs[0].out_dtype)
+        key = (
+            tuple((j.name, j.base, j.inputs) for j in jobs),
+            tuple(m.path for m in plan.models),
+            plan.input_dtype,
+            sparsifier,
+            jobs[0].out_dtype,
+        )
         layout = self._layouts.get(key)
         if layout is not None:
             self._layouts.move_to_end(key)
@@ -152,8 +173,10 @@ class FlatTaskVectors:
         draws = layout.draws.get(plan.seed)
         if draws is None:
             device = layout.base.device
-            per_job = [[uniform_like(c.delta, g) for g, c in zip(plan.generators(job, device), caches, strict=True)]
-                       for job, caches in zip(plan.jobs, job_caches, strict=True)]
+            per_job = [
+                [uniform_like(c.delta, g) for g, c in zip(plan.generators(job, device), caches, strict=True)]
+                for job, caches in zip(plan.jobs, job_caches, strict=True)
+            ]
             draws = [torch.cat([d[i].reshape(-1) for d in per_job]) for i in range(len(job_caches[0]))]
             while len(layout.draws) >= 2:
                 layout.draws.popitem(last=False)

@@ -62,9 +62,21 @@ def kernel_mode(requested: str | None = None) -> KernelMode:
     return mode  # type: ignore[return-value]
 
 
-def _kernel(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], draws: list[torch.Tensor],
-            ranks: list[torch.Tensor], scalars: torch.Tensor, sparsifier: str, consensus: str | None,
-            normalize: bool, rescale: bool, scaled: bool, divided: bool, input_dtype: torch.dtype | None) -> None:
+def _kernel(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    draws: list[torch.Tensor],
+    ranks: list[torch.Tensor],
+    scalars: torch.Tensor,
+    sparsifier: str,
+    consensus: str | None,
+    normalize: bool,
+    rescale: bool,
+    scaled: bool,
+    divided: bool,
+    input_dtype: torch.dtype | None,
+) -> None:
     """`methods.task_arithmetic.generalized_task_arithmetic` with the same operations in the same
     order, except that an entry below a magnitude cut is a `where` to 0 instead of a product with
     a 0/1 factor (same values; the sign of a zero may differ; about 7% faster). `scalars` (fp32, packed by
@@ -74,7 +86,7 @@ def _kernel(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], d
     magnitude rank > cut (`ranks` as fp32); bernoulli u < cut; della u < q = cut + slope * rank (then
     divided by q when `rescale`). Factors multiply the kept entries (the weight, or weight / density)."""
     n = len(deltas)
-    cuts, slopes, factors, weights = (scalars[k * n: (k + 1) * n] for k in range(4))
+    cuts, slopes, factors, weights = (scalars[k * n : (k + 1) * n] for k in range(4))
     weighted = []
     for i, delta in enumerate(deltas):
         if sparsifier == "none":
@@ -113,10 +125,12 @@ def _kernel(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], d
             compiled = torch.compiler.is_compiling()  # ties at 100M: 92 ms with the select, 121 without
             divisor = torch.zeros_like(mixed)
             for agreed, weight in zip(agreeing, weights, strict=True):
-                divisor = divisor + (torch.where(agreed != 0, weight, 0.0) if compiled
-                                     else agreed.abs().sign() * weight)
-            mixed = mixed / (divisor.masked_fill(divisor == 0, 1.0) if compiled
-                             else divisor + (1.0 - divisor.abs().sign()))
+                divisor = divisor + (
+                    torch.where(agreed != 0, weight, 0.0) if compiled else agreed.abs().sign() * weight
+                )
+            mixed = mixed / (
+                divisor.masked_fill(divisor == 0, 1.0) if compiled else divisor + (1.0 - divisor.abs().sign())
+            )
     else:
         mixed = weighted[0]
         for w_delta in weighted[1:]:
@@ -191,12 +205,19 @@ class FusedTaskVectors:
             setattr(config, limit, max(getattr(config, limit), 64))  # one graph per method shape
             # Without emulate_precision_casts Inductor skips the rounding of `.to(bfloat16).to(float32)`
             # (a recipe's `dtype`), and the bits would differ from the eager methods'.
-            self._compiled = torch.compile(_kernel, dynamic=True, fullgraph=True,
-                                           options={"emulate_precision_casts": True})
+            self._compiled = torch.compile(
+                _kernel, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True}
+            )
         return self._compiled
 
-    def write(self, plan: MergePlan, job: TensorJob, caches: Sequence[DeltaCache] | None,
-              base: torch.Tensor, target: torch.Tensor) -> bool:
+    def write(
+        self,
+        plan: MergePlan,
+        job: TensorJob,
+        caches: Sequence[DeltaCache] | None,
+        base: torch.Tensor,
+        target: torch.Tensor,
+    ) -> bool:
         """Compute `job` from the resident `base` tensor and task-vector `caches` into `target`."""
         sparsifier, has_consensus = _METHODS[plan.method.name]
         scalars = None if self.disabled else _scalars(job, caches, sparsifier)
@@ -241,8 +262,11 @@ class FusedTaskVectors:
 
 def job_flags(job: TensorJob, has_consensus: bool) -> tuple[str | None, bool, bool]:
     """(consensus, normalize, rescale) of one job, as `_kernel` takes them."""
-    return (str(job.params.get("consensus", "sum")) if has_consensus else None,
-            bool(job.params.get("normalize", False)), bool(job.params.get("rescale", False)))
+    return (
+        str(job.params.get("consensus", "sum")) if has_consensus else None,
+        bool(job.params.get("normalize", False)),
+        bool(job.params.get("rescale", False)),
+    )
 
 
 def packed_scalars(job: TensorJob, scalars: _Scalars, consensus: str | None, normalize: bool) -> list[float]:
@@ -295,8 +319,9 @@ def _scalars(job: TensorJob, caches: Sequence[DeltaCache] | None, sparsifier: st
     return scalars
 
 
-def _topk_cut(sorted_abs: torch.Tensor, sorted_order: torch.Tensor,
-              density: float) -> tuple[float, torch.Tensor | None]:
+def _topk_cut(
+    sorted_abs: torch.Tensor, sorted_order: torch.Tensor, density: float
+) -> tuple[float, torch.Tensor | None]:
     """(c, tied): the `topk_count(density, n)` largest |delta| by stable rank are those with
     |delta| >= c, plus the entries at the flat indices `tied` (None when no equal magnitudes
     straddle the cut). A stable sort orders ties by index, so the kept tied entries are the sorted
@@ -310,7 +335,7 @@ def _topk_cut(sorted_abs: torch.Tensor, sorted_order: torch.Tensor,
         return float(value), None  # no tie, or tied zeros (a zero entry changes nothing when kept)
     last = int(torch.searchsorted(sorted_abs, value, right=True))
     above = torch.nextafter(value, torch.tensor(float("inf"), dtype=value.dtype))
-    return float(above), sorted_order[n - k: last].to(torch.int64)
+    return float(above), sorted_order[n - k : last].to(torch.int64)
 
 
 def fused_available(mode: KernelMode, parameters: int) -> bool:
@@ -318,4 +343,3 @@ def fused_available(mode: KernelMode, parameters: int) -> bool:
     if mode == "eager":
         return False
     return mode == "compiled" or parameters >= AUTO_MIN_PARAMETERS
-

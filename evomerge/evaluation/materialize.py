@@ -68,8 +68,10 @@ class ModuleSink:
             if target is None:
                 raise ValueError(f"ModuleSink: the model has no tensor {job.name!r}")
             if tuple(target.shape) != tuple(job.shape) or target.dtype != job.out_dtype:
-                raise ValueError(f"ModuleSink: {job.name} is {list(target.shape)} {target.dtype} in the model, "
-                                 f"{list(job.shape)} {job.out_dtype} in the plan")
+                raise ValueError(
+                    f"ModuleSink: {job.name} is {list(target.shape)} {target.dtype} in the model, "
+                    f"{list(job.shape)} {job.out_dtype} in the plan"
+                )
         written = {self._targets[job.name].data_ptr() for job in jobs}
         stale = [n for n, p in self.model.named_parameters() if p.data_ptr() not in written]
         if stale:
@@ -120,9 +122,16 @@ class Materializer:
     method functions tensor by tensor in between; `compiled` always compiles; `eager` runs the
     method functions tensor by tensor, exactly as `evomerge merge` does."""
 
-    def __init__(self, models: Sequence[str | Path] = (), *, device: str | torch.device = "cpu",
-                 search_dirs: Sequence[Path] = (), max_targets: int = 2, kernels: KernelMode | None = None,
-                 draw_cache_bytes: int | None = None):
+    def __init__(
+        self,
+        models: Sequence[str | Path] = (),
+        *,
+        device: str | torch.device = "cpu",
+        search_dirs: Sequence[Path] = (),
+        max_targets: int = 2,
+        kernels: KernelMode | None = None,
+        draw_cache_bytes: int | None = None,
+    ):
         self.device = torch.device(device)
         self.catalog = ModelCatalog([Path(d) for d in search_dirs])
         self.plans = PlanCache(self.catalog)
@@ -164,11 +173,11 @@ class Materializer:
             model, mode = build_stacked(plan, residents, scales, generation_config), "stacked"
         else:
             model, mode = self._write_in_place(plan, residents, generation_config), "in_place"
-        return Materialized(model, plan, mode, plan.models[plan.tokenizer_model].path,
-                            time.perf_counter() - started)
+        return Materialized(model, plan, mode, plan.models[plan.tokenizer_model].path, time.perf_counter() - started)
 
-    def _write_in_place(self, plan: MergePlan, residents: Sequence[ResidentModel],
-                        generation_config: Any) -> torch.nn.Module:
+    def _write_in_place(
+        self, plan: MergePlan, residents: Sequence[ResidentModel], generation_config: Any
+    ) -> torch.nn.Module:
         model, sink = self._target(plan)
         if generation_config is not None:
             model.generation_config = generation_config
@@ -192,8 +201,9 @@ class Materializer:
         elif fused:
 
             def direct(job: TensorJob) -> bool:
-                if job.base is None or not self.fused.write(plan, job, caches(job), source.get(job.base),
-                                                            sink.target(job)):
+                if job.base is None or not self.fused.write(
+                    plan, job, caches(job), source.get(job.base), sink.target(job)
+                ):
                     return False
                 sink.written_directly(job)
                 return True

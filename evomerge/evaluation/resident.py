@@ -135,19 +135,22 @@ class DeltaStore:
                     total += tensor.numel() * tensor.element_size()
         return total
 
-    def caches(self, plan: MergePlan, job: TensorJob, source: ResidentSource,
-               fields: Sequence[str]) -> list[DeltaCache] | None:
+    def caches(
+        self, plan: MergePlan, job: TensorJob, source: ResidentSource, fields: Sequence[str]
+    ) -> list[DeltaCache] | None:
         """One cache per input of `job`, or None when the job has no base (nothing to cache)."""
         if job.base is None:
             return None
         return [self._get(plan, job.base, ref, source, fields) for ref in job.inputs]
 
-    def _get(self, plan: MergePlan, base: TensorRef, ref: TensorRef, source: ResidentSource,
-             fields: Sequence[str]) -> DeltaCache:
+    def _get(
+        self, plan: MergePlan, base: TensorRef, ref: TensorRef, source: ResidentSource, fields: Sequence[str]
+    ) -> DeltaCache:
         import time
 
-        key = _DeltaKey(source.models[ref.model].path, ref.name, source.models[base.model].path, base.name,
-                        plan.input_dtype)
+        key = _DeltaKey(
+            source.models[ref.model].path, ref.name, source.models[base.model].path, base.name, plan.input_dtype
+        )
         cache = self._caches.get(key)
         wanted = {f for f in fields if f in ("sorted_abs", "row_ranks", "sorted_order")}
         if cache is not None and all(getattr(cache, f) is not None for f in wanted):

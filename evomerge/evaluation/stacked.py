@@ -60,8 +60,9 @@ def layer_input_scales(plan: MergePlan, residents: Sequence[ResidentModel]) -> l
     return scales
 
 
-def build_stacked(plan: MergePlan, residents: Sequence[ResidentModel], scales: Sequence[float],
-                  generation_config: Any = None) -> torch.nn.Module:
+def build_stacked(
+    plan: MergePlan, residents: Sequence[ResidentModel], scales: Sequence[float], generation_config: Any = None
+) -> torch.nn.Module:
     """The candidate: a model skeleton (meta device, no memory) whose parameters are then bound
     to the resident tensors the plan names, plus an input-scale hook on every scaled layer."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -121,7 +122,7 @@ def _bind_buffers(model: torch.nn.Module, plan: MergePlan, residents: Sequence[R
             continue
         source_module, source_name = donor, name
         if name.startswith(prefix):
-            index, _, rest = name[len(prefix):].partition(".")
+            index, _, rest = name[len(prefix) :].partition(".")
             model_index, layer = plan.layer_sources[int(index)]
             source_module, source_name = residents[model_index].module, f"{prefix}{layer}.{rest}"
         module_path, _, attr = name.rpartition(".")

@@ -3,5 +3,14 @@
 from evomerge.methods.base import DeltaCache, MergeMethod, MethodCall, ParamSpec, make_generator, tensor_seed
 from evomerge.methods.registry import REGISTRY, get_method, method_names
 
-__all__ = ["REGISTRY", "DeltaCache", "MergeMethod", "MethodCall", "ParamSpec", "get_method",
-           "make_generator", "method_names", "tensor_seed"]
+__all__ = [
+    "REGISTRY",
+    "DeltaCache",
+    "MergeMethod",
+    "MethodCall",
+    "ParamSpec",
+    "get_method",
+    "make_generator",
+    "method_names",
+    "tensor_seed",
+]

@@ -176,8 +176,9 @@ def tensor_seed(merge_seed: int, model_index: int, tensor_name: str) -> int:
     return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
 
 
-def make_generator(merge_seed: int, model_index: int, tensor_name: str,
-                   device: torch.device | str = "cpu") -> torch.Generator:
+def make_generator(
+    merge_seed: int, model_index: int, tensor_name: str, device: torch.device | str = "cpu"
+) -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed(tensor_seed(merge_seed, model_index, tensor_name))
     return generator

@@ -74,8 +74,10 @@ def _diagonal_solve(thetas: Sequence[torch.Tensor], precisions: Sequence[Precisi
         num.add_(c * theta.double())
         den.add_(c)
     if bool((den <= 0).any()):
-        raise EvomergeError("fisher: some parameter has zero total precision; raise parameters.epsilon above 0 "
-                            "or give every model a positive weight")
+        raise EvomergeError(
+            "fisher: some parameter has zero total precision; raise parameters.epsilon above 0 "
+            "or give every model a positive weight"
+        )
     return (num / den).float()
 
 

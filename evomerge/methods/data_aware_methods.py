@@ -26,48 +26,114 @@ def _lazy(attr: str, *args: Any) -> Callable[..., Any]:
     return prepare
 
 
-WEIGHT = ParamSpec("weight", float, "model", default=1.0, low=0.0,
-                   help="scales this model's precision (Fisher or Gram); 0 leaves it out")
-T = ParamSpec("t", float, "model", required=True, low=0.0, high=1.0,
-              help="interpolation factor: 0 gives the base model A, 1 gives B permuted into A's basis")
-RESIDUAL = ParamSpec("residual", bool, "global", default=True,
-                     help="also match one residual-stream permutation shared by all layers")
-MAX_SWEEPS = ParamSpec("max_sweeps", float, "global", default=100, low=1,
-                       help="most coordinate-descent sweeps of weight matching")
+WEIGHT = ParamSpec(
+    "weight",
+    float,
+    "model",
+    default=1.0,
+    low=0.0,
+    help="scales this model's precision (Fisher or Gram); 0 leaves it out",
+)
+T = ParamSpec(
+    "t",
+    float,
+    "model",
+    required=True,
+    low=0.0,
+    high=1.0,
+    help="interpolation factor: 0 gives the base model A, 1 gives B permuted into A's basis",
+)
+RESIDUAL = ParamSpec(
+    "residual", bool, "global", default=True, help="also match one residual-stream permutation shared by all layers"
+)
+MAX_SWEEPS = ParamSpec(
+    "max_sweeps", float, "global", default=100, low=1, help="most coordinate-descent sweeps of weight matching"
+)
 
 DATA_AWARE_METHODS: tuple[MergeMethod, ...] = (
     MergeMethod(
-        name="fisher", fn=covariance.fisher, base="ignored", min_inputs=2,
+        name="fisher",
+        fn=covariance.fisher,
+        base="ignored",
+        min_inputs=2,
         summary="diagonal-Fisher-weighted average (needs calibration:)",
-        params=(WEIGHT,
-                ParamSpec("epsilon", float, "global", default=1e-6, low=0.0,
-                          help="floor of every Fisher entry (entries no data reaches are averaged)"),
-                ParamSpec("normalize", bool, "global", default=False,
-                          help="divide each model's Fisher by its global L2 norm first")),
+        params=(
+            WEIGHT,
+            ParamSpec(
+                "epsilon",
+                float,
+                "global",
+                default=1e-6,
+                low=0.0,
+                help="floor of every Fisher entry (entries no data reaches are averaged)",
+            ),
+            ParamSpec(
+                "normalize",
+                bool,
+                "global",
+                default=False,
+                help="divide each model's Fisher by its global L2 norm first",
+            ),
+        ),
         extra={"prepare": _lazy("prepare_statistics", "fisher"), "needs_calibration": True},
     ),
     MergeMethod(
-        name="regmean", fn=covariance.regmean, base="ignored", min_inputs=2,
+        name="regmean",
+        fn=covariance.regmean,
+        base="ignored",
+        min_inputs=2,
         summary="closed-form least squares per linear layer from input Grams; others averaged (needs calibration:)",
-        params=(WEIGHT,
-                ParamSpec("alpha", float, "global", default=0.9, low=0.0, high=1.0,
-                          help="scale of the Grams' off-diagonal entries (1: exact RegMean)"),
-                ParamSpec("gram", str, "global", default="sum", choices=("sum", "mean"),
-                          help="sum of X^T X (the objective) or per-row mean (reweights models by token count)")),
+        params=(
+            WEIGHT,
+            ParamSpec(
+                "alpha",
+                float,
+                "global",
+                default=0.9,
+                low=0.0,
+                high=1.0,
+                help="scale of the Grams' off-diagonal entries (1: exact RegMean)",
+            ),
+            ParamSpec(
+                "gram",
+                str,
+                "global",
+                default="sum",
+                choices=("sum", "mean"),
+                help="sum of X^T X (the objective) or per-row mean (reweights models by token count)",
+            ),
+        ),
         extra={"prepare": _lazy("prepare_statistics", "gram"), "needs_calibration": True},
     ),
     MergeMethod(
-        name="rebasin", fn=alignment.rebasin, base="required", min_inputs=1, max_inputs=1,
+        name="rebasin",
+        fn=alignment.rebasin,
+        base="required",
+        min_inputs=1,
+        max_inputs=1,
         summary="Git Re-Basin weight matching of the model onto the base, then interpolation by t",
         params=(T, RESIDUAL, MAX_SWEEPS),
         extra={"prepare": _lazy("prepare_rebasin"), "models_only": True},
     ),
     MergeMethod(
-        name="repair", fn=alignment.repair, base="required", min_inputs=1, max_inputs=1,
+        name="repair",
+        fn=alignment.repair,
+        base="required",
+        min_inputs=1,
+        max_inputs=1,
         summary="(re-based) interpolation with REPAIR's activation statistics restored (needs calibration:)",
-        params=(T, RESIDUAL, MAX_SWEEPS,
-                ParamSpec("permute", bool, "global", default=True,
-                          help="weight-match the model onto the base before interpolating")),
+        params=(
+            T,
+            RESIDUAL,
+            MAX_SWEEPS,
+            ParamSpec(
+                "permute",
+                bool,
+                "global",
+                default=True,
+                help="weight-match the model onto the base before interpolating",
+            ),
+        ),
         extra={"prepare": _lazy("prepare_repair"), "needs_calibration": True, "models_only": True},
     ),
 )

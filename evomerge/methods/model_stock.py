@@ -12,7 +12,7 @@ def interpolation_ratio(deltas: list[torch.Tensor], clamp: bool) -> torch.Tensor
     """t = N cos / (1 + (N - 1) cos), cos = mean pairwise cosine of the rows of `deltas`."""
     cosines = []
     for i, a in enumerate(deltas):
-        for b in deltas[i + 1:]:
+        for b in deltas[i + 1 :]:
             norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
             cosines.append(((a * b).sum(dim=-1) / norms.clamp_min(1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
@@ -27,8 +27,11 @@ def model_stock(call: MethodCall) -> torch.Tensor:
     assert call.base is not None
     base = call.base
     shape = base.shape
-    rows = (base.reshape(1, -1) if base.dim() <= 1 else base.reshape(base.shape[0], -1)) \
-        if call.params.get("filter_wise", False) else base.reshape(-1)
+    rows = (
+        (base.reshape(1, -1) if base.dim() <= 1 else base.reshape(base.shape[0], -1))
+        if call.params.get("filter_wise", False)
+        else base.reshape(-1)
+    )
     fine_tunes = [x.reshape(rows.shape) for x in call.inputs if x is not None]
     deltas = [x - rows for x in fine_tunes]
     t = interpolation_ratio(deltas, clamp=bool(call.params.get("clamp_t", True)))

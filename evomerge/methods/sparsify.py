@@ -61,8 +61,7 @@ def _kth_by_sampling(flat: torch.Tensor, rank: int) -> torch.Tensor | None:
     return torch.kthvalue(inside, offset + 1).values
 
 
-def rank_band_mask(flat_abs: torch.Tensor, lo: int, hi: int,
-                   sorted_abs: torch.Tensor | None = None) -> torch.Tensor:
+def rank_band_mask(flat_abs: torch.Tensor, lo: int, hi: int, sorted_abs: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask of entries whose stable ascending rank lies in `[lo, hi)`."""
     n = flat_abs.numel()
     lo, hi = max(0, lo), min(n, hi)
@@ -97,15 +96,16 @@ def rank_band_mask(flat_abs: torch.Tensor, lo: int, hi: int,
     return mask
 
 
-def _one_edge_with_ties(flat_abs: torch.Tensor, lo: int, hi: int, v_lo: torch.Tensor | None,
-                        v_hi: torch.Tensor | None) -> torch.Tensor:
+def _one_edge_with_ties(
+    flat_abs: torch.Tensor, lo: int, hi: int, v_lo: torch.Tensor | None, v_hi: torch.Tensor | None
+) -> torch.Tensor:
     """Top band [lo, n) or bottom band [0, hi) when entries equal to the edge value straddle it:
     all strictly inside, plus the last (top) or first (bottom) tied entries by index."""
     if v_lo is not None:  # top band: keep the `need` tied entries with the highest ranks
         mask = flat_abs > v_lo
         need = (hi - lo) - int(torch.count_nonzero(mask))
         tied = (flat_abs == v_lo).nonzero().flatten()
-        mask[tied[tied.numel() - need:]] = True
+        mask[tied[tied.numel() - need :]] = True
     else:  # bottom band: keep the `need` tied entries with the lowest ranks
         mask = flat_abs < v_hi
         need = hi - int(torch.count_nonzero(mask))
@@ -114,8 +114,9 @@ def _one_edge_with_ties(flat_abs: torch.Tensor, lo: int, hi: int, v_lo: torch.Te
     return mask
 
 
-def _add_tied(mask: torch.Tensor, flat_abs: torch.Tensor, value: torch.Tensor, lo: int, hi: int,
-              sorted_abs: torch.Tensor | None) -> None:
+def _add_tied(
+    mask: torch.Tensor, flat_abs: torch.Tensor, value: torch.Tensor, lo: int, hi: int, sorted_abs: torch.Tensor | None
+) -> None:
     """Entries equal to `value` take consecutive ranks in index order; keep those in [lo, hi)."""
     if sorted_abs is not None:
         first = int(torch.searchsorted(sorted_abs, value, right=False))
@@ -147,8 +148,15 @@ def _masked(delta: torch.Tensor, mask: torch.Tensor, rescale: bool, inplace: boo
     return delta.mul_(factors) if inplace else delta * factors
 
 
-def magnitude_topk(delta: torch.Tensor, density: float, *, sorted_abs: torch.Tensor | None = None,
-                   rescale: bool = False, inplace: bool = False, scale: float = 1.0) -> torch.Tensor:
+def magnitude_topk(
+    delta: torch.Tensor,
+    density: float,
+    *,
+    sorted_abs: torch.Tensor | None = None,
+    rescale: bool = False,
+    inplace: bool = False,
+    scale: float = 1.0,
+) -> torch.Tensor:
     """Keep the `int(density * n)` largest |delta| (at least one if density > 0), zero the rest,
     multiply by `scale`. With `inplace`, `delta` itself is overwritten (saves an allocation)."""
     n = delta.numel()
@@ -166,9 +174,16 @@ def topk_count(density: float, n: int) -> int:
     return max(1, int(density * n))
 
 
-def magnitude_band(delta: torch.Tensor, density: float, gamma: float, *,
-                   sorted_abs: torch.Tensor | None = None, rescale: bool = False,
-                   inplace: bool = False, scale: float = 1.0) -> torch.Tensor:
+def magnitude_band(
+    delta: torch.Tensor,
+    density: float,
+    gamma: float,
+    *,
+    sorted_abs: torch.Tensor | None = None,
+    rescale: bool = False,
+    inplace: bool = False,
+    scale: float = 1.0,
+) -> torch.Tensor:
     """Breadcrumbs: drop the top `int(gamma * n)` outliers, then the smallest, keeping
     `int(density * n)`; the top cut shrinks when both cuts would remove more than `1 - density`."""
     n = delta.numel()
@@ -183,9 +198,16 @@ def magnitude_band(delta: torch.Tensor, density: float, gamma: float, *,
     return _masked(delta, mask, rescale, inplace, scale)
 
 
-def bernoulli_drop(delta: torch.Tensor, density: float, generator: torch.Generator, *,
-                   rescale: bool = True, rescale_norm: str = "inverse", inplace: bool = False,
-                   scale: float = 1.0) -> torch.Tensor:
+def bernoulli_drop(
+    delta: torch.Tensor,
+    density: float,
+    generator: torch.Generator,
+    *,
+    rescale: bool = True,
+    rescale_norm: str = "inverse",
+    inplace: bool = False,
+    scale: float = 1.0,
+) -> torch.Tensor:
     """DARE: keep each entry with probability `density`; rescale kept entries by 1/density
     (unbiased, the paper) or to the original L1 norm (`rescale_norm: l1`, mergekit); times `scale`."""
     if density >= 1 or delta.numel() == 0:
@@ -193,8 +215,9 @@ def bernoulli_drop(delta: torch.Tensor, density: float, generator: torch.Generat
     if density <= 0:
         return torch.zeros_like(delta)
     keep = keep_indicator(uniform_like(delta, generator, scratch=True), float(density))
-    return apply_keep_mask(delta, keep, float(density), rescale=rescale, rescale_norm=rescale_norm,
-                           inplace=inplace, scale=scale)
+    return apply_keep_mask(
+        delta, keep, float(density), rescale=rescale, rescale_norm=rescale_norm, inplace=inplace, scale=scale
+    )
 
 
 def uniform_like(tensor: torch.Tensor, generator: torch.Generator, *, scratch: bool = False) -> torch.Tensor:
@@ -233,9 +256,16 @@ def keep_indicator(uniform: torch.Tensor, probs: torch.Tensor | float) -> torch.
     return uniform.sub_(probs).floor_().neg_()
 
 
-def apply_keep_mask(delta: torch.Tensor, keep: torch.Tensor, probs: torch.Tensor | float, *,
-                    rescale: bool, rescale_norm: str = "inverse", inplace: bool = False,
-                    scale: float = 1.0) -> torch.Tensor:
+def apply_keep_mask(
+    delta: torch.Tensor,
+    keep: torch.Tensor,
+    probs: torch.Tensor | float,
+    *,
+    rescale: bool,
+    rescale_norm: str = "inverse",
+    inplace: bool = False,
+    scale: float = 1.0,
+) -> torch.Tensor:
     """Zero the dropped entries; rescale the kept ones by 1/keep-probability or by L1 matching;
     multiply by `scale`. `keep` is a boolean mask, or a 0/1 float tensor that is consumed."""
     factors = keep.to(delta.dtype) if keep.dtype == torch.bool else keep
@@ -262,8 +292,9 @@ def della_ramp(delta: torch.Tensor, density: float, epsilon: float) -> tuple[flo
     return density - eps, 2 * eps / (n - 1)
 
 
-def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float,
-                             row_ranks: torch.Tensor | None = None) -> torch.Tensor:
+def della_keep_probabilities(
+    delta: torch.Tensor, density: float, epsilon: float, row_ranks: torch.Tensor | None = None
+) -> torch.Tensor:
     """MagPrune keep probabilities per row: linear in the |delta| rank from `density - eps`
     (smallest) to `density + eps` (largest); mean exactly `density`. Epsilon is clipped to
     `[0, min(density, 1 - density)]` so probabilities stay in [0, 1]."""
@@ -277,9 +308,18 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     return probs.reshape(delta.shape)
 
 
-def della_magprune(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator, *,
-                   row_ranks: torch.Tensor | None = None, rescale: bool = True,
-                   rescale_norm: str = "inverse", inplace: bool = False, scale: float = 1.0) -> torch.Tensor:
+def della_magprune(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator,
+    *,
+    row_ranks: torch.Tensor | None = None,
+    rescale: bool = True,
+    rescale_norm: str = "inverse",
+    inplace: bool = False,
+    scale: float = 1.0,
+) -> torch.Tensor:
     """DELLA drop: Bernoulli with rank-dependent keep probability q; kept entries divided by q
     (unbiased, the paper) or rescaled to the original L1 norm (`rescale_norm: l1`, mergekit);
     times `scale`."""
@@ -289,5 +329,4 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float, generato
         return torch.zeros_like(delta)
     probs = della_keep_probabilities(delta, density, epsilon, row_ranks)
     keep = keep_indicator(uniform_like(delta, generator, scratch=True), probs)
-    return apply_keep_mask(delta, keep, probs, rescale=rescale, rescale_norm=rescale_norm, inplace=inplace,
-                           scale=scale)
+    return apply_keep_mask(delta, keep, probs, rescale=rescale, rescale_norm=rescale_norm, inplace=inplace, scale=scale)

@@ -34,18 +34,35 @@ def sparsified_delta(call: MethodCall, i: int, sparsifier: Sparsifier, scale: fl
     norm = str(call.params.get("rescale_norm", "inverse"))
     cache = call.cache(i)
     if sparsifier == "magnitude":
-        return magnitude_topk(delta, density, sorted_abs=cache and cache.sorted_abs, rescale=rescale,
-                              inplace=owned, scale=scale)
+        return magnitude_topk(
+            delta, density, sorted_abs=cache and cache.sorted_abs, rescale=rescale, inplace=owned, scale=scale
+        )
     if sparsifier == "band":
-        return magnitude_band(delta, density, float(p.get("gamma", 0.01)), sorted_abs=cache and cache.sorted_abs,
-                              rescale=rescale, inplace=owned, scale=scale)
+        return magnitude_band(
+            delta,
+            density,
+            float(p.get("gamma", 0.01)),
+            sorted_abs=cache and cache.sorted_abs,
+            rescale=rescale,
+            inplace=owned,
+            scale=scale,
+        )
     if sparsifier == "bernoulli":
-        return bernoulli_drop(delta, density, call.generator(i), rescale=rescale, rescale_norm=norm, inplace=owned,
-                              scale=scale)
+        return bernoulli_drop(
+            delta, density, call.generator(i), rescale=rescale, rescale_norm=norm, inplace=owned, scale=scale
+        )
     if sparsifier == "della":
-        return della_magprune(delta, density, float(p.get("epsilon", 0.15)), call.generator(i),
-                              row_ranks=cache and cache.row_ranks, rescale=rescale, rescale_norm=norm,
-                              inplace=owned, scale=scale)
+        return della_magprune(
+            delta,
+            density,
+            float(p.get("epsilon", 0.15)),
+            call.generator(i),
+            row_ranks=cache and cache.row_ranks,
+            rescale=rescale,
+            rescale_norm=norm,
+            inplace=owned,
+            scale=scale,
+        )
     raise ValueError(f"unknown sparsifier {sparsifier!r}")
 
 

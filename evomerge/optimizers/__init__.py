@@ -17,18 +17,34 @@ def make_optimizer(space, seed: int, run_dir: Path | None = None) -> AskTellOpti
 
         multi = spec.sampler in ("tpe", "nsga2") and space.config.objectives
         optimizer = OptunaOptimizer(
-            sampler=spec.sampler, names=space.names, lower=space.lower, upper=space.upper, x0=space.x0,
-            sigma0=space.config.budget.sigma0, popsize=space.popsize, seed=seed,
+            sampler=spec.sampler,
+            names=space.names,
+            lower=space.lower,
+            upper=space.upper,
+            x0=space.x0,
+            sigma0=space.config.budget.sigma0,
+            popsize=space.popsize,
+            seed=seed,
             directions=objective_directions(space.config) if multi else ["maximize"],
-            study_name=space.config.name or "evomerge", options=spec.options)
+            study_name=space.config.name or "evomerge",
+            options=spec.options,
+        )
         if run_dir is not None:
             optimizer.attach(run_dir)
         return optimizer
     if spec.name == "cma":
         from evomerge.optimizers.cma_es import CMAOptimizer
 
-        return CMAOptimizer(space.x0, space.config.budget.sigma0, lower=space.lower, upper=space.upper,
-                            stds=space.stds, popsize=space.popsize, seed=seed, options=spec.options)
+        return CMAOptimizer(
+            space.x0,
+            space.config.budget.sigma0,
+            lower=space.lower,
+            upper=space.upper,
+            stds=space.stds,
+            popsize=space.popsize,
+            seed=seed,
+            options=spec.options,
+        )
     if spec.name == "random":
         from evomerge.optimizers.random_search import RandomSearch
 

@@ -24,14 +24,26 @@ class CMAOptimizer(AskTellOptimizer):
 
     name = "cma"
 
-    def __init__(self, x0: Sequence[float], sigma0: float, *, lower: Sequence[float], upper: Sequence[float],
-                 stds: Sequence[float], popsize: int, seed: int, options: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        x0: Sequence[float],
+        sigma0: float,
+        *,
+        lower: Sequence[float],
+        upper: Sequence[float],
+        stds: Sequence[float],
+        popsize: int,
+        seed: int,
+        options: Mapping[str, Any] | None = None,
+    ):
         import cma
 
         clash = _RESERVED & set(options or {})
         if clash:
-            raise EvomergeError(f"optimizer.options: {', '.join(sorted(clash))} are set by the search space "
-                                "(budget, genes, seed); remove them here")
+            raise EvomergeError(
+                f"optimizer.options: {', '.join(sorted(clash))} are set by the search space "
+                "(budget, genes, seed); remove them here"
+            )
         opts: dict[str, Any] = {
             "bounds": [list(lower), list(upper)],
             "popsize": int(popsize),

@@ -29,8 +29,11 @@ from evomerge.optimizers.base import AskTellOptimizer
 
 STUDY_FILE = "study.log"
 # Sampler arguments the space sets (seed, population, start point); options may not override them.
-_RESERVED = {"tpe": {"seed"}, "nsga2": {"seed", "population_size"},
-             "cmaes": {"seed", "popsize", "x0", "sigma0", "n_startup_trials"}}
+_RESERVED = {
+    "tpe": {"seed"},
+    "nsga2": {"seed", "population_size"},
+    "cmaes": {"seed", "popsize", "x0", "sigma0", "n_startup_trials"},
+}
 
 
 class OptunaOptimizer(AskTellOptimizer):
@@ -41,22 +44,42 @@ class OptunaOptimizer(AskTellOptimizer):
 
     name = "optuna"
 
-    def __init__(self, *, sampler: str, names: Sequence[str], lower: Sequence[float], upper: Sequence[float],
-                 x0: Sequence[float], sigma0: float, popsize: int, seed: int, directions: Sequence[str],
-                 study_name: str, options: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        *,
+        sampler: str,
+        names: Sequence[str],
+        lower: Sequence[float],
+        upper: Sequence[float],
+        x0: Sequence[float],
+        sigma0: float,
+        popsize: int,
+        seed: int,
+        directions: Sequence[str],
+        study_name: str,
+        options: Mapping[str, Any] | None = None,
+    ):
         clash = _RESERVED[sampler] & set(options or {})
         if clash:
-            raise EvomergeError(f"optimizer.options: {', '.join(sorted(clash))} are set by the search space "
-                                "(budget, genes, seed); remove them here")
+            raise EvomergeError(
+                f"optimizer.options: {', '.join(sorted(clash))} are set by the search space "
+                "(budget, genes, seed); remove them here"
+            )
         self.sampler_name = sampler
         self.names = list(names)
         self.lower, self.upper = [float(v) for v in lower], [float(v) for v in upper]
         self.popsize = int(popsize)
         self.directions = list(directions)
         self.study_name = study_name
-        self.sampler = _make_sampler(sampler, dict(options or {}), seed=seed, popsize=self.popsize,
-                                     space=self.distributions(), x0=dict(zip(self.names, x0, strict=True)),
-                                     sigma0=sigma0)
+        self.sampler = _make_sampler(
+            sampler,
+            dict(options or {}),
+            seed=seed,
+            popsize=self.popsize,
+            space=self.distributions(),
+            x0=dict(zip(self.names, x0, strict=True)),
+            sigma0=sigma0,
+        )
         self.pending: list[int] = []  # trial numbers asked and not yet told
         self._told = 0
         self._path: Path | None = None
@@ -82,8 +105,13 @@ class OptunaOptimizer(AskTellOptimizer):
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(self._path)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
-            self._study = optuna.create_study(storage=storage, sampler=self.sampler, study_name=self.study_name,
-                                              directions=self.directions, load_if_exists=saved is not None)
+            self._study = optuna.create_study(
+                storage=storage,
+                sampler=self.sampler,
+                study_name=self.study_name,
+                directions=self.directions,
+                load_if_exists=saved is not None,
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if k not in ("_study", "_path")}
@@ -107,8 +135,10 @@ class OptunaOptimizer(AskTellOptimizer):
         """One bounded float per gene, the same for every trial (what makes ask/tell batches work)."""
         import optuna
 
-        return {n: optuna.distributions.FloatDistribution(lo, hi)
-                for n, lo, hi in zip(self.names, self.lower, self.upper, strict=True)}
+        return {
+            n: optuna.distributions.FloatDistribution(lo, hi)
+            for n, lo, hi in zip(self.names, self.lower, self.upper, strict=True)
+        }
 
     def ask(self) -> list[list[float]]:
         distributions = self.distributions()
@@ -129,8 +159,7 @@ class OptunaOptimizer(AskTellOptimizer):
             if value is None:
                 self.study.tell(number, state=TrialState.FAIL)
             else:
-                self.study.tell(number, [float(v) for v in value] if isinstance(value, (list, tuple))
-                                else float(value))
+                self.study.tell(number, [float(v) for v in value] if isinstance(value, (list, tuple)) else float(value))
         self.pending = []
         self._told += 1
 
@@ -139,8 +168,16 @@ class OptunaOptimizer(AskTellOptimizer):
         return self._told
 
 
-def _make_sampler(name: str, options: dict[str, Any], *, seed: int, popsize: int, space: dict[str, Any],
-                  x0: dict[str, float], sigma0: float) -> Any:
+def _make_sampler(
+    name: str,
+    options: dict[str, Any],
+    *,
+    seed: int,
+    popsize: int,
+    space: dict[str, Any],
+    x0: dict[str, float],
+    sigma0: float,
+) -> Any:
     import optuna
 
     try:
@@ -152,8 +189,9 @@ def _make_sampler(name: str, options: dict[str, Any], *, seed: int, popsize: int
         # for 6.0): optuna 5 has no other public way to start CMA-ES at the space's x0 with its sigma0.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=FutureWarning)
-            return KnownSpaceCmaEs(space=space, x0=x0, sigma0=sigma0, popsize=popsize, seed=seed,
-                                   n_startup_trials=0, **options)
+            return KnownSpaceCmaEs(
+                space=space, x0=x0, sigma0=sigma0, popsize=popsize, seed=seed, n_startup_trials=0, **options
+            )
     except TypeError as exc:
         raise EvomergeError(f"optimizer.options: the {name} sampler rejected them: {exc}") from None
 
@@ -181,8 +219,9 @@ def _truncate(path: Path, size: int) -> None:
             raise EvomergeError(f"{path}: the optuna study file is missing; the run cannot resume exactly")
         return
     if path.stat().st_size < size:
-        raise EvomergeError(f"{path}: the optuna study file is shorter than the checkpoint expects; "
-                            "it was edited or replaced")
+        raise EvomergeError(
+            f"{path}: the optuna study file is shorter than the checkpoint expects; it was edited or replaced"
+        )
     if path.stat().st_size > size:
         with open(path, "r+b") as handle:
             handle.truncate(size)

@@ -17,8 +17,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from evomerge.errors import EvomergeError
 from evomerge.yaml_files import parse_yaml, read_text
 
-PS_METHODS = ("ties", "dare_ties", "task_arithmetic", "linear", "della", "breadcrumbs",
-              "dare_linear", "della_linear", "breadcrumbs_ties", "fisher", "regmean", "rebasin", "repair")
+PS_METHODS = (
+    "ties",
+    "dare_ties",
+    "task_arithmetic",
+    "linear",
+    "della",
+    "breadcrumbs",
+    "dare_linear",
+    "della_linear",
+    "breadcrumbs_ties",
+    "fisher",
+    "regmean",
+    "rebasin",
+    "repair",
+)
 BASELESS_PS_METHODS = ("linear", "fisher", "regmean")  # methods that merge the listed models without a base
 DEFAULT_WORKER = "evomerge.evaluation.fitness:FitnessWorker"
 
@@ -46,8 +59,10 @@ class Splits(_Strict):
     @model_validator(mode="after")
     def _report_held_out(self) -> Splits:
         if self.report in (self.search, self.select):
-            raise ValueError(f"splits.report: {self.report!r} is also searched or used for selection; "
-                             "report on a held-out split (e.g. test)")
+            raise ValueError(
+                f"splits.report: {self.report!r} is also searched or used for selection; "
+                "report on a held-out split (e.g. test)"
+            )
         return self
 
 
@@ -105,8 +120,9 @@ class FidelityConfig(_Strict):
     @classmethod
     def _ascending(cls, value: list[int]) -> list[int]:
         if any(n < 2 for n in value) or any(b <= a for a, b in zip(value, value[1:], strict=False)):
-            raise ValueError(f"must be ascending item counts >= 2 (got {value}); the full evaluation is "
-                             "always the last stage")
+            raise ValueError(
+                f"must be ascending item counts >= 2 (got {value}); the full evaluation is always the last stage"
+            )
         return value
 
 
@@ -179,8 +195,10 @@ class DFSConfig(_Strict):
     def _positive_scales(cls, value: Bounds) -> Bounds:
         low, high = value
         if not 0 < low < high:
-            raise ValueError(f"must be [low, high] with 0 < low < high (got [{low}, {high}]): the scale "
-                             "fold into output projections is exact only for positive scales")
+            raise ValueError(
+                f"must be [low, high] with 0 < low < high (got [{low}, {high}]): the scale "
+                "fold into output projections is exact only for positive scales"
+            )
         return value
 
     @field_validator("indicator_bounds")
@@ -188,8 +206,9 @@ class DFSConfig(_Strict):
     def _straddles_zero(cls, value: Bounds) -> Bounds:
         low, high = value
         if not low < 0 < high:
-            raise ValueError(f"must be [low, high] with low < 0 < high (got [{low}, {high}]): a slot is used "
-                             "iff its gene is > 0")
+            raise ValueError(
+                f"must be [low, high] with low < 0 < high (got [{low}, {high}]): a slot is used iff its gene is > 0"
+            )
         return value
 
 
@@ -249,8 +268,9 @@ class SpaceConfig(_Strict):
         if self.dfs is not None and self.dfs.anchor is not None:
             dfs_models = self.dfs.models or self.models
             if self.ps is None and self.dfs.anchor not in dfs_models:
-                raise ValueError(f"dfs.anchor: {self.dfs.anchor!r} is not one of the DFS models "
-                                 f"({', '.join(dfs_models)})")
+                raise ValueError(
+                    f"dfs.anchor: {self.dfs.anchor!r} is not one of the DFS models ({', '.join(dfs_models)})"
+                )
         return self
 
     @property

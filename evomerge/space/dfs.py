@@ -51,14 +51,20 @@ class DFSLayout:
         family = self.sources[0].arch.family
         for info in self.sources:
             if info.arch.family != family:
-                raise EvomergeError(f"dfs.models: {info.reference!r} is a {info.arch.family} model but "
-                                    f"{self.sources[0].reference!r} is {family}; a path needs one architecture")
+                raise EvomergeError(
+                    f"dfs.models: {info.reference!r} is a {info.arch.family} model but "
+                    f"{self.sources[0].reference!r} is {family}; a path needs one architecture"
+                )
         if family not in OUTPUT_PROJECTIONS:
             raise EvomergeError(f"dfs.models: no scale export for the {family} family")
         self.projections = OUTPUT_PROJECTIONS[family]
         self.labels = model_labels([s.reference for s in self.sources])
-        self.slots = [(rep, m, layer) for rep in range(config.repeats)
-                      for m, info in enumerate(self.sources) for layer in range(info.num_layers)]
+        self.slots = [
+            (rep, m, layer)
+            for rep in range(config.repeats)
+            for m, info in enumerate(self.sources)
+            for layer in range(info.num_layers)
+        ]
         self.pairs = self._scale_keys()
         self.genes = self._indicator_genes(sigma0) + self._scale_genes()
 
@@ -66,8 +72,14 @@ class DFSLayout:
         n = len(self.sources)
         if self.config.scales == "model_pair":
             return [(a, b) for a in range(n) for b in range(n) if a != b]
-        return [(a, i, b, j) for a in range(n) for b in range(n) if a != b
-                for i in range(self.sources[a].num_layers) for j in range(self.sources[b].num_layers)]
+        return [
+            (a, i, b, j)
+            for a in range(n)
+            for b in range(n)
+            if a != b
+            for i in range(self.sources[a].num_layers)
+            for j in range(self.sources[b].num_layers)
+        ]
 
     def _indicator_genes(self, sigma0: float) -> list[Gene]:
         low, high = self.config.indicator_bounds
@@ -107,8 +119,7 @@ class DFSLayout:
             chosen = [(self.anchor, 0), *chosen, (self.anchor, last)]
         limit = self.config.max_path_length
         if limit is not None and len(chosen) > limit:
-            chosen = chosen[: limit - 1] + [chosen[-1]] if self.config.anchor_layers and limit >= 2 \
-                else chosen[:limit]
+            chosen = chosen[: limit - 1] + [chosen[-1]] if self.config.anchor_layers and limit >= 2 else chosen[:limit]
         if not chosen:
             raise EvomergeError("genome: the DFS path is empty (no indicator gene is > 0)")
         steps = [Step(*chosen[0])]
@@ -132,8 +143,12 @@ def path_to_recipe(steps: Sequence[Step], models: Sequence[str], projections: Se
     for step in steps:
         cumulative *= step.scale
         out_scale = 1.0 / cumulative
-        if (run is not None and run["model"] == step.model and run["end"] == step.layer
-                and run["out_scale"] == out_scale):
+        if (
+            run is not None
+            and run["model"] == step.model
+            and run["end"] == step.layer
+            and run["out_scale"] == out_scale
+        ):
             run["end"] += 1
             continue
         run = {"model": step.model, "start": step.layer, "end": step.layer + 1, "out_scale": out_scale}

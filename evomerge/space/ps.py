@@ -81,16 +81,20 @@ class PSLayout:
             kinds = {k: (0.0, 1.0) for k in ("weight", "density") if k in float_params}
         for kind in kinds:
             if kind not in float_params:
-                raise EvomergeError(f"ps.genes.{kind}: not a per-model numeric parameter of {self.method.name} "
-                                    f"(use one of {', '.join(float_params)})")
+                raise EvomergeError(
+                    f"ps.genes.{kind}: not a per-model numeric parameter of {self.method.name} "
+                    f"(use one of {', '.join(float_params)})"
+                )
         for kind in self.config.x0:
             if kind not in kinds:
                 raise EvomergeError(f"ps.x0.{kind}: no such gene kind (genes: {', '.join(kinds)})")
         for kind, (low, high) in kinds.items():
             spec = float_params[kind]
             if (spec.low is not None and low < spec.low) or (spec.high is not None and high > spec.high):
-                raise EvomergeError(f"ps.genes.{kind}: bounds [{low}, {high}] exceed what {self.method.name} "
-                                    f"accepts [{spec.low}, {spec.high}]")
+                raise EvomergeError(
+                    f"ps.genes.{kind}: bounds [{low}, {high}] exceed what {self.method.name} "
+                    f"accepts [{spec.low}, {spec.high}]"
+                )
             x0 = self.config.x0.get(kind, (low + high) / 2)
             if not low <= x0 <= high:
                 raise EvomergeError(f"ps.x0.{kind}: {x0} is outside the bounds [{low}, {high}]")
@@ -101,8 +105,10 @@ class PSLayout:
         depth = infos[0].num_layers
         for info in infos:
             if info.num_layers != depth:
-                raise EvomergeError(f"models: {info.reference!r} has {info.num_layers} layers but "
-                                    f"{infos[0].reference!r} has {depth}; PS merging needs equal depths")
+                raise EvomergeError(
+                    f"models: {info.reference!r} has {info.num_layers} layers but "
+                    f"{infos[0].reference!r} has {depth}; PS merging needs equal depths"
+                )
         return depth
 
     def _all_groups(self) -> list[LayerGroup]:
@@ -144,8 +150,11 @@ class PSLayout:
             filtered += [{"filter": f, "value": values[("head", model, None, kind)]} for f in self.post_filters]
         if self.config.split_attn_mlp:
             attn, mlp = values[(group.name, model, "attn", kind)], values[(group.name, model, "mlp", kind)]
-            filtered += [{"filter": "attn", "value": attn}, {"filter": "mlp", "value": mlp},
-                         {"value": round((attn + mlp) / 2, self.config.decimals)}]
+            filtered += [
+                {"filter": "attn", "value": attn},
+                {"filter": "mlp", "value": mlp},
+                {"value": round((attn + mlp) / 2, self.config.decimals)},
+            ]
             return filtered
         scalar = values[(group.name, model, None, kind)]
         return filtered + [{"value": scalar}] if filtered else scalar
@@ -160,12 +169,14 @@ class PSLayout:
             data["base_model"] = self.base.reference
         if self.config.granularity == "whole":
             group = self.groups[0]
-            data["models"] = [{"model": src.reference,
-                               "parameters": self._parameters(values, group, i, first=True, last=True)}
-                              for i, src in enumerate(self.sources)]
+            data["models"] = [
+                {"model": src.reference, "parameters": self._parameters(values, group, i, first=True, last=True)}
+                for i, src in enumerate(self.sources)
+            ]
         else:
-            data["slices"] = [self._slice(values, group, gi == 0, gi == len(self.groups) - 1)
-                              for gi, group in enumerate(self.groups)]
+            data["slices"] = [
+                self._slice(values, group, gi == 0, gi == len(self.groups) - 1) for gi, group in enumerate(self.groups)
+            ]
         if self.config.parameters:
             data["parameters"] = dict(self.config.parameters)
         if self.config.calibration is not None:
@@ -180,6 +191,11 @@ class PSLayout:
         if self.base is not None:
             sources.append({"model": self.base.reference, "layer_range": layer_range})
         for i, src in enumerate(self.sources):
-            sources.append({"model": src.reference, "layer_range": layer_range,
-                            "parameters": self._parameters(values, group, i, first=first, last=last)})
+            sources.append(
+                {
+                    "model": src.reference,
+                    "layer_range": layer_range,
+                    "parameters": self._parameters(values, group, i, first=first, last=last),
+                }
+            )
         return {"sources": sources}

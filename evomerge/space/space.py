@@ -73,8 +73,9 @@ class SearchSpace:
             anchor = None
             if config.dfs.anchor is not None:
                 if config.dfs.anchor not in refs:
-                    raise EvomergeError(f"dfs.anchor: {config.dfs.anchor!r} is not one of the DFS models "
-                                        f"({', '.join(refs)})")
+                    raise EvomergeError(
+                        f"dfs.anchor: {config.dfs.anchor!r} is not one of the DFS models ({', '.join(refs)})"
+                    )
                 anchor = absolute[refs.index(config.dfs.anchor)]
             update["dfs"] = config.dfs.model_copy(update={"models": absolute, "anchor": anchor})
         return config.model_copy(update=update)

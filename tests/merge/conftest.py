@@ -11,13 +11,27 @@ from fake_models import fake_llama  # noqa: F401  (re-exported for the merge tes
 
 torch.set_num_threads(1)
 
-LLAMA_KW = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                tie_word_embeddings=False)
+LLAMA_KW = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
 
 
-def make_llama(path: Path, seed: int, *, base: Path | None = None, noise: float = 0.02,
-               dtype: torch.dtype = torch.float32, **overrides) -> Path:
+def make_llama(
+    path: Path,
+    seed: int,
+    *,
+    base: Path | None = None,
+    noise: float = 0.02,
+    dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> Path:
     """A random LlamaForCausalLM saved with save_pretrained; with `base`, a 'fine-tune' of it
     (base weights plus seeded noise), so task vectors are small like real ones."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -46,8 +60,9 @@ def make_gpt2(path: Path, seed: int, *, base: Path | None = None, noise: float =
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=80, n_positions=32, n_embd=32, n_layer=3, n_head=4,
-                                           bos_token_id=0, eos_token_id=0))
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=80, n_positions=32, n_embd=32, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0)
+    )
     if base is not None:
         perturb_from(model, base, seed, noise)
     model.save_pretrained(path)
@@ -83,5 +98,3 @@ def gpt2_zoo(tmp_path_factory) -> dict[str, Path]:
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
-
-

@@ -82,13 +82,13 @@ def test_reads_sharded_checkpoint_and_writes_sharded_output(tmp_path, llama_zoo)
 def test_output_directory_contents(tmp_path, llama_zoo):
     text = f"""
 merge_method: dare_ties
-base_model: {llama_zoo['base']}
+base_model: {llama_zoo["base"]}
 models:
-  - model: {llama_zoo['ft1']}
+  - model: {llama_zoo["ft1"]}
     parameters: {{weight: 0.6, density: 0.5}}
-  - model: {llama_zoo['ft2']}
+  - model: {llama_zoo["ft2"]}
     parameters: {{weight: 0.4, density: 0.5}}
-tokenizer_source: {llama_zoo['ft2']}
+tokenizer_source: {llama_zoo["ft2"]}
 """
     out = merge(tmp_path, text, seed=11)
     names = {p.name for p in out.iterdir()}
@@ -120,8 +120,8 @@ def test_interrupted_merge_leaves_nothing(tmp_path, llama_zoo, monkeypatch):
     monkeypatch.setattr(task_arithmetic, "generalized_task_arithmetic", flaky)
     text = f"""
 merge_method: ties
-base_model: {llama_zoo['base']}
-models: [{{model: {llama_zoo['ft1']}, parameters: {{weight: 1, density: 0.3}}}}]
+base_model: {llama_zoo["base"]}
+models: [{{model: {llama_zoo["ft1"]}, parameters: {{weight: 1, density: 0.3}}}}]
 """
     with pytest.raises(_Interrupt):
         merge(tmp_path, text, max_shard_size="20KB")
@@ -144,9 +144,9 @@ def test_layer_stack_config_and_weights(tmp_path, llama_zoo):
     text = f"""
 merge_method: passthrough
 slices:
-  - sources: [{{model: {llama_zoo['ft1']}, layer_range: [0, 3]}}]
+  - sources: [{{model: {llama_zoo["ft1"]}, layer_range: [0, 3]}}]
   - sources:
-      - model: {llama_zoo['ft2']}
+      - model: {llama_zoo["ft2"]}
         layer_range: [1, 4]
         parameters:
           scale: [{{filter: o_proj, value: 0.5}}, {{value: 1.0}}]
@@ -160,8 +160,10 @@ dtype: bfloat16
     ft2 = load_file(str(llama_zoo["ft2"] / "model.safetensors"))
     assert torch.equal(merged["model.layers.2.mlp.up_proj.weight"], ft1["model.layers.2.mlp.up_proj.weight"].bfloat16())
     assert torch.equal(merged["model.layers.3.mlp.up_proj.weight"], ft2["model.layers.1.mlp.up_proj.weight"].bfloat16())
-    assert torch.equal(merged["model.layers.5.self_attn.o_proj.weight"],
-                       (ft2["model.layers.3.self_attn.o_proj.weight"].bfloat16().float() * 0.5).bfloat16())
+    assert torch.equal(
+        merged["model.layers.5.self_attn.o_proj.weight"],
+        (ft2["model.layers.3.self_attn.o_proj.weight"].bfloat16().float() * 0.5).bfloat16(),
+    )
     assert torch.equal(merged["model.embed_tokens.weight"], ft1["model.embed_tokens.weight"].bfloat16())
     assert torch.equal(merged["lm_head.weight"], ft2["lm_head.weight"].bfloat16())
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -174,11 +176,11 @@ def test_gpt2_and_tied_embeddings(tmp_path, gpt2_zoo):
 
     text = f"""
 merge_method: ties
-base_model: {gpt2_zoo['base']}
+base_model: {gpt2_zoo["base"]}
 models:
-  - model: {gpt2_zoo['ft1']}
+  - model: {gpt2_zoo["ft1"]}
     parameters: {{weight: 1.0, density: 0.5}}
-  - model: {gpt2_zoo['ft2']}
+  - model: {gpt2_zoo["ft2"]}
     parameters: {{weight: 1.0, density: 0.5}}
 """
     out = merge(tmp_path, text)
@@ -197,7 +199,7 @@ merge_method: linear
 models:
   - model: {tied}
     parameters: {{weight: 1.0}}
-  - model: {llama_zoo['ft1']}
+  - model: {llama_zoo["ft1"]}
     parameters: {{weight: 1.0}}
 """
     out = merge(tmp_path, text)
@@ -219,7 +221,7 @@ def test_unsupported_architecture_and_vocab_mismatch(tmp_path, llama_zoo):
     write_tokenizer(other)
     text = f"""
 merge_method: task_arithmetic
-base_model: {llama_zoo['base']}
+base_model: {llama_zoo["base"]}
 models: [{{model: {other}, parameters: {{weight: 1}}}}]
 """
     with pytest.raises(EvomergeError, match="vocabulary sizes differ"):
@@ -232,21 +234,22 @@ models: [{{model: {other}, parameters: {{weight: 1}}}}]
     assert not (tmp_path / "out").exists() and not (tmp_path / "out3").exists()
 
 
-
 def test_shared_source_tensor_is_not_overwritten_between_jobs(tmp_path, llama_zoo):
     """A tied model's embedding feeds both the embedding job and the lm_head job; the first job
     must not change what the second reads (safetensors hands out views of one mapping)."""
     tied = make_llama(tmp_path / "tied2", 6, base=llama_zoo["base"], tie_word_embeddings=True)
     text = f"""
 merge_method: task_arithmetic
-base_model: {llama_zoo['ft1']}
+base_model: {llama_zoo["ft1"]}
 models: [{{model: {tied}, parameters: {{weight: 0.5}}}}]
 """
     merged = read_all(merge(tmp_path, text))
     embed = load_file(str(tied / "model.safetensors"))["model.embed_tokens.weight"]
     ft1 = load_file(str(llama_zoo["ft1"] / "model.safetensors"))
-    for name, base in (("model.embed_tokens.weight", ft1["model.embed_tokens.weight"]),
-                       ("lm_head.weight", ft1["lm_head.weight"])):
+    for name, base in (
+        ("model.embed_tokens.weight", ft1["model.embed_tokens.weight"]),
+        ("lm_head.weight", ft1["lm_head.weight"]),
+    ):
         torch.testing.assert_close(merged[name], base + 0.5 * (embed - base), atol=1e-6, rtol=0)
 
 
@@ -259,10 +262,10 @@ def test_resident_sources_are_never_modified(llama_zoo):
 
     recipe = loads_recipe(f"""
 merge_method: ties
-base_model: {llama_zoo['base']}
+base_model: {llama_zoo["base"]}
 models:
-  - {{model: {llama_zoo['ft1']}, parameters: {{weight: 0.7, density: 0.4}}}}
-  - {{model: {llama_zoo['ft2']}, parameters: {{weight: 1.0, density: 0.8}}}}
+  - {{model: {llama_zoo["ft1"]}, parameters: {{weight: 0.7, density: 0.4}}}}
+  - {{model: {llama_zoo["ft2"]}, parameters: {{weight: 1.0, density: 0.8}}}}
 dtype: float32
 """)
     plan = plan_merge(recipe, ModelCatalog())
@@ -289,8 +292,8 @@ def test_sigterm_leaves_no_partial_output(tmp_path, llama_zoo):
     recipe = tmp_path / "slow.yml"
     recipe.write_text(f"""
 merge_method: dare_ties
-base_model: {llama_zoo['base']}
-models: [{{model: {llama_zoo['ft1']}, parameters: {{weight: 1, density: 0.5}}}}]
+base_model: {llama_zoo["base"]}
+models: [{{model: {llama_zoo["ft1"]}, parameters: {{weight: 1, density: 0.5}}}}]
 """)
     code = (
         "import time, evomerge.merge as m\n"
@@ -318,18 +321,22 @@ def test_the_next_merge_removes_what_a_killed_merge_left(tmp_path, llama_zoo):
     import subprocess
     import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     orphan = tmp_path / f".out.partial-{int(dead.stdout)}-deadbeef"
     live = tmp_path / f".out.partial-{os.getpid()}-cafecafe"
     for folder in (orphan, live):
         folder.mkdir()
         (folder / "model-00001-of-00002.safetensors").write_bytes(b"half")
-    merge(tmp_path, f"""
+    merge(
+        tmp_path,
+        f"""
 merge_method: task_arithmetic
-base_model: {llama_zoo['base']}
-models: [{{model: {llama_zoo['ft1']}, parameters: {{weight: 1}}}}]
-""")
+base_model: {llama_zoo["base"]}
+models: [{{model: {llama_zoo["ft1"]}, parameters: {{weight: 1}}}}]
+""",
+    )
     assert not orphan.exists() and live.exists()
     assert (tmp_path / "out" / "config.json").is_file()
 
@@ -341,22 +348,29 @@ def test_bf16_inputs_match_fp32_math(tmp_path, llama_zoo, method):
     from evomerge.plan import ModelCatalog, plan_merge
     from evomerge.recipe import loads_recipe
 
-    models = {n: make_llama(tmp_path / n, 20 + i, base=llama_zoo["base"], dtype=torch.bfloat16)
-              for i, n in enumerate(["b0", "b1", "b2"])}
+    models = {
+        n: make_llama(tmp_path / n, 20 + i, base=llama_zoo["base"], dtype=torch.bfloat16)
+        for i, n in enumerate(["b0", "b1", "b2"])
+    }
     text = f"""
 merge_method: {method}
-base_model: {models['b0']}
+base_model: {models["b0"]}
 models:
-  - {{model: {models['b1']}, parameters: {{weight: 0.7, density: 0.4}}}}
-  - {{model: {models['b2']}, parameters: {{weight: 0.5, density: 0.6}}}}
+  - {{model: {models["b1"]}, parameters: {{weight: 0.7, density: 0.4}}}}
+  - {{model: {models["b2"]}, parameters: {{weight: 0.5, density: 0.6}}}}
 """
     merged = read_all(merge(tmp_path, text, seed=4))
     plan = plan_merge(loads_recipe(text), ModelCatalog(), seed=4)
     states = [load_file(str(m.path / "model.safetensors")) for m in plan.models]
     for job in plan.jobs[::7]:
-        call = MethodCall(job.name, states[job.base.model][job.base.name].float(),
-                          [states[r.model][r.name].float() for r in job.inputs], job.input_params, job.params,
-                          plan.generators(job))
+        call = MethodCall(
+            job.name,
+            states[job.base.model][job.base.name].float(),
+            [states[r.model][r.name].float() for r in job.inputs],
+            job.input_params,
+            job.params,
+            plan.generators(job),
+        )
         expected = get_method(method).fn(call).to(torch.bfloat16)
         assert merged[job.name].dtype == torch.bfloat16
         assert torch.equal(merged[job.name], expected), job.name

@@ -25,8 +25,9 @@ models:
 
 def _run(tmp_path: Path, zoo: dict[str, Path], text: str, *extra: str):
     for name, path in zoo.items():
-        text = text.replace(f"model: {name}\n", f"model: {path}\n").replace(f"base_model: {name}\n",
-                                                                           f"base_model: {path}\n")
+        text = text.replace(f"model: {name}\n", f"model: {path}\n").replace(
+            f"base_model: {name}\n", f"base_model: {path}\n"
+        )
         text = text.replace(f"model: {name},", f"model: {path},")
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(text)
@@ -45,21 +46,26 @@ def _assert_clean_failure(result, out: Path, *fragments: str):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.")]
 
 
-@pytest.mark.parametrize("edit,fragments", [
-    (lambda t: t.replace("merge_method: ties", "merge_method: tie"), ["merge_method", "'tie'", "ties"]),
-    (lambda t: t.replace("density: 0.5", "denisty: 0.5"), ["models[0].parameters.denisty", "unknown parameter"]),
-    (lambda t: t.replace("weight: 0.5, ", ""), ["models[1].parameters.weight", "required"]),
-    (lambda t: t.replace("density: 0.7", "density: 1.5"), ["models[1].parameters.density", "<= 1", "1.5"]),
-    (lambda t: t.replace("density: 0.7", "density: [0.2, -0.1]"), ["models[1].parameters.density", "-0.1"]),
-    (lambda t: t.replace("base_model: base\n", ""), ["base_model", "ties needs a base model"]),
-    (lambda t: t.replace("model: ft2\n", "model: /nonexistent/ft9\n"), ["models[1].model", "not found"]),
-    (lambda t: t + "parameters: {normalize: maybe}\n", ["parameters.normalize", "true or false"]),
-    (lambda t: t.replace("density: 0.5}", "density: 0.5, normalize: true}"),
-     ["models[0].parameters.normalize", "global parameter"]),
-    (lambda t: t + "tokenizer_source: union\n", ["tokenizer_source", "union"]),
-    (lambda t: t + "dtype: float17\n", ["dtype", "float17"]),
-    (lambda t: t.replace("models:", "modelz:"), ["modelz"]),
-])
+@pytest.mark.parametrize(
+    "edit,fragments",
+    [
+        (lambda t: t.replace("merge_method: ties", "merge_method: tie"), ["merge_method", "'tie'", "ties"]),
+        (lambda t: t.replace("density: 0.5", "denisty: 0.5"), ["models[0].parameters.denisty", "unknown parameter"]),
+        (lambda t: t.replace("weight: 0.5, ", ""), ["models[1].parameters.weight", "required"]),
+        (lambda t: t.replace("density: 0.7", "density: 1.5"), ["models[1].parameters.density", "<= 1", "1.5"]),
+        (lambda t: t.replace("density: 0.7", "density: [0.2, -0.1]"), ["models[1].parameters.density", "-0.1"]),
+        (lambda t: t.replace("base_model: base\n", ""), ["base_model", "ties needs a base model"]),
+        (lambda t: t.replace("model: ft2\n", "model: /nonexistent/ft9\n"), ["models[1].model", "not found"]),
+        (lambda t: t + "parameters: {normalize: maybe}\n", ["parameters.normalize", "true or false"]),
+        (
+            lambda t: t.replace("density: 0.5}", "density: 0.5, normalize: true}"),
+            ["models[0].parameters.normalize", "global parameter"],
+        ),
+        (lambda t: t + "tokenizer_source: union\n", ["tokenizer_source", "union"]),
+        (lambda t: t + "dtype: float17\n", ["dtype", "float17"]),
+        (lambda t: t.replace("models:", "modelz:"), ["modelz"]),
+    ],
+)
 def test_recipe_errors(tmp_path, llama_zoo, edit, fragments):
     result, out = _run(tmp_path, llama_zoo, edit(GOOD))
     _assert_clean_failure(result, out, *fragments)
@@ -125,8 +131,12 @@ def test_existing_output_is_not_replaced_without_overwrite(tmp_path, llama_zoo):
 def test_real_process_exit_status_and_stderr(tmp_path):
     recipe = tmp_path / "r.yml"
     recipe.write_text("merge_method: ties\nbase_model: x\nmodels: [{model: y, parameters: {weight: 1}}]\n")
-    proc = subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(recipe), str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "evomerge.cli", "merge", str(recipe), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: base_model: model 'x' not found")
     assert not (tmp_path / "o").exists()

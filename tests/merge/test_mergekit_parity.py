@@ -70,89 +70,153 @@ def _models(zoo, names, params):
 
 
 def test_linear(tmp_path, llama_zoo):
-    recipe = {"merge_method": "linear", "dtype": "float32",
-              "models": _models(llama_zoo, ["ft1", "ft2", "ft3"],
-                                [{"weight": 1.0}, {"weight": [0.3, 0.9]}, {"weight": [{"filter": "mlp", "value": 2.0},
-                                                                                      {"value": 0.5}]}])}
+    recipe = {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "models": _models(
+            llama_zoo,
+            ["ft1", "ft2", "ft3"],
+            [{"weight": 1.0}, {"weight": [0.3, 0.9]}, {"weight": [{"filter": "mlp", "value": 2.0}, {"value": 0.5}]}],
+        ),
+    }
     assert compare(tmp_path, recipe) <= TOLERANCE
 
 
 def test_linear_unnormalized(tmp_path, llama_zoo):
-    recipe = {"merge_method": "linear", "parameters": {"normalize": False},
-              "models": _models(llama_zoo, ["ft1", "ft2"], [{"weight": 0.7}, {"weight": -0.2}])}
+    recipe = {
+        "merge_method": "linear",
+        "parameters": {"normalize": False},
+        "models": _models(llama_zoo, ["ft1", "ft2"], [{"weight": 0.7}, {"weight": -0.2}]),
+    }
     assert compare(tmp_path, recipe) <= TOLERANCE
 
 
 def test_slerp_with_filtered_gradients(tmp_path, llama_zoo):
-    recipe = {"merge_method": "slerp", "base_model": str(llama_zoo["ft1"]), "dtype": "float32",
-              "slices": [{"sources": [{"model": str(llama_zoo["ft1"]), "layer_range": [0, 4]},
-                                      {"model": str(llama_zoo["ft2"]), "layer_range": [0, 4]}]}],
-              "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
-                                   {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}}
+    recipe = {
+        "merge_method": "slerp",
+        "base_model": str(llama_zoo["ft1"]),
+        "dtype": "float32",
+        "slices": [
+            {
+                "sources": [
+                    {"model": str(llama_zoo["ft1"]), "layer_range": [0, 4]},
+                    {"model": str(llama_zoo["ft2"]), "layer_range": [0, 4]},
+                ]
+            }
+        ],
+        "parameters": {
+            "t": [
+                {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                {"value": 0.5},
+            ]
+        },
+    }
     assert compare(tmp_path, recipe) <= TOLERANCE
 
 
 def test_task_arithmetic_negation_and_lambda(tmp_path, llama_zoo):
-    recipe = {"merge_method": "task_arithmetic", "base_model": str(llama_zoo["base"]),
-              "parameters": {"lambda": 0.8},
-              "models": _models(llama_zoo, ["ft1", "ft2"], [{"weight": 1.0}, {"weight": -0.5}])}
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(llama_zoo["base"]),
+        "parameters": {"lambda": 0.8},
+        "models": _models(llama_zoo, ["ft1", "ft2"], [{"weight": 1.0}, {"weight": -0.5}]),
+    }
     assert compare(tmp_path, recipe) <= TOLERANCE
 
 
 def test_ties_gradients_filters(tmp_path, llama_zoo):
-    recipe = {"merge_method": "ties", "base_model": str(llama_zoo["base"]), "dtype": "float32",
-              "parameters": {"normalize": True, "int8_mask": True},
-              "models": _models(llama_zoo, ["ft1", "ft2", "ft3"], [
-                  {"density": [1, 0.7, 0.1], "weight": 1.0},
-                  {"density": 0.5, "weight": [0, 0.3, 0.7, 1]},
-                  {"density": 0.33, "weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}]}])}
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(llama_zoo["base"]),
+        "dtype": "float32",
+        "parameters": {"normalize": True, "int8_mask": True},
+        "models": _models(
+            llama_zoo,
+            ["ft1", "ft2", "ft3"],
+            [
+                {"density": [1, 0.7, 0.1], "weight": 1.0},
+                {"density": 0.5, "weight": [0, 0.3, 0.7, 1]},
+                {"density": 0.33, "weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}]},
+            ],
+        ),
+    }
     assert compare(tmp_path, recipe) <= TOLERANCE
 
 
 def test_ties_unnormalized_with_lambda(tmp_path, llama_zoo):
-    recipe = {"merge_method": "ties", "base_model": str(llama_zoo["base"]),
-              "parameters": {"normalize": False, "lambda": 1.3},
-              "models": _models(llama_zoo, ["ft1", "ft2"], [{"density": 0.2, "weight": 0.6},
-                                                           {"density": 0.9, "weight": 0.4}])}
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(llama_zoo["base"]),
+        "parameters": {"normalize": False, "lambda": 1.3},
+        "models": _models(
+            llama_zoo, ["ft1", "ft2"], [{"density": 0.2, "weight": 0.6}, {"density": 0.9, "weight": 0.4}]
+        ),
+    }
     assert compare(tmp_path, recipe) <= TOLERANCE
 
 
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
 def test_breadcrumbs(tmp_path, llama_zoo, method):
-    recipe = {"merge_method": method, "base_model": str(llama_zoo["base"]),
-              "models": _models(llama_zoo, ["ft1", "ft2"], [{"density": 0.6, "gamma": 0.05, "weight": 1.0},
-                                                           {"density": 0.4, "gamma": 0.0001, "weight": 0.5}])}
+    recipe = {
+        "merge_method": method,
+        "base_model": str(llama_zoo["base"]),
+        "models": _models(
+            llama_zoo,
+            ["ft1", "ft2"],
+            [{"density": 0.6, "gamma": 0.05, "weight": 1.0}, {"density": 0.4, "gamma": 0.0001, "weight": 0.5}],
+        ),
+    }
     assert compare(tmp_path, recipe) <= TOLERANCE
 
 
 @pytest.mark.parametrize("filter_wise", [False, True])
 def test_model_stock(tmp_path, llama_zoo, filter_wise):
     # mergekit does not clamp t; evomerge clamps by default (documented), so parity uses clamp_t: false
-    recipe = {"merge_method": "model_stock", "base_model": str(llama_zoo["base"]),
-              "parameters": {"filter_wise": filter_wise},
-              "models": [{"model": str(llama_zoo[n])} for n in ("ft1", "ft2", "ft3")]}
+    recipe = {
+        "merge_method": "model_stock",
+        "base_model": str(llama_zoo["base"]),
+        "parameters": {"filter_wise": filter_wise},
+        "models": [{"model": str(llama_zoo[n])} for n in ("ft1", "ft2", "ft3")],
+    }
     assert compare(tmp_path, recipe, ours_extra={"clamp_t": False}) <= TOLERANCE
 
 
 def test_passthrough_stack_with_scale(tmp_path, llama_zoo):
-    recipe = {"merge_method": "passthrough", "dtype": "float32",
-              "slices": [{"sources": [{"model": str(llama_zoo["ft1"]), "layer_range": [0, 3]}]},
-                         {"sources": [{"model": str(llama_zoo["ft2"]), "layer_range": [1, 4],
-                                       "parameters": {"scale": [{"filter": "down_proj", "value": 0.5},
-                                                                {"value": 1.0}]}}]}]}
+    recipe = {
+        "merge_method": "passthrough",
+        "dtype": "float32",
+        "slices": [
+            {"sources": [{"model": str(llama_zoo["ft1"]), "layer_range": [0, 3]}]},
+            {
+                "sources": [
+                    {
+                        "model": str(llama_zoo["ft2"]),
+                        "layer_range": [1, 4],
+                        "parameters": {"scale": [{"filter": "down_proj", "value": 0.5}, {"value": 1.0}]},
+                    }
+                ]
+            },
+        ],
+    }
     assert compare(tmp_path, recipe) <= TOLERANCE
 
 
 def test_arcee_fusion(tmp_path, llama_zoo):
-    recipe = {"merge_method": "arcee_fusion", "base_model": str(llama_zoo["base"]),
-              "models": [{"model": str(llama_zoo["base"])}, {"model": str(llama_zoo["ft1"])}]}
+    recipe = {
+        "merge_method": "arcee_fusion",
+        "base_model": str(llama_zoo["base"]),
+        "models": [{"model": str(llama_zoo["base"])}, {"model": str(llama_zoo["ft1"])}],
+    }
     assert compare(tmp_path, recipe) <= TOLERANCE
 
 
 def test_gpt2_ties(tmp_path, gpt2_zoo):
-    recipe = {"merge_method": "ties", "base_model": str(gpt2_zoo["base"]),
-              "models": _models(gpt2_zoo, ["ft1", "ft2"], [{"density": 0.3, "weight": 1.0},
-                                                          {"density": 0.6, "weight": 0.5}])}
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(gpt2_zoo["base"]),
+        "models": _models(gpt2_zoo, ["ft1", "ft2"], [{"density": 0.3, "weight": 1.0}, {"density": 0.6, "weight": 0.5}]),
+    }
     run_mergekit(json.loads(json.dumps(recipe)), tmp_path / "mergekit")
     path = tmp_path / "recipe.yml"
     path.write_text(yaml.safe_dump(recipe))

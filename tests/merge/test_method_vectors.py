@@ -43,28 +43,39 @@ def close(actual, expected):
 A, B, C = T(1, 2, 3), T(3, 0, -1), T(-2, 4, 0.5)
 
 
-@pytest.mark.parametrize("inputs,weights,normalize,expected", [
-    ((A, B), (1, 3), True, [2.5, 0.5, 0.0]),
-    ((A, B), (1, 3), False, [10.0, 2.0, 0.0]),
-    ((A, B, C), (0.2, 0.3, 0.5), True, [0.1, 2.4, 0.55]),
-    ((A, B, C), (1, 1, 2), True, [0.0, 2.5, 0.75]),
-])
+@pytest.mark.parametrize(
+    "inputs,weights,normalize,expected",
+    [
+        ((A, B), (1, 3), True, [2.5, 0.5, 0.0]),
+        ((A, B), (1, 3), False, [10.0, 2.0, 0.0]),
+        ((A, B, C), (0.2, 0.3, 0.5), True, [0.1, 2.4, 0.55]),
+        ((A, B, C), (1, 1, 2), True, [0.0, 2.5, 0.75]),
+    ],
+)
 def test_linear(inputs, weights, normalize, expected):
     close(run("linear", None, list(inputs), [{"weight": w} for w in weights], {"normalize": normalize}), expected)
 
 
 # -- slerp -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("v0,v1,t,expected", [
-    (T(1, 0), T(0, 1), 0.5, [0.707107, 0.707107]),
-    (T(1, 2, 3), T(3, 1, -2), 0.3, [2.337553, 2.304080, 1.796402]),
-    (T(2, 0), T(0, 4), 0.5, [1.414214, 2.828427]),
-    (T(1, 2), T(2, 4.0001), 0.25, [1.25, 2.500025]),  # nearly colinear -> lerp
-    (T(1, 0), T(-1, 0), 0.5, [0.0, 0.0]),  # anti-parallel -> lerp
-    (T(1, 0), T(-1, 0.001), 0.5, [0.0, 0.0005]),
-    (T(1, 0.5, -0.5, 2, shape=(2, 2)), T(0, 1, 1, 1, shape=(2, 2)), 0.4,
-     [[0.680208, 0.811098], [0.130889, 1.831410]]),
-])
+
+@pytest.mark.parametrize(
+    "v0,v1,t,expected",
+    [
+        (T(1, 0), T(0, 1), 0.5, [0.707107, 0.707107]),
+        (T(1, 2, 3), T(3, 1, -2), 0.3, [2.337553, 2.304080, 1.796402]),
+        (T(2, 0), T(0, 4), 0.5, [1.414214, 2.828427]),
+        (T(1, 2), T(2, 4.0001), 0.25, [1.25, 2.500025]),  # nearly colinear -> lerp
+        (T(1, 0), T(-1, 0), 0.5, [0.0, 0.0]),  # anti-parallel -> lerp
+        (T(1, 0), T(-1, 0.001), 0.5, [0.0, 0.0005]),
+        (
+            T(1, 0.5, -0.5, 2, shape=(2, 2)),
+            T(0, 1, 1, 1, shape=(2, 2)),
+            0.4,
+            [[0.680208, 0.811098], [0.130889, 1.831410]],
+        ),
+    ],
+)
 def test_slerp_vectors(v0, v1, t, expected):
     close(slerp_tensors(t, v0, v1), expected)
 
@@ -94,12 +105,15 @@ def test_slerp_nearly_colinear_large_tensor_is_finite():
 TH0, TH1, TH2 = T(1, 1, 1, 1), T(2, 0, 1, 1.5), T(0.5, 2, 1, 1.5)
 
 
-@pytest.mark.parametrize("inputs,weights,params,expected", [
-    ((TH1, TH2), (1, 1), {"lambda": 0.5}, [1.25, 1.0, 1.0, 1.5]),
-    ((TH1, TH2), (0.7, 0.3), {}, [1.55, 0.6, 1.0, 1.5]),
-    ((TH1,), (-0.5,), {}, [0.5, 1.5, 1.0, 0.75]),  # negation
-    ((TH1, TH2), (1, 1), {"normalize": True}, [1.25, 1.0, 1.0, 1.5]),
-])
+@pytest.mark.parametrize(
+    "inputs,weights,params,expected",
+    [
+        ((TH1, TH2), (1, 1), {"lambda": 0.5}, [1.25, 1.0, 1.0, 1.5]),
+        ((TH1, TH2), (0.7, 0.3), {}, [1.55, 0.6, 1.0, 1.5]),
+        ((TH1,), (-0.5,), {}, [0.5, 1.5, 1.0, 0.75]),  # negation
+        ((TH1, TH2), (1, 1), {"normalize": True}, [1.25, 1.0, 1.0, 1.5]),
+    ],
+)
 def test_task_arithmetic(inputs, weights, params, expected):
     close(run("task_arithmetic", TH0, list(inputs), [{"weight": w} for w in weights], params), expected)
 
@@ -116,14 +130,17 @@ def test_ties_trim():
         close(magnitude_topk(tau, 0.5), exp)
 
 
-@pytest.mark.parametrize("weights,density,params,expected", [
-    ((1, 1, 1), 0.5, {}, [0.5, 0.3, -0.7, 0.0, 0.675, -0.45]),
-    ((1, 1, 1), 0.5, {"consensus": "count"}, [0.5, 0.3, -0.7, 0.0, 0.675, -0.45]),
-    ((1, 0.5, 2), 0.5, {}, [0.5, 0.3, -0.7, 0.0, 0.6, 0.8]),
-    ((1, 1, 1), 0.5, {"normalize": False}, [0.5, 0.3, -0.7, 0.0, 1.35, -0.9]),
-    ((1, 1, 1), 0.5, {"lambda": 0.8}, [0.4, 0.24, -0.56, 0.0, 0.54, -0.36]),
-    ((1, 1, 1), 1.0, {}, [0.425, -0.175, -0.7, 0.125, 0.675, -0.45]),
-])
+@pytest.mark.parametrize(
+    "weights,density,params,expected",
+    [
+        ((1, 1, 1), 0.5, {}, [0.5, 0.3, -0.7, 0.0, 0.675, -0.45]),
+        ((1, 1, 1), 0.5, {"consensus": "count"}, [0.5, 0.3, -0.7, 0.0, 0.675, -0.45]),
+        ((1, 0.5, 2), 0.5, {}, [0.5, 0.3, -0.7, 0.0, 0.6, 0.8]),
+        ((1, 1, 1), 0.5, {"normalize": False}, [0.5, 0.3, -0.7, 0.0, 1.35, -0.9]),
+        ((1, 1, 1), 0.5, {"lambda": 0.8}, [0.4, 0.24, -0.56, 0.0, 0.54, -0.36]),
+        ((1, 1, 1), 1.0, {}, [0.425, -0.175, -0.7, 0.125, 0.675, -0.45]),
+    ],
+)
 def test_ties(weights, density, params, expected):
     ip = [{"weight": w, "density": density} for w in weights]
     close(run("ties", ZERO6, TAU, ip, params), expected)
@@ -174,12 +191,15 @@ def test_dare_fixed_mask_rescale():
 TAU_BC = T(0.05, -0.9, 0.3, -0.02, 0.6, 0.15, -0.45, 0.01, 0.2, -0.7)
 
 
-@pytest.mark.parametrize("density,gamma,expected", [
-    (0.6, 0.1, [0, 0, 0.3, 0, 0.6, 0.15, -0.45, 0, 0.2, -0.7]),
-    (0.5, 0.2, [0, 0, 0.3, 0, 0.6, 0.15, -0.45, 0, 0.2, 0]),
-    (0.9, 0.05, [0.05, -0.9, 0.3, -0.02, 0.6, 0.15, -0.45, 0, 0.2, -0.7]),  # gamma*n < 1: no top cut
-    (0.3, 0.8, [0.05, 0, 0, -0.02, 0, 0, 0, 0.01, 0, 0]),  # top cut clipped
-])
+@pytest.mark.parametrize(
+    "density,gamma,expected",
+    [
+        (0.6, 0.1, [0, 0, 0.3, 0, 0.6, 0.15, -0.45, 0, 0.2, -0.7]),
+        (0.5, 0.2, [0, 0, 0.3, 0, 0.6, 0.15, -0.45, 0, 0.2, 0]),
+        (0.9, 0.05, [0.05, -0.9, 0.3, -0.02, 0.6, 0.15, -0.45, 0, 0.2, -0.7]),  # gamma*n < 1: no top cut
+        (0.3, 0.8, [0.05, 0, 0, -0.02, 0, 0, 0, 0.01, 0, 0]),  # top cut clipped
+    ],
+)
 def test_breadcrumbs_band(density, gamma, expected):
     close(magnitude_band(TAU_BC, density, gamma), expected)
 
@@ -207,16 +227,22 @@ MASK_D = torch.tensor([[0, 1, 1, 0, 1], [1, 0, 1, 0, 1]], dtype=torch.bool)
 def test_della_probabilities_and_fixed_mask():
     probs = della_keep_probabilities(DELTA_D, 0.6, 0.1)
     close(probs, Q_D)
-    close(apply_keep_mask(DELTA_D, MASK_D, probs, rescale=True),
-          [[0, -0.714286, 0.5, 0, -0.615385], [-0.461538, 0, 0.857143, 0, 0.333333]])
-    close(apply_keep_mask(DELTA_D, MASK_D, probs, rescale=True, rescale_norm="l1"),
-          [[0, -0.597826, 0.358696, 0, -0.478261], [-0.358696, 0, 0.717391, 0, 0.239130]])
+    close(
+        apply_keep_mask(DELTA_D, MASK_D, probs, rescale=True),
+        [[0, -0.714286, 0.5, 0, -0.615385], [-0.461538, 0, 0.857143, 0, 0.333333]],
+    )
+    close(
+        apply_keep_mask(DELTA_D, MASK_D, probs, rescale=True, rescale_norm="l1"),
+        [[0, -0.597826, 0.358696, 0, -0.478261], [-0.358696, 0, 0.717391, 0, 0.239130]],
+    )
     close(della_keep_probabilities(T(0.3, -0.1, 0.2), 0.5, 0.2), [0.7, 0.3, 0.5])
 
 
 def test_della_fuse_with_fixed_masks():
-    rows = [apply_keep_mask(DELTA_D[i], MASK_D[i], della_keep_probabilities(DELTA_D[i], 0.6, 0.1), rescale=True)
-            for i in range(2)]
+    rows = [
+        apply_keep_mask(DELTA_D[i], MASK_D[i], della_keep_probabilities(DELTA_D[i], 0.6, 0.1), rescale=True)
+        for i in range(2)
+    ]
     z = torch.zeros(5, dtype=torch.float64)
     ip = [{"weight": 1, "density": 1.0}] * 2  # density 1: the pre-dropped rows pass through unchanged
     close(run("della", z, rows, ip, {"lambda": 1.1}), [-0.507692, -0.785714, 0.746429, 0.0, -0.676923])
@@ -236,12 +262,15 @@ def test_della_single_element_rows_and_edges():
 W0 = T(1, 1, 1, 1)
 
 
-@pytest.mark.parametrize("inputs,params,expected", [
-    ((T(2, 1.5, 1, 0.5), T(1.5, 2, 1.5, 1)), {}, [1.6, 1.6, 1.2, 0.8]),
-    ((T(2, 1.5, 1, 0.5), T(1.5, 2, 1.5, 1), T(2, 2, 1.5, 1)), {}, [1.773597, 1.773597, 1.309439, 0.845281]),
-    ((T(2, 1.5, 1, 0.5), T(0, 1, 2, 1)), {"clamp_t": False}, [1.0, 0.316987, -0.366025, 1.683013]),
-    ((T(2, 1.5, 1, 0.5), T(0, 1, 2, 1)), {}, [1, 1, 1, 1]),  # cos < 0: clamped t = 0 -> base
-])
+@pytest.mark.parametrize(
+    "inputs,params,expected",
+    [
+        ((T(2, 1.5, 1, 0.5), T(1.5, 2, 1.5, 1)), {}, [1.6, 1.6, 1.2, 0.8]),
+        ((T(2, 1.5, 1, 0.5), T(1.5, 2, 1.5, 1), T(2, 2, 1.5, 1)), {}, [1.773597, 1.773597, 1.309439, 0.845281]),
+        ((T(2, 1.5, 1, 0.5), T(0, 1, 2, 1)), {"clamp_t": False}, [1.0, 0.316987, -0.366025, 1.683013]),
+        ((T(2, 1.5, 1, 0.5), T(0, 1, 2, 1)), {}, [1, 1, 1, 1]),  # cos < 0: clamped t = 0 -> base
+    ],
+)
 def test_model_stock(inputs, params, expected):
     close(run("model_stock", W0, list(inputs), [{}] * len(inputs), params), expected)
 
@@ -254,6 +283,7 @@ def test_model_stock_filter_wise():
 
 # -- passthrough ---------------------------------------------------------------------------------------------
 
+
 def test_passthrough_scale():
     x = T(1, -2, 3)
     close(run("passthrough", None, [x], [{"scale": 0.5}]), [0.5, -1, 1.5])
@@ -262,10 +292,17 @@ def test_passthrough_scale():
 
 # -- precomputed caches give the same answer -------------------------------------------------------------------
 
-@pytest.mark.parametrize("method,extra", [
-    ("ties", {}), ("breadcrumbs", {"gamma": 0.05}), ("breadcrumbs_ties", {"gamma": 0.0}),
-    ("della", {"epsilon": 0.1}), ("dare_ties", {}),
-])
+
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("ties", {}),
+        ("breadcrumbs", {"gamma": 0.05}),
+        ("breadcrumbs_ties", {"gamma": 0.0}),
+        ("della", {"epsilon": 0.1}),
+        ("dare_ties", {}),
+    ],
+)
 def test_delta_cache_is_equivalent(method, extra):
     g = torch.Generator().manual_seed(1)
     base = torch.randn(64, 48, generator=g)
@@ -280,11 +317,28 @@ def test_delta_cache_is_equivalent(method, extra):
 
 
 def test_registry_has_every_required_method():
-    required = {"linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough"}
+    required = {
+        "linear",
+        "slerp",
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "dare_linear",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+        "model_stock",
+        "passthrough",
+    }
     assert required <= set(REGISTRY)
-    assert {m.name for m in REGISTRY.values() if m.random} == {"dare_ties", "dare_linear", "della",
-                                                               "della_linear", "arcee_fusion"}
+    assert {m.name for m in REGISTRY.values() if m.random} == {
+        "dare_ties",
+        "dare_linear",
+        "della",
+        "della_linear",
+        "arcee_fusion",
+    }
 
 
 def test_rank_band_mask_matches_a_stable_sort_with_many_ties():

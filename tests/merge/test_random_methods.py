@@ -21,11 +21,11 @@ def _recipe(zoo, method: str, seed_line: str = "") -> str:
     extra = ", epsilon: 0.1" if method.startswith("della") else ""
     return f"""
 merge_method: {method}
-base_model: {zoo['base']}
+base_model: {zoo["base"]}
 models:
-  - model: {zoo['ft1']}
+  - model: {zoo["ft1"]}
     parameters: {{weight: 0.7, density: 0.4{extra}}}
-  - model: {zoo['ft2']}
+  - model: {zoo["ft2"]}
     parameters: {{weight: 0.5, density: 0.6{extra}}}
 {seed_line}"""
 
@@ -115,8 +115,8 @@ def test_della_rescale_preserves_the_expectation_per_entry():
 def test_seed_changes_only_random_methods(tmp_path: Path, llama_zoo):
     text = f"""
 merge_method: ties
-base_model: {llama_zoo['base']}
-models: [{{model: {llama_zoo['ft1']}, parameters: {{weight: 1, density: 0.5}}}}]
+base_model: {llama_zoo["base"]}
+models: [{{model: {llama_zoo["ft1"]}, parameters: {{weight: 1, density: 0.5}}}}]
 """
     recipe = tmp_path / "t.yml"
     recipe.write_text(text)

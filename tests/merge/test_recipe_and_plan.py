@@ -57,11 +57,14 @@ seed: 3
     validate_recipe(recipe)  # "1e-1" (a YAML string) is accepted as a number
 
 
-@pytest.mark.parametrize("gradient,expected", [
-    ([0, 0.5, 1], [0.0, 0.25, 0.5, 0.75, 1.0]),
-    ([0, 1, 0.5], [0.0, 0.5, 1.0, 0.75, 0.5]),
-    ([0.2, 0.8], [0.2, 0.35, 0.5, 0.65, 0.8]),
-])
+@pytest.mark.parametrize(
+    "gradient,expected",
+    [
+        ([0, 0.5, 1], [0.0, 0.25, 0.5, 0.75, 1.0]),
+        ([0, 1, 0.5], [0.0, 0.5, 1.0, 0.75, 0.5]),
+        ([0.2, 0.8], [0.2, 0.35, 0.5, 0.65, 0.8]),
+    ],
+)
 def test_gradient_vectors_five_layers(gradient, expected):
     values = [interpolate_gradient(gradient, i / 4) for i in range(5)]
     assert values == pytest.approx(expected, abs=1e-6)
@@ -84,8 +87,9 @@ parameters:
     assert evaluate_setting(setting, "model.layers.3.self_attn.q_proj.weight", 0.25) == pytest.approx(0.25)
     assert evaluate_setting(setting, "model.layers.3.mlp.up_proj.weight", 0.25) == 0.9
     assert evaluate_setting(setting, "model.norm.weight", 0.25) == 0.5
-    no_fallback = loads_recipe("merge_method: linear\nmodels: [{model: a}]\n"
-                               "parameters: {weight: [{filter: mlp, value: 1}]}").parameters["weight"]
+    no_fallback = loads_recipe(
+        "merge_method: linear\nmodels: [{model: a}]\nparameters: {weight: [{filter: mlp, value: 1}]}"
+    ).parameters["weight"]
     assert evaluate_setting(no_fallback, "model.norm.weight", 0) is None
 
 
@@ -93,7 +97,8 @@ parameters:
 def five_layer(tmp_path_factory):
     root = tmp_path_factory.mktemp("five")
     return {name: fake_llama(root / name, 5, seed=i) for i, name in enumerate(["base", "a", "b"])} | {
-        "three": fake_llama(root / "three", 3, seed=9)}
+        "three": fake_llama(root / "three", 3, seed=9)
+    }
 
 
 def _plan(text, models, **kw):
@@ -103,7 +108,8 @@ def _plan(text, models, **kw):
 
 
 def test_plan_resolves_gradients_per_layer_and_precedence(five_layer):
-    plan = _plan("""
+    plan = _plan(
+        """
 merge_method: ties
 base_model: <base>
 models:
@@ -114,7 +120,9 @@ parameters:
   weight: [{filter: mlp, value: 0.25}, {value: 0.75}]
   density: 0.9
   normalize: false
-""", five_layer)
+""",
+        five_layer,
+    )
     q = {j.layer: j for j in plan.jobs if j.name.endswith("q_proj.weight")}
     assert [q[i].input_params[0]["density"] for i in range(5)] == pytest.approx([0, 0.25, 0.5, 0.75, 1])
     assert [q[i].input_params[1]["density"] for i in range(5)] == [0.9] * 5  # top-level fallback
@@ -129,7 +137,8 @@ parameters:
 
 
 def test_plan_slices_stack_layers_and_rewrite_config(five_layer):
-    plan = _plan("""
+    plan = _plan(
+        """
 merge_method: passthrough
 slices:
   - sources: [{model: <a>, layer_range: [0, 2]}]
@@ -138,7 +147,9 @@ slices:
       - model: <a>
         layer_range: [2, 5]
         parameters: {scale: [{filter: down_proj, value: 0.5}]}
-""", five_layer)
+""",
+        five_layer,
+    )
     assert plan.layer_sources == [(0, 0), (0, 1), (1, 1), (1, 2), (0, 2), (0, 3), (0, 4)]
     assert plan.out_config["num_hidden_layers"] == 7
     by_name = {j.name: j for j in plan.jobs}
@@ -150,13 +161,16 @@ slices:
 
 
 def test_single_layer_slice_uses_t_equal_one(five_layer):
-    plan = _plan("""
+    plan = _plan(
+        """
 merge_method: slerp
 base_model: <base>
 slices:
   - sources: [{model: <base>, layer_range: [0, 1]}, {model: <a>, layer_range: [0, 1]}]
 parameters: {t: [0.2, 0.8]}
-""", five_layer)
+""",
+        five_layer,
+    )
     layer0 = [j for j in plan.jobs if j.layer == 0]
     assert all(j.params["t"] == pytest.approx(0.8) for j in layer0)
     assert plan.jobs[0].params["t"] == pytest.approx(0.2)
@@ -210,8 +224,13 @@ def test_extension_blocks_plug_in():
         samples: int = 8
 
     register_recipe_block("calibration_test", Calibration)
-    recipe = parse_recipe({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}}],
-                           "calibration_test": {"dataset": "x"}})
+    recipe = parse_recipe(
+        {
+            "merge_method": "linear",
+            "models": [{"model": "a", "parameters": {"weight": 1}}],
+            "calibration_test": {"dataset": "x"},
+        }
+    )
     assert recipe.model_extra["calibration_test"] == Calibration(dataset="x")
     from evomerge.recipe import dump_recipe
 
