@@ -60,7 +60,7 @@ def machine(packages: Sequence[str] = DEFAULT_PACKAGES) -> dict[str, Any]:
 
 def write_result(name: str, figures: dict[str, Any], packages: Sequence[str] = DEFAULT_PACKAGES) -> Path:
     """benchmarks/results/<name>-<UTC timestamp>.json with the date and the machine."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
     payload = {"benchmark": name, "date": now.isoformat(timespec="seconds"), "machine": machine(packages), **figures}

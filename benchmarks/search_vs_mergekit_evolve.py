@@ -455,7 +455,7 @@ def benchmark(seeds: Sequence[int], budget: int, systems: Sequence[str], work: P
     per_system = {s: summarize(s, [r for r in runs if r["system"] == s]) for s in systems}
     return {
         "benchmark": "search_vs_mergekit_evolve",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {**machine(), "libraries": library_versions()},
         "evomerge_commit": source_commit(),
         "command": f".venv/bin/python benchmarks/search_vs_mergekit_evolve.py --seeds {' '.join(map(str, seeds))} "

@@ -377,7 +377,7 @@ class Search:
             )
         record.update(extra or {})
         record["recipe"] = dump_recipe(item.recipe) if item.recipe else None
-        record["time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        record["time"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         self.journal.append(record)
         self._remember(record)
         self._after_record(record)

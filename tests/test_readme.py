@@ -27,8 +27,8 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 def test_torch_is_installed_before_the_project() -> None:
     first = quick_start_commands()[0]
-    assert first.index('"torch==2.13.0"') < first.index("pip install -e .")
+    assert first.index('"torch==2.13.0"') < first.index("requirements/lock.txt") < first.index("-e .")
     ci = (REPO_ROOT / ".ci" / "run").read_text()
-    assert ci.index('"torch==2.13.0"') < ci.index("pip install -e")
+    assert ci.index('pip install "torch==2.13.0"') < ci.index("-r requirements/test-lock.txt") < ci.index("-e .")
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
     assert '"torch>=2.3"' in pyproject and "torch==" not in pyproject
