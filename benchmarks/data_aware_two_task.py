@@ -3,7 +3,7 @@ at the same weights, all through `evomerge merge` recipes; greedy exact match on
 
 Each expert's statistics come from its own task's train split (`calibration.per_model`).
 
-    .venv/bin/python benchmarks/data_aware_two_task.py [--zoo DIR] [--mini]
+    .venv/bin/python benchmarks/data_aware_two_task.py [--zoo DIR] [--mini]   (default: the shipped zoo/toy or zoo/mini)
 
 Writes benchmarks/results/data_aware_two_task-<UTC time>.json (bench_util: date, machine, load average).
 """
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_util import WORK, print_table, write_result  # benchmarks/ is sys.path[0] when this script runs
+from bench_util import print_table, write_result  # benchmarks/ is sys.path[0] when this script runs
 
 
 def recipes(zoo: Path, examples: int) -> dict[str, str]:
@@ -56,10 +56,10 @@ def accuracy(model_dir: Path) -> dict[str, float]:
 
 def run(zoo: Path, mini: bool, examples: int) -> dict:
     from evomerge.merge import merge_from_file
-    from evomerge.zoo import ensure_zoo
+    from evomerge.zoo import verify_zoo
 
     torch.set_num_threads(1)
-    zoo = ensure_zoo(zoo, seed=0, mini=mini)
+    verify_zoo(zoo, mini=mini)
     rows: dict[str, dict] = {name: accuracy(zoo / name) for name in ("add", "rev")}
     with tempfile.TemporaryDirectory(prefix="evomerge-two-task-") as tmp:
         for name, text in recipes(zoo, examples).items():
@@ -80,11 +80,13 @@ def run(zoo: Path, mini: bool, examples: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--zoo", type=Path, default=WORK / "zoo-full")
+    parser.add_argument("--zoo", type=Path, default=None, help="a zoo directory (default: the shipped one)")
     parser.add_argument("--mini", action="store_true")
     parser.add_argument("--examples", type=int, default=256)
     args = parser.parse_args()
-    result = run(args.zoo, args.mini, args.examples)
+    from evomerge.paths import shipped_zoo
+
+    result = run(args.zoo or shipped_zoo(args.mini), args.mini, args.examples)
     print_table(
         f"two-task merge ({result['zoo']} zoo), {result['metric']}",
         ["merge", "toy_add", "toy_rev", "mean"],

@@ -78,11 +78,11 @@ def toy_ps_workload() -> Workload:
     from evomerge.search import worker_spec
     from evomerge.space.config import load_space_config
     from evomerge.space.space import SearchSpace
-    from evomerge.zoo import ensure_zoo
+    from evomerge.zoo import verify_zoo
 
     config = load_space_config(SPACE)
     assert config.zoo is not None
-    ensure_zoo(SPACE.parent / config.zoo.path, seed=config.zoo.seed, mini=config.zoo.mini)
+    verify_zoo(SPACE.parent / config.zoo.path, seed=config.zoo.seed, mini=config.zoo.mini)
     space = SearchSpace(config, root=SPACE.parent)
     spec = worker_spec(space)
 
@@ -173,7 +173,9 @@ def breakdown(results, wall: float) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zoo", type=Path, default=ROOT / "runs" / "zoo", help="built on first use")
+    parser.add_argument(
+        "--zoo", type=Path, default=ROOT / "zoo" / "toy", help="a zoo directory (default: the shipped one)"
+    )
     parser.add_argument("--candidates", type=int, default=24)
     parser.add_argument("--workloads", default="toy_ps,three_tasks")
     parser.add_argument("--generators", default="lean,hf", help="comma list of lean, hf, default")
@@ -185,10 +187,11 @@ def main() -> None:
     import evomerge
     from evomerge.evaluation.executors import LocalExecutor, RayExecutor
     from evomerge.evaluation.ray_cluster import ray_session
-    from evomerge.zoo import ensure_zoo
+    from evomerge.zoo import verify_zoo
 
     torch.set_num_threads(1)
-    zoo = ensure_zoo(args.zoo)
+    zoo = args.zoo
+    verify_zoo(zoo)
     builders = {"toy_ps": toy_ps_workload, "three_tasks": lambda: three_task_workload(zoo)}
     workloads = [builders[name]() for name in args.workloads.split(",")]
     generators = args.generators.split(",")

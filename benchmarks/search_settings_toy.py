@@ -49,13 +49,13 @@ def run_setting(override: Mapping[str, Any], seed: int, budget: int, run_dir: Pa
     from evomerge.run import RunDir
     from evomerge.search import Search, local_or_ray_executor, start_run
     from evomerge.space import SearchSpace, load_space_config, parse_space
-    from evomerge.zoo import ensure_zoo
+    from evomerge.zoo import verify_zoo
 
     base = load_space_config(SPACE).model_dump(mode="json")
     data = merged(base, {**override, "seed": seed})
     data["budget"] = {**data["budget"], "max_evals": budget}
     config = parse_space(data, source=f"setting {json.dumps(override)}")
-    ensure_zoo(SPACE.parent / config.zoo.path, seed=config.zoo.seed, mini=config.zoo.mini)
+    verify_zoo(SPACE.parent / config.zoo.path, seed=config.zoo.seed, mini=config.zoo.mini)
     shutil.rmtree(run_dir, ignore_errors=True)
     space = SearchSpace(config, root=SPACE.parent)
     run = RunDir(run_dir)

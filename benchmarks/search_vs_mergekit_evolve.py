@@ -112,10 +112,10 @@ def run_evomerge(system: str, seed: int, budget: int, run_dir: Path) -> dict[str
     from evomerge.search import Search, local_or_ray_executor, start_run
     from evomerge.space import SearchSpace
     from evomerge.staged import resolve_staged, run_staged
-    from evomerge.zoo import ensure_zoo
+    from evomerge.zoo import verify_zoo
 
     config, root = evomerge_config(system, seed, budget)
-    ensure_zoo(root / config.zoo.path, seed=config.zoo.seed, mini=config.zoo.mini)
+    verify_zoo(root / config.zoo.path, seed=config.zoo.seed, mini=config.zoo.mini)
     factory = local_or_ray_executor(1, None)
     clock = SearchClock()
     run = RunDir(run_dir)
@@ -210,11 +210,11 @@ def run_pipeline(seed: int, budget: int, run_dir: Path) -> dict[str, Any]:
     from mergekit_pipeline import FitnessTask, SerialPipeline, cma_search, make_genome, split_task_folder
 
     from evomerge.paths import tasks_dir
-    from evomerge.zoo import ensure_zoo
+    from evomerge.zoo import verify_zoo
 
     torch.set_num_threads(1)  # a Ray task with num_cpus=1 runs with OMP_NUM_THREADS=1
     problem = pipeline_problem(seed)
-    ensure_zoo(*problem["zoo"])
+    verify_zoo(*problem["zoo"])
     run_dir.mkdir(parents=True, exist_ok=True)
     os.chdir(run_dir)  # pycma writes outcmaes/ and lm-eval looks for git here
     yamls = [tasks_dir() / f"{name}.yaml" for name, _ in problem["tasks"]]

@@ -55,6 +55,18 @@ def zoo_build(
     build_zoo(out_dir, seed=seed, mini=mini)
 
 
+@zoo_app.command("verify")
+@user_errors
+def zoo_verify(
+    zoo_dir: Path = typer.Argument(..., help="A zoo directory, e.g. zoo/toy (the shipped one) or an OUT_DIR."),
+) -> None:
+    """Check every file of a zoo against its SHA256SUMS and its manifest against its model folders."""
+    from evomerge.zoo import verify_zoo
+
+    manifest = verify_zoo(zoo_dir)
+    typer.echo(f"ok: {zoo_dir} (seed {manifest['seed']}{', mini' if manifest['mini'] else ''}) matches its SHA256SUMS")
+
+
 @app.command("eval")
 @user_errors
 def eval_cmd(

@@ -1,4 +1,4 @@
-"""Where the project's bundled resources live (tasks/, search_spaces/)."""
+"""Where the project's bundled resources live (tasks/, search_spaces/, zoo/)."""
 
 from __future__ import annotations
 
@@ -15,3 +15,8 @@ def tasks_dir() -> Path:
 
 def search_spaces_dir() -> Path:
     return REPO_ROOT / "search_spaces"
+
+
+def shipped_zoo(mini: bool = False) -> Path:
+    """The toy zoo committed to the repository (seed 0): zoo/toy for the demo, zoo/mini for tests."""
+    return REPO_ROOT / "zoo" / ("mini" if mini else "toy")

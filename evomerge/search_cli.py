@@ -134,9 +134,9 @@ def run_search(
     _check_workers(workers)
     root = Path(space_path).resolve().parent
     if config.zoo is not None:
-        from evomerge.zoo import ensure_zoo
+        from evomerge.zoo import verify_zoo
 
-        ensure_zoo(root / config.zoo.path, seed=config.zoo.seed, mini=config.zoo.mini)
+        verify_zoo(root / config.zoo.path, seed=config.zoo.seed, mini=config.zoo.mini)
     run = RunDir(run_dir)
     factory = local_or_ray_executor(workers, ray_address)
     if config.kind == "ps+dfs":

@@ -4,14 +4,19 @@ It stands in for "a base LLM and its fine-tunes" so that every feature runs offl
 cores. The base is pre-trained on a mixture in which the expert tasks are rare (it is weak on
 them but not clueless); each expert is fine-tuned on its task with a replay of the base mixture
 (without replay, experts forget shared skills and every merge collapses). Training runs on one
-thread with fixed seeds, so the same seed gives the same bytes.
+thread with fixed seeds, so the same seed gives the same bytes on one machine; another CPU's
+kernels may train a different zoo. So the zoo the demo and the tests use is shipped in the
+repository (`paths.shipped_zoo`), and every zoo directory carries a SHA256SUMS file that
+`verify_zoo` checks before a search uses it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +35,12 @@ SEQ_LEN = 16  # longest example: "R:abcdef=fedcba<eos>"
 BASE_MIX = {"toy_add": 0.15, "toy_rev": 0.01, "toy_shift": 0.002, "toy_copy": 0.35, "toy_sort": 0.488}
 EXPERT_DIRS = {"toy_add": "add", "toy_rev": "rev", "toy_shift": "shift"}
 HAND_MERGE = ("add", "rev", 0.8)  # task arithmetic of these two experts with this weight each
+# The demo needs experts that are far better than the base on their own task, and a hand merge
+# that beats either expert on the mean of the two merged tasks (merging pays) but leaves room for
+# the search (below 0.90 on one task). Margins are in test exact match, checked by `targets`.
+EXPERT_MARGIN = 0.5
+HAND_MERGE_MARGIN = 0.05
+CHECKSUMS = "SHA256SUMS"  # `sha256sum -c` format, paths relative to the zoo directory
 
 
 @dataclass(frozen=True)
@@ -288,6 +299,7 @@ def build_zoo(out_dir: Path, seed: int = 0, mini: bool = False, quiet: bool = Fa
             "torch": torch.__version__,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_checksums(tmp)
         _swap_into_place(tmp, out_dir)
     finally:
         torch.set_num_threads(threads)
@@ -308,17 +320,22 @@ def hand_merge_check(model, states: dict, limit: int | None) -> dict:
 def targets(models: dict, hand: dict, build_seconds: float, mini: bool) -> dict:
     """The zoo's acceptance targets, evaluated on the measured scores (the full zoo must pass)."""
     experts = {n: m for n, m in models.items() if m["role"] == "expert"}
+    base = models["base"]["test_exact_match"]
     a, b, _ = HAND_MERGE
     ta, tb = models[a]["task"], models[b]["task"]
     pair_mean = lambda scores: (scores[ta] + scores[tb]) / 2  # noqa: E731
     hand_scores = hand["test_exact_match"]
+    best_expert = max(pair_mean(models[a]["test_exact_match"]), pair_mean(models[b]["test_exact_match"]))
     return {
         "expert_own_task_ge_0.90": all(m["test_exact_match"][m["task"]] >= 0.90 for m in experts.values()),
+        f"expert_beats_base_on_own_task_by_{EXPERT_MARGIN:.2f}": all(
+            m["test_exact_match"][m["task"]] >= base[m["task"]] + EXPERT_MARGIN for m in experts.values()
+        ),
         "expert_other_tasks_le_0.30": all(
             s <= 0.30 for m in experts.values() for t, s in m["test_exact_match"].items() if t != m["task"]
         ),
-        "hand_merge_beats_best_expert_on_pair_mean": pair_mean(hand_scores)
-        > max(pair_mean(models[a]["test_exact_match"]), pair_mean(models[b]["test_exact_match"])),
+        f"hand_merge_beats_best_expert_on_pair_mean_by_{HAND_MERGE_MARGIN:.2f}": pair_mean(hand_scores)
+        >= best_expert + HAND_MERGE_MARGIN,
         "hand_merge_below_0.90_somewhere": min(hand_scores[ta], hand_scores[tb]) < 0.90,
         "build_seconds_within_budget": build_seconds <= (60 if mini else 300),
     }
@@ -339,13 +356,68 @@ def print_manifest(manifest: dict) -> None:
     Console().print(table)
 
 
-def ensure_zoo(path: Path, seed: int = 0, mini: bool = False) -> Path:
-    """Build the zoo on first use; reuse it when a manifest with the same seed and size exists."""
-    path = Path(path)
-    manifest = path / "manifest.json"
-    if manifest.exists():
-        data = json.loads(manifest.read_text())
-        if data.get("seed") == seed and data.get("mini", False) == mini:
-            return path
-    build_zoo(path, seed=seed, mini=mini)
-    return path
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_checksums(zoo_dir: Path) -> None:
+    """SHA256SUMS over every file of the zoo (weights, configs, tokenizers, manifest)."""
+    files = sorted(p for p in zoo_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    lines = [f"{_sha256(p)}  {p.relative_to(zoo_dir).as_posix()}\n" for p in files]
+    (zoo_dir / CHECKSUMS).write_text("".join(lines))
+
+
+def read_checksums(zoo_dir: Path) -> dict[str, str]:
+    """Relative path -> sha256 hex digest, as written by `write_checksums` (or `sha256sum`)."""
+    sums = zoo_dir / CHECKSUMS
+    listed: dict[str, str] = {}
+    for number, line in enumerate(sums.read_text().splitlines(), 1):
+        match = re.fullmatch(r"([0-9a-f]{64}) [ *](\S.*)", line)
+        if match is None:
+            raise EvomergeError(f"{sums}:{number}: not a `sha256sum` line; {_fix(zoo_dir)}")
+        listed[match.group(2)] = match.group(1)
+    return listed
+
+
+def _fix(zoo_dir: Path) -> str:
+    """The remedy every verification error ends with."""
+    return f"restore it (`git checkout -- {zoo_dir}`, the shipped zoo) or rebuild it (`evomerge zoo build {zoo_dir}`)"
+
+
+def verify_zoo(path: Path, seed: int | None = None, mini: bool | None = None) -> dict:
+    """Check a zoo directory before use and return its manifest; the first problem is one EvomergeError line.
+
+    Every file must match SHA256SUMS, no unlisted file may sit beside them (it could change what
+    loads), the manifest must list exactly the model directories, and `seed` / `mini`, when given,
+    must be what the zoo was built with.
+    """
+    path = Path(path).resolve()
+    if not path.is_dir():
+        raise EvomergeError(f"zoo {path} does not exist; {_fix(path)}")
+    manifest_path, sums = path / "manifest.json", path / CHECKSUMS
+    for required in (manifest_path, sums):
+        if not required.is_file():
+            raise EvomergeError(f"{required} is missing, so {path} is not a verifiable zoo; {_fix(path)}")
+    listed = read_checksums(path)
+    for name, digest in listed.items():
+        file = path / name
+        if not file.is_file():
+            raise EvomergeError(f"{file} is missing (listed in {sums}); {_fix(path)}")
+        if _sha256(file) != digest:
+            raise EvomergeError(f"{file} does not match its checksum in {sums}; {_fix(path)}")
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p != sums):
+        if file.relative_to(path).as_posix() not in listed:
+            raise EvomergeError(f"{file} is not listed in {sums}; remove it or {_fix(path)}")
+    manifest = json.loads(manifest_path.read_text())
+    dirs = sorted({name.split("/")[0] for name in listed if "/" in name})
+    if sorted(manifest.get("models", {})) != dirs:
+        raise EvomergeError(
+            f"{manifest_path} lists models {sorted(manifest.get('models', {}))}, {sums} covers {dirs}; {_fix(path)}"
+        )
+    for key, wanted in (("seed", seed), ("mini", mini)):
+        if wanted is not None and manifest.get(key) != wanted:
+            raise EvomergeError(
+                f"{path} was built with {key} {manifest.get(key)}, not {wanted}: "
+                f"point zoo.path at another zoo or build one (`evomerge zoo build DIR --seed N [--mini]`)"
+            )
+    return manifest

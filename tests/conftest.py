@@ -1,8 +1,14 @@
-"""Shared fixtures: one mini toy zoo per test session (built for real, ~20 s on 2 cores)."""
+"""Shared fixtures: the shipped mini toy zoo (zoo/mini, seed 0), and one local Ray instance.
+
+Tests use the shipped zoo, not one trained here: another CPU may train different weights, and a
+test must not depend on what one machine's training happened to reach (tests/test_zoo.py builds
+zoos for real to check that training is deterministic).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,11 +22,14 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 @pytest.fixture(scope="session")
 def mini_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real mini zoo (base + three experts), built once per session with seed 0."""
-    from evomerge.zoo import build_zoo
+    """The shipped mini zoo (base + three experts), verified, then copied so that no test can
+    change the repository's files."""
+    from evomerge.paths import shipped_zoo
+    from evomerge.zoo import verify_zoo
 
+    verify_zoo(shipped_zoo(mini=True), seed=0, mini=True)
     out = tmp_path_factory.mktemp("zoo") / "mini"
-    build_zoo(out, seed=0, mini=True, quiet=True)
+    shutil.copytree(shipped_zoo(mini=True), out)
     return out
 
 

@@ -36,9 +36,22 @@ def test_every_shipped_space_parses() -> None:
     kinds = {p.stem: load_space_config(p).kind for p in SPACES}
     assert kinds["toy_ps"] == "ps" and kinds["toy_dfs"] == "dfs" and kinds["toy_ps_dfs"] == "ps+dfs"
     assert kinds["evollm_ps"] == "ps" and kinds["evollm_ps_dfs"] == "ps+dfs"
+
+
+def test_toy_spaces_search_the_shipped_zoo() -> None:
+    """Every toy space names the shipped zoo/toy (verified before its search) and takes its models
+    from there, so the demo's numbers do not depend on the machine that runs it."""
+    from evomerge.paths import shipped_zoo
+    from evomerge.zoo import verify_zoo
+
+    verify_zoo(shipped_zoo(), seed=0, mini=False)
     for path in SPACES:
         if path.stem.startswith("toy_"):
-            assert load_space_config(path).zoo is not None, f"{path.name} must build the zoo on first use"
+            config = load_space_config(path)
+            assert config.zoo is not None, f"{path.name} must name the shipped zoo"
+            assert (path.parent / config.zoo.path).resolve() == shipped_zoo()
+            for model in [*config.models, config.base_model or config.models[0]]:
+                assert (path.parent / model).resolve().parent == shipped_zoo(), (path.name, model)
 
 
 @pytest.fixture(scope="module")

@@ -189,9 +189,9 @@ def test_reused_requests_score_like_freshly_built_ones(mini_zoo: Path) -> None:
 def test_lean_generation_equals_hflm_on_the_full_zoo_and_whole_train_splits() -> None:
     """Every train item of the three toy tasks, on each model of the full zoo and a TIES merge of
     the three experts, at the worker's default batch size and the benchmark's."""
-    from evomerge.zoo import ensure_zoo
+    from evomerge.paths import shipped_zoo
 
-    zoo = ensure_zoo(Path(__file__).resolve().parent.parent / "runs" / "zoo")
+    zoo = shipped_zoo()
     requests = task_requests("train", per_task=None)
     for name in ("base", "add", "rev", "shift"):
         model, tokenizer = load_model_and_tokenizer(zoo / name)

@@ -213,18 +213,20 @@ class DFSConfig(_Strict):
 
 
 class ZooRef(_Strict):
-    """Build the embedded toy zoo at `path` (relative to the space file) on first use; reuse it after."""
+    """The toy zoo the space's models live in (`path`, relative to the space file): a search first
+    verifies it against its SHA256SUMS (`evomerge.zoo.verify_zoo`); nothing is built on the fly.
+    `seed` and `mini`, when given, must be what the zoo was built with."""
 
     path: str
-    seed: int = Field(default=0, ge=0)
-    mini: bool = False
+    seed: int | None = Field(default=None, ge=0)
+    mini: bool | None = None
 
 
 class SpaceConfig(_Strict):
     """The whole search-space file."""
 
     name: str | None = None
-    zoo: ZooRef | None = None  # the demo spaces: their models live in a zoo built on first use
+    zoo: ZooRef | None = None  # the demo spaces: their models live in the shipped, checksummed zoo
     models: list[str] = Field(min_length=1)
     base_model: str | None = None
     tasks: list[TaskSpec] = Field(min_length=1)
