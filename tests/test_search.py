@@ -6,13 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+import search_worker
 import yaml
 from search_worker import make_models, write_space
 
 from evomerge.errors import EvomergeError
-from evomerge.run import RunDir, read_journal
-from evomerge.search import journal_genomes
+from evomerge.run import read_journal
+from evomerge.search import journal_genomes, space_sha
 from evomerge.search_cli import run_export, run_resume, run_search
+from evomerge.space import SearchSpace, load_space_config
 
 SPACE = """\
 models: [models/a, models/b]
@@ -56,7 +58,7 @@ def log_ids(log: Path) -> list[str]:
     return [json.loads(line)["eval_id"] for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def test_a_run_writes_journal_checkpoint_best_final_and_summary(root, tmp_path):
+def test_a_run_writes_journal_run_file_best_final_and_summary(root, tmp_path):
     run_dir = tmp_path / "run"
     summary = search(space(root, "basic"), run_dir)
     records = journal(run_dir)
@@ -78,9 +80,17 @@ def test_a_run_writes_journal_checkpoint_best_final_and_summary(root, tmp_path):
         assert all(key in r for r in records), key
     assert {r["generation"] for r in search_records} == {0, 1, 2, 3}
     assert len({r["seed"] for r in search_records}) == 1  # one mask seed per run, stored in each recipe
-    checkpoint = RunDir(run_dir).load_checkpoint()
-    assert checkpoint.generation == 4 and checkpoint.pending is None
-    assert checkpoint.optimizer.es.countiter == 4
+    # no optimizer state: the journal is what a resume replays, run.json what it checks the space against
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "best.yaml",
+        "final.yaml",
+        "journal.jsonl",
+        "run.json",
+        "space.yaml",
+        "summary.json",
+    ]
+    space_now = SearchSpace(load_space_config(run_dir / "space.yaml"), root=run_dir)
+    assert json.loads((run_dir / "run.json").read_text()) == {"format": 1, "space_sha": space_sha(space_now)}
     # summary.json in the issue's shape; the final's test score is the weighted fitness on test
     assert summary["final"]["recipe"] == "final.yaml"
     test = summary["final"]["test"]
@@ -196,7 +206,7 @@ def test_resume_refuses_a_changed_space(root, tmp_path):
     search(space(root, "changed"), run_dir, max_evals=6)
     text = (run_dir / "space.yaml").read_text().replace("granularity: 2", "granularity: 1")
     (run_dir / "space.yaml").write_text(text)
-    with pytest.raises(EvomergeError, match="the search space changed since the checkpoint"):
+    with pytest.raises(EvomergeError, match="the search space changed since the run started; only budget.max_evals"):
         run_resume(run_dir, max_evals=12, workers=1, ray_address=None, echo=lambda *_: None)
 
 
@@ -249,11 +259,14 @@ dfs: {{repeats: 1, scales: model_pair, models: [models/b]}}
     assert len(log_ids(log)) == count
 
 
-def test_a_broken_worker_factory_is_a_one_line_error_and_the_run_stays_resumable(root, tmp_path):
+def test_a_broken_worker_factory_is_a_one_line_error_and_the_run_stays_resumable(root, tmp_path, monkeypatch):
     path = write_space(root / "broken.yaml", space(root, "ok").read_text().replace("ToyFitnessWorker", "Missing"))
     with pytest.raises(EvomergeError, match="worker.factory: cannot build 'search_worker:Missing'"):
         search(path, tmp_path / "run", max_evals=6)
-    assert RunDir(tmp_path / "run").load_checkpoint().pending is not None
+    monkeypatch.setattr(search_worker, "Missing", search_worker.ToyFitnessWorker, raising=False)  # the fix
+    run_resume(tmp_path / "run", max_evals=None, workers=1, ray_address=None, echo=lambda *_: None)
+    search(space(root, "ok"), tmp_path / "straight", max_evals=6)
+    assert journal_genomes(journal(tmp_path / "run")) == journal_genomes(journal(tmp_path / "straight"))
 
 
 @pytest.mark.slow
