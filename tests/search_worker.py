@@ -8,9 +8,11 @@ climb and a different split gives a different, correlated score.
 
 It also behaves like the real thing where it matters for the driver: it reseeds numpy's global RNG
 on every call (as lm-eval's simple_evaluate does), it can be slowed down (env
-EVOMERGE_TEST_WORKER_DELAY, seconds) so a test can kill the search mid-generation, it fails on
-request (`fail_above`: a weight above this raises), and it logs every evaluation it really runs
-(`log`: a file; one JSON line per call) so tests can prove nothing was recomputed.
+EVOMERGE_TEST_WORKER_DELAY, seconds) or made to hang on one evaluation (env
+EVOMERGE_TEST_WORKER_HANG_AT, an eval id: it logs the call, then sleeps) so a test can kill the
+search at a known point mid-generation, it fails on request (`fail_above`: a weight above this
+raises), and it logs every evaluation it really runs (`log`: a file; one JSON line per call) so
+tests can prove nothing was recomputed.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class ToyFitnessWorker:
         self.log = log
         self.fail_above = fail_above
         self.delay = float(os.environ.get("EVOMERGE_TEST_WORKER_DELAY", "0"))
+        self.hang_at = os.environ.get("EVOMERGE_TEST_WORKER_HANG_AT")
 
     def _metric(self, values: torch.Tensor, task: str, split: str, seed: int | None) -> float:
         generator = torch.Generator().manual_seed(_seed(task, values.numel()))
@@ -83,6 +86,8 @@ class ToyFitnessWorker:
                 entry = {"eval_id": candidate.id, "pid": os.getpid(), "split": payload["split"]}
                 handle.write(json.dumps(entry) + "\n")
                 handle.flush()
+        if candidate.id == self.hang_at:
+            time.sleep(3600)  # until the test kills the search
         if self.delay:
             time.sleep(self.delay)
         for model in _models(recipe):
