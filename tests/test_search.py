@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
 from pathlib import Path
 
+import optuna
 import pytest
 import search_worker
 import yaml
 from search_worker import make_models, write_space
+from typer.testing import CliRunner
 
+from evomerge.cli import app
 from evomerge.errors import EvomergeError
 from evomerge.run import read_journal
 from evomerge.search import journal_genomes, space_sha
@@ -208,6 +213,59 @@ def test_resume_refuses_a_changed_space(root, tmp_path):
     (run_dir / "space.yaml").write_text(text)
     with pytest.raises(EvomergeError, match="the search space changed since the run started; only budget.max_evals"):
         run_resume(run_dir, max_evals=12, workers=1, ray_address=None, echo=lambda *_: None)
+
+
+class Planted:
+    """Unpickling this creates `marker`: a crafted optimizer.pkl that would run code on resume if loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_resume_unpickles_nothing_and_rebuilds_the_optuna_study_from_the_journal(root, tmp_path):
+    """An old or crafted optimizer.pkl is never loaded, a garbage study.log never read; two resumes later the
+    run equals an uninterrupted one and study.log holds one study with every search evaluation."""
+    text = (
+        space(root, "planted").read_text() + "optimizer: {name: optuna, sampler: tpe, options: {n_startup_trials: 6}}\n"
+    )
+    path = write_space(root / "planted.yaml", text)
+    search(path, tmp_path / "straight", max_evals=18)
+    run_dir = tmp_path / "run"
+    search(path, run_dir, max_evals=12)
+    marker = tmp_path / "pickle-was-loaded"
+    (run_dir / "optimizer.pkl").write_bytes(pickle.dumps(Planted(marker)))
+    (run_dir / "study.log").write_bytes(b"\x80 not an optuna journal\n{")
+    for _ in range(2):
+        run_resume(run_dir, max_evals=18, workers=1, ray_address=None, echo=lambda *_: None)
+    assert not marker.exists()
+    assert journal_genomes(journal(run_dir)) == journal_genomes(journal(tmp_path / "straight"))
+    assert (run_dir / "final.yaml").read_text() == (tmp_path / "straight" / "final.yaml").read_text()
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run_dir / "study.log")))
+    summaries = optuna.get_all_study_summaries(storage)
+    assert [(s.study_name, s.n_trials) for s in summaries] == [("evomerge", 18)]
+    trials = optuna.load_study(study_name="evomerge", storage=storage).trials
+    assert [list(t.params.values()) for t in trials] == [g for _, g, _ in journal_genomes(journal(run_dir))]
+
+
+def test_resume_refuses_a_journal_the_optimizer_no_longer_reproduces(root, tmp_path):
+    """A journaled genome the fresh optimizer does not ask again (here: edited) ends the resume with one line and
+    exit status 2, before anything is evaluated or journaled."""
+    run_dir = tmp_path / "run"
+    search(space(root, "edited"), run_dir, max_evals=18)
+    records = journal(run_dir)
+    for record in records:
+        if record["eval_id"] in ("g0001-002", "g0001-004"):
+            record["genome"][0] += 1e-12
+    (run_dir / "journal.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = CliRunner().invoke(app, ["resume", str(run_dir)])
+    assert result.exit_code == 2
+    message = " ".join(result.output.split())  # the console may wrap the one line
+    assert f"{run_dir}: the optimizer no longer reproduces the run" in message
+    assert "g0001-002" in message and "g0001-004" not in message
+    assert journal(run_dir) == records
 
 
 def test_search_refuses_an_existing_run_and_resume_a_missing_one(root, tmp_path):
