@@ -63,7 +63,6 @@ class ToyFitnessWorker:
         self.log = log
         self.fail_above = fail_above
         self.delay = float(os.environ.get("EVOMERGE_TEST_WORKER_DELAY", "0"))
-        self.hang_at = os.environ.get("EVOMERGE_TEST_WORKER_HANG_AT")
 
     def _metric(self, values: torch.Tensor, task: str, split: str, seed: int | None) -> float:
         generator = torch.Generator().manual_seed(_seed(task, values.numel()))
@@ -86,8 +85,7 @@ class ToyFitnessWorker:
                 entry = {"eval_id": candidate.id, "pid": os.getpid(), "split": payload["split"]}
                 handle.write(json.dumps(entry) + "\n")
                 handle.flush()
-        if candidate.id == self.hang_at:
-            time.sleep(3600)  # until the test kills the search
+        _hang_if_asked(candidate)
         if self.delay:
             time.sleep(self.delay)
         for model in _models(recipe):
@@ -130,6 +128,24 @@ class ToyFitnessWorker:
             )
             fitness += task["weight"] * mean
         return EvalResult.success(candidate.id, fitness, metrics, items=items)
+
+
+def _hang_if_asked(candidate: Candidate) -> None:
+    if candidate.id == os.environ.get("EVOMERGE_TEST_WORKER_HANG_AT"):
+        time.sleep(3600)  # until the test kills the search
+
+
+def hanging_fitness_worker(**kwargs: Any) -> Any:
+    """The real fitness worker (real merges, lm-eval) with the toy worker's hang hook, for kill tests
+    (imported on use: the toy tests need not load lm-eval)."""
+    from evomerge.evaluation.fitness import FitnessWorker
+
+    class HangingFitnessWorker(FitnessWorker):
+        def evaluate(self, candidate: Candidate) -> EvalResult:
+            _hang_if_asked(candidate)
+            return super().evaluate(candidate)
+
+    return HangingFitnessWorker(**kwargs)
 
 
 def _models(recipe: dict) -> list[str]:

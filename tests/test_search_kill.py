@@ -169,3 +169,52 @@ def study_trials(run_dir: Path) -> list[tuple]:
         (t.number, t.state, t.params, t.values, {k: v for k, v in t.system_attrs.items() if "cma:optimizer" not in k})
         for t in study.trials
     ]
+
+
+@pytest.mark.slow
+def test_sigkill_twice_with_real_merges_and_lm_eval_equals_an_uninterrupted_run(mini_zoo, tmp_path):
+    """The same with the real fitness worker (real merges, lm-eval reseeding the global RNGs) and NSGA-II. The
+    worker hangs on the eval id after the kill point, so the kill lands inside the generation however fast
+    evaluations are."""
+    path = write_space(
+        tmp_path / "space.yaml",
+        f"""\
+models: [{mini_zoo}/add, {mini_zoo}/rev]
+base_model: {mini_zoo}/base
+tasks: [{{name: toy_add, weight: 0.5, limit: 20}}, {{name: toy_rev, weight: 0.5, limit: 20}}]
+objectives: [{{task: toy_add}}, {{task: toy_rev}}]
+budget: {{max_evals: 24, popsize: {POPSIZE}, select_top_k: 2}}
+optimizer: {{name: optuna, sampler: nsga2}}
+worker: {{factory: "search_worker:hanging_fitness_worker"}}
+ps: {{method: task_arithmetic, genes: {{weight: [0.0, 1.5]}}}}
+""",
+    )
+    run = tmp_path / "run"
+    run_search(path, run, workers=1, ray_address=None, max_evals=None, seed=None, echo=lambda *_: None)
+    reference = run.rename(tmp_path / "uninterrupted")
+
+    def journaled() -> set[str]:
+        return {r["eval_id"] for r in read_journal(run / "journal.jsonl")}
+
+    kills = (
+        ("g0001-002", "g0001-003", ["search", str(path), "--run-dir", str(run)]),
+        ("g0002-001", "g0002-002", ["resume", str(run)]),
+    )
+    for last, hang_at, command in kills:
+        proc = cli(*command, hang_at=hang_at)
+        deadline = time.monotonic() + 300
+        while last not in journaled():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, f"the search never journaled {last}"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        assert unfinished_generation(run / "journal.jsonl") and not (run / "final.yaml").exists()
+    resumed = cli("resume", str(run))
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+
+    assert journals(run) == journals(reference)
+    for name in ("final.yaml", "summary.json", "pareto.json"):
+        assert (run / name).read_text() == (reference / name).read_text()
+    assert study_trials(run) == study_trials(reference)
