@@ -1,26 +1,26 @@
-"""The run directory: resolved space, append-only journal, optimizer checkpoint, best/final recipes.
+"""The run directory: resolved space, append-only journal, best/final recipes.
 
     runs/NAME/space.yaml        the resolved search space (absolute paths, popsize, seed)
     runs/NAME/journal.jsonl     one JSON object per evaluation, flushed and fsynced per line
-    runs/NAME/optimizer.pkl     optimizer + generation + pending genomes, after every ask and tell
+    runs/NAME/run.json          format version and the space's identity (what resume checks)
     runs/NAME/best.yaml         best recipe by search fitness so far
     runs/NAME/final.yaml        the chosen recipe (selection split), at the end
     runs/NAME/summary.json      report-split scores of the final recipe and the sources
     runs/NAME/pareto.json       the Pareto front, in runs with objectives (evomerge/objectives.py)
-    runs/NAME/study.log         the optuna study, with the optuna optimizer (optuna-dashboard opens it)
+    runs/NAME/study.log         the optuna study (optuna optimizer), rebuilt from the journal on every start
 
-Every file except the journal is replaced atomically (temp file + fsync + os.replace); the journal
-only grows, and a line cut short by a kill is dropped on the next open.
+The journal is the run: resuming replays it through a fresh optimizer (evomerge/search.py), so no
+optimizer state is saved and nothing in a run directory is ever unpickled. Every file except the
+journal is replaced atomically (temp file + fsync + os.replace); the journal only grows, and a line
+cut short by a kill is dropped on the next open.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,12 @@ from evomerge.errors import EvomergeError
 
 SPACE_FILE = "space.yaml"
 JOURNAL_FILE = "journal.jsonl"
-CHECKPOINT_FILE = "optimizer.pkl"
+RUN_FILE = "run.json"
 BEST_FILE = "best.yaml"
 FINAL_FILE = "final.yaml"
 SUMMARY_FILE = "summary.json"
 PARETO_FILE = "pareto.json"
-CHECKPOINT_VERSION = 1
+RUN_FORMAT = 1  # of run.json
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -64,19 +64,6 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-@dataclass
-class Checkpoint:
-    """What resuming needs beyond the journal: the optimizer exactly as it was, and the genomes it
-    handed out but has not been told about (`pending`, None between generations)."""
-
-    optimizer: Any
-    generation: int
-    pending: list[list[float]] | None = None
-    space_sha: str = ""
-    version: int = CHECKPOINT_VERSION
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Journal:
@@ -165,18 +152,15 @@ class RunDir:
     def write_json(self, name: str, data: Any) -> None:
         atomic_write(self.file(name), json.dumps(data, indent=2, sort_keys=False) + "\n")
 
-    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
-        atomic_write(self.file(CHECKPOINT_FILE), pickle.dumps(checkpoint, protocol=pickle.HIGHEST_PROTOCOL))
-
-    def load_checkpoint(self) -> Checkpoint | None:
-        path = self.file(CHECKPOINT_FILE)
+    def read_json(self, name: str) -> Any:
+        """The JSON document `name`, or None when the run has no such file."""
+        path = self.file(name)
         if not path.exists():
             return None
-        with open(path, "rb") as handle:
-            checkpoint = pickle.load(handle)  # our own file, written by this code (not user input)
-        if not isinstance(checkpoint, Checkpoint) or checkpoint.version != CHECKPOINT_VERSION:
-            raise EvomergeError(f"{path}: not an evomerge checkpoint of version {CHECKPOINT_VERSION}")
-        return checkpoint
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            raise EvomergeError(f"{path}: not valid JSON; the run directory is damaged") from None
 
     def open_journal(self) -> Journal:
         return Journal(self.journal_file)

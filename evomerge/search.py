@@ -1,13 +1,19 @@
-"""The search driver: ask -> dispatch -> journal -> tell -> checkpoint, then select and report.
+"""The search driver: ask -> dispatch -> journal -> tell, then select and report.
 
 Determinism: the run's root seed derives the optimizer seed, the DARE/DELLA mask seed (stored in
 each recipe) and each split's item-subset seed; eval ids are positions (`g0003-02`), not times.
 
-Never waste an evaluation: every result is journaled (fsync) the moment it arrives; a recipe whose
-cache key (canonical recipe + seed + task config) was already evaluated is answered from the
-journal; a resumed run replays journaled results instead of recomputing them, and continues the
-optimizer from its checkpoint (pickled after every ask and every tell), so an interrupted run
-produces the same genomes, fitnesses and final recipe as an uninterrupted one.
+Never waste an evaluation: every result is journaled (fsync) the moment it arrives, and a recipe
+whose cache key (canonical recipe + seed + task config) was already evaluated is answered from the
+journal.
+
+Resume is a replay: an optimizer is a deterministic function of its seed and the asks and tells it
+has seen, so every start (new run or resume) builds a fresh optimizer and runs the same loop. A
+generation already in the journal is re-asked, answered from the journal without a worker, and told
+the journaled values (JSON floats round-trip exactly), so an interrupted run produces the same
+genomes, fitnesses and final recipe as an uninterrupted one, and no optimizer state is ever saved or
+unpickled. A re-asked genome that differs from the journaled one (other cma/optuna versions, an
+edited journal) stops the resume instead of quietly continuing a different search.
 
 Never die on a candidate: a genome that does not decode, a worker error, a NaN or a dead worker
 is a failed evaluation with the penalty fitness and a reason in the journal.
@@ -28,7 +34,7 @@ from evomerge.objectives import PARETO_FILE, Objectives
 from evomerge.optimizers import make_optimizer
 from evomerge.payload import cache_key, derive_seed, make_payload, recipe_sha, sha256, source_recipe
 from evomerge.recipe import Recipe, dump_recipe, parse_recipe
-from evomerge.run import BEST_FILE, FINAL_FILE, SPACE_FILE, SUMMARY_FILE, Checkpoint, RunDir
+from evomerge.run import BEST_FILE, FINAL_FILE, JOURNAL_FILE, RUN_FILE, RUN_FORMAT, SPACE_FILE, SUMMARY_FILE, RunDir
 from evomerge.space import SearchSpace, dump_space_config
 from evomerge.summary import weighted_ci95
 
@@ -103,6 +109,7 @@ class Search:
         self.journal = run.open_journal()
         self.records: dict[str, dict[str, Any]] = {}
         self.cache: dict[str, dict[str, Any]] = {}
+        self.asked: dict[str, list[float]] = {}  # search eval id -> the genome journaled for it
         for record in self.journal.records():
             self._remember(record)
         self.mask_seed = derive_seed(self.cfg.seed, "mask")
@@ -132,32 +139,46 @@ class Search:
         self.journal.close()
 
     def search(self) -> None:
-        checkpoint = self.run.load_checkpoint()
-        sha = space_sha(self.space)
-        if checkpoint is None:
-            optimizer = make_optimizer(self.space, derive_seed(self.cfg.seed, "optimizer"), self.run.path)
-            checkpoint = Checkpoint(optimizer=optimizer, generation=0, space_sha=sha)
-        elif checkpoint.space_sha != sha:
-            raise EvomergeError(
-                f"{self.run.space_file}: the search space changed since the checkpoint was "
-                "written; only budget.max_evals may change on resume"
-            )
-        else:
-            checkpoint.optimizer.attach(self.run.path)
-        while checkpoint.generation < self.generations:
-            self.progress.generation = checkpoint.generation
-            if checkpoint.pending is None:
-                checkpoint.pending = checkpoint.optimizer.ask()
-                self.run.save_checkpoint(checkpoint)
-            genomes = checkpoint.pending
-            items = [self._search_item(checkpoint.generation, i, g) for i, g in enumerate(genomes)]
+        """Every generation: ask, evaluate (journaled ones replay without a worker), tell."""
+        self._check_space()
+        optimizer = make_optimizer(self.space, derive_seed(self.cfg.seed, "optimizer"), self.run.path)
+        for generation in range(self.generations):
+            self.progress.generation = generation
+            genomes = optimizer.ask()
+            items = [self._search_item(generation, i, g) for i, g in enumerate(genomes)]
+            self._check_replay(items)
+            journaled = len(self.records)
             records = self.evaluate_staged(items) if self.cfg.fidelity else self.evaluate(items)
-            checkpoint.optimizer.tell(genomes, self._told_values(checkpoint.optimizer, records))
-            self.write_pareto()
-            checkpoint.generation += 1
-            checkpoint.pending = None
-            self.run.save_checkpoint(checkpoint)
-        self.progress.generation = checkpoint.generation
+            optimizer.tell(genomes, self._told_values(optimizer, records))
+            if len(self.records) > journaled:  # a replayed generation leaves pareto.json as it is
+                self.write_pareto()
+        self.progress.generation = self.generations
+
+    def _check_space(self) -> None:
+        """run.json names the space the journal was made with; replaying it under another is refused."""
+        sha = space_sha(self.space)
+        state = self.run.read_json(RUN_FILE)
+        if state is None:  # a new run (or one from before run.json: the replay check still guards it)
+            self.run.write_json(RUN_FILE, {"format": RUN_FORMAT, "space_sha": sha})
+        elif not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
+            raise EvomergeError(f"{self.run.file(RUN_FILE)}: not a run file of format {RUN_FORMAT}")
+        elif state.get("space_sha") != sha:
+            raise EvomergeError(
+                f"{self.run.space_file}: the search space changed since the run started; "
+                "only budget.max_evals may change on resume"
+            )
+
+    def _check_replay(self, items: list[Item]) -> None:
+        """A journaled candidate must be re-asked bit for bit, or its journaled fitness would be told
+        to a different search."""
+        for item in items:
+            journaled = self.asked.get(item.eval_id)
+            if journaled is not None and journaled != item.genome:
+                raise EvomergeError(
+                    f"{self.run.path}: the optimizer no longer reproduces the run: it asked another genome "
+                    f"for {item.eval_id} than {JOURNAL_FILE} holds (the cma/optuna versions changed since the "
+                    "run started, or the journal was edited); resume with the versions the run started with"
+                )
 
     def _search_item(self, generation: int, index: int, genome: list[float]) -> Item:
         eval_id = f"g{generation:04d}-{index:03d}"
@@ -385,6 +406,8 @@ class Search:
 
     def _remember(self, record: dict[str, Any]) -> None:
         self.records[record["eval_id"]] = record
+        if record["phase"] in ("search", "stage"):  # a stage record (`g0003-02/s1`) carries its candidate's genome
+            self.asked.setdefault(record["eval_id"].partition("/")[0], record["genome"])
         if record["status"] == "ok" and record.get("cache_key") and record["cache_key"] not in self.cache:
             self.cache[record["cache_key"]] = record
 

@@ -1,7 +1,7 @@
 """PS+DFS as the paper ran it: two searches in sequence, each an ordinary run.
 
     runs/NAME/space.yaml       the resolved PS+DFS space
-    runs/NAME/ps/              stage 1: a PS run (journal, checkpoint, final.yaml, summary.json)
+    runs/NAME/ps/              stage 1: a PS run (journal, run.json, final.yaml, summary.json)
     runs/NAME/ps/model/        its final recipe merged by the merge engine (written atomically)
     runs/NAME/dfs/             stage 2: a DFS run over [ps/model, *dfs.models], ps/model the anchor
     runs/NAME/final.yaml       = dfs/final.yaml (it references ps/model), summary.json: both stages
@@ -9,7 +9,7 @@
 Why two stages and not one genome: a single mergekit recipe cannot express "merge, then stack"
 (passthrough slices take one source each), so one genome would need an exotic format; two stages
 keep every recipe ordinary, match Akiba et al. (PS result put back into the pool as model A), and
-resume stage by stage with the same guarantees as a single run.
+resume stage by stage exactly as a single run does: each stage replays its own journal.
 """
 
 from __future__ import annotations

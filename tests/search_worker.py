@@ -8,9 +8,11 @@ climb and a different split gives a different, correlated score.
 
 It also behaves like the real thing where it matters for the driver: it reseeds numpy's global RNG
 on every call (as lm-eval's simple_evaluate does), it can be slowed down (env
-EVOMERGE_TEST_WORKER_DELAY, seconds) so a test can kill the search mid-generation, it fails on
-request (`fail_above`: a weight above this raises), and it logs every evaluation it really runs
-(`log`: a file; one JSON line per call) so tests can prove nothing was recomputed.
+EVOMERGE_TEST_WORKER_DELAY, seconds) or made to hang on one evaluation (env
+EVOMERGE_TEST_WORKER_HANG_AT, an eval id: it logs the call, then sleeps) so a test can kill the
+search at a known point mid-generation, it fails on request (`fail_above`: a weight above this
+raises), and it logs every evaluation it really runs (`log`: a file; one JSON line per call) so
+tests can prove nothing was recomputed.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class ToyFitnessWorker:
                 entry = {"eval_id": candidate.id, "pid": os.getpid(), "split": payload["split"]}
                 handle.write(json.dumps(entry) + "\n")
                 handle.flush()
+        _hang_if_asked(candidate)
         if self.delay:
             time.sleep(self.delay)
         for model in _models(recipe):
@@ -125,6 +128,24 @@ class ToyFitnessWorker:
             )
             fitness += task["weight"] * mean
         return EvalResult.success(candidate.id, fitness, metrics, items=items)
+
+
+def _hang_if_asked(candidate: Candidate) -> None:
+    if candidate.id == os.environ.get("EVOMERGE_TEST_WORKER_HANG_AT"):
+        time.sleep(3600)  # until the test kills the search
+
+
+def hanging_fitness_worker(**kwargs: Any) -> Any:
+    """The real fitness worker (real merges, lm-eval) with the toy worker's hang hook, for kill tests
+    (imported on use: the toy tests need not load lm-eval)."""
+    from evomerge.evaluation.fitness import FitnessWorker
+
+    class HangingFitnessWorker(FitnessWorker):
+        def evaluate(self, candidate: Candidate) -> EvalResult:
+            _hang_if_asked(candidate)
+            return super().evaluate(candidate)
+
+    return HangingFitnessWorker(**kwargs)
 
 
 def _models(recipe: dict) -> list[str]:

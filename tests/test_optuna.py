@@ -1,9 +1,9 @@
-"""The optuna back end: ask/tell batches over fixed distributions, the study file, the CMA-ES cold start,
-and an exact continuation from a checkpoint even when the study file holds trials the checkpoint never saw."""
+"""The optuna back end: ask/tell batches over fixed distributions, the study file, the CMA-ES cold start, and
+an exact continuation by replay: a fresh optimizer re-asked and re-told the journaled generations continues
+as the original would have, in a study.log rebuilt from scratch."""
 
 from __future__ import annotations
 
-import pickle
 import warnings
 from pathlib import Path
 
@@ -63,39 +63,55 @@ def generations(optimizer, count: int) -> list[list[list[float]]]:
 
 
 @pytest.mark.parametrize("sampler,objectives", SAMPLERS, ids=[s for s, _ in SAMPLERS])
-def test_a_checkpoint_continues_exactly_after_an_unsaved_ask(models, tmp_path, sampler, objectives):
+def test_a_replay_continues_exactly_after_an_untold_ask(models, tmp_path, sampler, objectives):
     space = bound_space(models, sampler, objectives)
     reference = generations(make_optimizer(space, 17, tmp_path / "ref"), 5)
 
     run = tmp_path / "killed"
     optimizer = make_optimizer(space, 17, run)
-    first = generations(optimizer, 2)
-    checkpoint = pickle.dumps(optimizer)  # what the driver saves after a tell
-    optimizer.ask()  # a generation asked (trials written to the study) but never checkpointed
-    lost = optimizer.ask()
-    optimizer.tell(lost, values(lost, optimizer.objectives))  # ... even told
+    told = generations(optimizer, 2)
+    untold = optimizer.ask()  # a generation asked (its trials RUNNING in the study) and never told
     del optimizer  # the process dies
 
-    resumed = pickle.loads(checkpoint)  # a new process: the study file is longer than the checkpoint saw
-    resumed.attach(run)
-    assert first + generations(resumed, 3) == reference
-    study = optuna.load_study(study_name="evomerge", storage=_storage(run))  # what optuna-dashboard reads
+    resumed = make_optimizer(space, 17, run)  # what resume does: a fresh optimizer, a new study.log ...
+    for genomes in told:  # ... re-asked and re-told what the journal holds
+        assert resumed.ask() == genomes
+        resumed.tell(genomes, values(genomes, resumed.objectives))
+    assert resumed.ask() == untold
+    resumed.tell(untold, values(untold, resumed.objectives))
+    assert told + [untold] + generations(resumed, 2) == reference
+    # what optuna-dashboard reads: one study, every trial told once (none left RUNNING by the dead process)
+    assert len(optuna.get_all_study_summaries(_storage(run))) == 1
+    study = optuna.load_study(study_name="evomerge", storage=_storage(run))
     assert len(study.trials) == 5 * 6
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
 
-def test_a_new_sampler_with_the_same_seed_does_not_continue_exactly(models, tmp_path):
-    """Why the sampler is pickled: optuna's own resume (same seed, load the study) restarts its RNG."""
+def test_a_new_sampler_on_the_old_study_does_not_continue_exactly(models, tmp_path):
+    """Why resume replays instead of loading study.log: optuna's own resume (the same seed, the stored
+    study) restarts the sampler's RNG, so TPE asks other genomes than the uninterrupted run."""
     space = bound_space(models, "tpe", [])
     reference = generations(make_optimizer(space, 17, tmp_path / "ref"), 5)
     run = tmp_path / "naive"
     first = generations(make_optimizer(space, 17, run), 3)  # TPE proper (its own RNG) from generation 2
-    fresh = pickle.loads(pickle.dumps(make_optimizer(space, 17, tmp_path / "scratch")))
-    fresh._saved_bytes = (run / STUDY_FILE).stat().st_size  # the study as it is, a sampler as new
-    fresh.attach(run)
-    continued = generations(fresh, 2)
+    sampler = make_optimizer(space, 17).sampler  # a sampler as new, with the same seed
+    study = optuna.load_study(study_name="evomerge", storage=_storage(run), sampler=sampler)
+    continued = []
+    for _ in range(2):
+        trials = [study.ask(bound_distributions(space)) for _ in range(6)]
+        genomes = [[t.params[n] for n in space.names] for t in trials]
+        for trial, value in zip(trials, values(genomes, 1), strict=True):
+            study.tell(trial, value)
+        continued.append(genomes)
     assert first + continued != reference
-    assert all(len(g) == 6 for g in continued)
+    assert first == reference[:3] and all(len(g) == 6 for g in continued)
+
+
+def bound_distributions(space: SearchSpace) -> dict:
+    return {
+        n: optuna.distributions.FloatDistribution(lo, hi)
+        for n, lo, hi in zip(space.names, space.lower, space.upper, strict=True)
+    }
 
 
 def test_cmaes_samples_cma_generations_from_the_first_batch_around_x0(models, tmp_path):

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
 from pathlib import Path
 
+import optuna
 import pytest
+import search_worker
 import yaml
 from search_worker import make_models, write_space
+from typer.testing import CliRunner
 
+from evomerge.cli import app
 from evomerge.errors import EvomergeError
-from evomerge.run import RunDir, read_journal
-from evomerge.search import journal_genomes
+from evomerge.run import read_journal
+from evomerge.search import journal_genomes, space_sha
 from evomerge.search_cli import run_export, run_resume, run_search
+from evomerge.space import SearchSpace, load_space_config
 
 SPACE = """\
 models: [models/a, models/b]
@@ -56,7 +63,7 @@ def log_ids(log: Path) -> list[str]:
     return [json.loads(line)["eval_id"] for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def test_a_run_writes_journal_checkpoint_best_final_and_summary(root, tmp_path):
+def test_a_run_writes_journal_run_file_best_final_and_summary(root, tmp_path):
     run_dir = tmp_path / "run"
     summary = search(space(root, "basic"), run_dir)
     records = journal(run_dir)
@@ -78,9 +85,17 @@ def test_a_run_writes_journal_checkpoint_best_final_and_summary(root, tmp_path):
         assert all(key in r for r in records), key
     assert {r["generation"] for r in search_records} == {0, 1, 2, 3}
     assert len({r["seed"] for r in search_records}) == 1  # one mask seed per run, stored in each recipe
-    checkpoint = RunDir(run_dir).load_checkpoint()
-    assert checkpoint.generation == 4 and checkpoint.pending is None
-    assert checkpoint.optimizer.es.countiter == 4
+    # no optimizer state: the journal is what a resume replays, run.json what it checks the space against
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "best.yaml",
+        "final.yaml",
+        "journal.jsonl",
+        "run.json",
+        "space.yaml",
+        "summary.json",
+    ]
+    space_now = SearchSpace(load_space_config(run_dir / "space.yaml"), root=run_dir)
+    assert json.loads((run_dir / "run.json").read_text()) == {"format": 1, "space_sha": space_sha(space_now)}
     # summary.json in the issue's shape; the final's test score is the weighted fitness on test
     assert summary["final"]["recipe"] == "final.yaml"
     test = summary["final"]["test"]
@@ -196,8 +211,61 @@ def test_resume_refuses_a_changed_space(root, tmp_path):
     search(space(root, "changed"), run_dir, max_evals=6)
     text = (run_dir / "space.yaml").read_text().replace("granularity: 2", "granularity: 1")
     (run_dir / "space.yaml").write_text(text)
-    with pytest.raises(EvomergeError, match="the search space changed since the checkpoint"):
+    with pytest.raises(EvomergeError, match="the search space changed since the run started; only budget.max_evals"):
         run_resume(run_dir, max_evals=12, workers=1, ray_address=None, echo=lambda *_: None)
+
+
+class Planted:
+    """Unpickling this creates `marker`: a crafted optimizer.pkl that would run code on resume if loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_resume_unpickles_nothing_and_rebuilds_the_optuna_study_from_the_journal(root, tmp_path):
+    """An old or crafted optimizer.pkl is never loaded, a garbage study.log never read; two resumes later the
+    run equals an uninterrupted one and study.log holds one study with every search evaluation."""
+    text = (
+        space(root, "planted").read_text() + "optimizer: {name: optuna, sampler: tpe, options: {n_startup_trials: 6}}\n"
+    )
+    path = write_space(root / "planted.yaml", text)
+    search(path, tmp_path / "straight", max_evals=18)
+    run_dir = tmp_path / "run"
+    search(path, run_dir, max_evals=12)
+    marker = tmp_path / "pickle-was-loaded"
+    (run_dir / "optimizer.pkl").write_bytes(pickle.dumps(Planted(marker)))
+    (run_dir / "study.log").write_bytes(b"\x80 not an optuna journal\n{")
+    for _ in range(2):
+        run_resume(run_dir, max_evals=18, workers=1, ray_address=None, echo=lambda *_: None)
+    assert not marker.exists()
+    assert journal_genomes(journal(run_dir)) == journal_genomes(journal(tmp_path / "straight"))
+    assert (run_dir / "final.yaml").read_text() == (tmp_path / "straight" / "final.yaml").read_text()
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run_dir / "study.log")))
+    summaries = optuna.get_all_study_summaries(storage)
+    assert [(s.study_name, s.n_trials) for s in summaries] == [("evomerge", 18)]
+    trials = optuna.load_study(study_name="evomerge", storage=storage).trials
+    assert [list(t.params.values()) for t in trials] == [g for _, g, _ in journal_genomes(journal(run_dir))]
+
+
+def test_resume_refuses_a_journal_the_optimizer_no_longer_reproduces(root, tmp_path):
+    """A journaled genome the fresh optimizer does not ask again (here: edited) ends the resume with one line and
+    exit status 2, before anything is evaluated or journaled."""
+    run_dir = tmp_path / "run"
+    search(space(root, "edited"), run_dir, max_evals=18)
+    records = journal(run_dir)
+    for record in records:
+        if record["eval_id"] in ("g0001-002", "g0001-004"):
+            record["genome"][0] += 1e-12
+    (run_dir / "journal.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = CliRunner().invoke(app, ["resume", str(run_dir)])
+    assert result.exit_code == 2
+    message = " ".join(result.output.split())  # the console may wrap the one line
+    assert f"{run_dir}: the optimizer no longer reproduces the run" in message
+    assert "g0001-002" in message and "g0001-004" not in message
+    assert journal(run_dir) == records
 
 
 def test_search_refuses_an_existing_run_and_resume_a_missing_one(root, tmp_path):
@@ -249,11 +317,14 @@ dfs: {{repeats: 1, scales: model_pair, models: [models/b]}}
     assert len(log_ids(log)) == count
 
 
-def test_a_broken_worker_factory_is_a_one_line_error_and_the_run_stays_resumable(root, tmp_path):
+def test_a_broken_worker_factory_is_a_one_line_error_and_the_run_stays_resumable(root, tmp_path, monkeypatch):
     path = write_space(root / "broken.yaml", space(root, "ok").read_text().replace("ToyFitnessWorker", "Missing"))
     with pytest.raises(EvomergeError, match="worker.factory: cannot build 'search_worker:Missing'"):
         search(path, tmp_path / "run", max_evals=6)
-    assert RunDir(tmp_path / "run").load_checkpoint().pending is not None
+    monkeypatch.setattr(search_worker, "Missing", search_worker.ToyFitnessWorker, raising=False)  # the fix
+    run_resume(tmp_path / "run", max_evals=None, workers=1, ray_address=None, echo=lambda *_: None)
+    search(space(root, "ok"), tmp_path / "straight", max_evals=6)
+    assert journal_genomes(journal(tmp_path / "run")) == journal_genomes(journal(tmp_path / "straight"))
 
 
 @pytest.mark.slow

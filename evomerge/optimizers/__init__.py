@@ -9,14 +9,14 @@ from evomerge.optimizers.base import AskTellOptimizer
 
 def make_optimizer(space, seed: int, run_dir: Path | None = None) -> AskTellOptimizer:
     """The optimizer a bound `SearchSpace` asks for, seeded with `seed` (derived from the run seed);
-    optimizers that keep files (the optuna study) keep them in `run_dir`."""
+    optimizers that keep files (the optuna study, rebuilt on every start) keep them in `run_dir`."""
     spec = space.config.optimizer
     if spec.name == "optuna":
         from evomerge.objectives import objective_directions
         from evomerge.optimizers.optuna_sampler import OptunaOptimizer
 
         multi = spec.sampler in ("tpe", "nsga2") and space.config.objectives
-        optimizer = OptunaOptimizer(
+        return OptunaOptimizer(
             sampler=spec.sampler,
             names=space.names,
             lower=space.lower,
@@ -27,11 +27,9 @@ def make_optimizer(space, seed: int, run_dir: Path | None = None) -> AskTellOpti
             seed=seed,
             directions=objective_directions(space.config) if multi else ["maximize"],
             study_name=space.config.name or "evomerge",
+            run_dir=run_dir,
             options=spec.options,
         )
-        if run_dir is not None:
-            optimizer.attach(run_dir)
-        return optimizer
     if spec.name == "cma":
         from evomerge.optimizers.cma_es import CMAOptimizer
 

@@ -1,26 +1,22 @@
 """The ask/tell contract every optimizer adapter follows (pycma, random search, optuna samplers).
 
 The driver asks for one generation of genomes, evaluates them, and tells the fitnesses back in
-the order asked; fitness is *maximized* (an adapter over a minimizer negates it). An adapter must
-pickle to a checkpoint that continues bit-identically in a fresh process: it owns every random
-state it draws from, so nothing else in the process (lm-eval reseeding the global RNGs, for one)
-can change its trajectory.
+the order asked; fitness is *maximized* (an adapter over a minimizer negates it). Resuming a run
+replays the journal through a fresh adapter (evomerge/search.py), so an adapter must be a
+deterministic function of its seed and the asks and tells it has seen: it owns every random state
+it draws from, so nothing else in the process (lm-eval reseeding the global RNGs, for one) can
+change its trajectory, and it saves nothing of its own.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from pathlib import Path
 
 
 class AskTellOptimizer(ABC):
     name: str = "optimizer"
     objectives: int = 1  # >1: tell gets one objective vector per genome (None: failed) instead of floats
-
-    def attach(self, run_dir: Path) -> None:
-        """Reconnect to what the optimizer keeps in the run directory (after creation or unpickling)."""
-        del run_dir  # pycma and random search keep everything in their pickle
 
     @abstractmethod
     def ask(self) -> list[list[float]]:

@@ -19,8 +19,9 @@ class CMAOptimizer(AskTellOptimizer):
 
     Bounds go to pycma (its BoundTransform keeps every asked genome feasible; nothing is clipped
     afterwards). `stds` scales sigma0 per gene, so sigma0 is a fraction of each gene's range.
-    The ES samples from a private `RandomState(seed)`: pickling the adapter pickles that state,
-    and the process-global numpy RNG never touches the search (reference/stack.md §6)."""
+    The ES samples from a private `RandomState(seed)`, so the same seed and the same tells give the
+    same genomes in any process (what resume replays) and the process-global numpy RNG never touches
+    the search (reference/stack.md §6)."""
 
     name = "cma"
 

@@ -1,22 +1,20 @@
-"""optuna samplers (TPE, CMA-ES, NSGA-II) behind the ask/tell contract, with an exact resume.
+"""optuna samplers (TPE, CMA-ES, NSGA-II) behind the ask/tell contract, replayable from the journal.
 
 The study lives in the run directory as optuna's journal file (`study.log`), which
 `optuna-dashboard runs/NAME/study.log` opens. Trials are asked in batches of `popsize` with one
 fixed `FloatDistribution` per gene, so every trial has the same search space.
 
-Why resuming is exact: optuna keeps part of its state in the storage (trials, and the CMA-ES
-optimizer pickled into trial attributes) and part in the sampler object (its RNGs, which a new
-process would reseed; `cmaes` also drops its RNG when pickled, but CmaEsSampler reseeds it from
-the sampler's RNG plus the trial number before every ask). The checkpoint therefore pickles the
-sampler object itself (all of its RNG states) together with the journal file's length at that
-moment; on resume the journal file is cut back to that length, dropping trials asked or told
-after the checkpoint (a kill between an ask and its checkpoint), so trial numbers and stored
-optimizer states are again exactly those the pickled sampler saw.
+`study.log` is derived data, never read back: optuna keeps part of its state in the sampler object
+(its RNGs, which a new process would reseed, so loading the old study and asking on would continue
+differently), so on every start the file is replaced by a new study and the driver replays the
+evomerge journal into it (evomerge/search.py). The same asks and tells in the same order, each
+generation's trials RUNNING while they are asked, give the same trial numbers, sampler RNG states
+and stored CMA-ES states as the original run, and the rebuilt file again holds every trial under one
+study (so no DuplicatedStudyError, and no stale or crafted bytes of an old file reach optuna).
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -57,6 +55,7 @@ class OptunaOptimizer(AskTellOptimizer):
         seed: int,
         directions: Sequence[str],
         study_name: str,
+        run_dir: Path | None = None,
         options: Mapping[str, Any] | None = None,
     ):
         clash = _RESERVED[sampler] & set(options or {})
@@ -82,52 +81,30 @@ class OptunaOptimizer(AskTellOptimizer):
         )
         self.pending: list[int] = []  # trial numbers asked and not yet told
         self._told = 0
-        self._path: Path | None = None
-        self._study: Any = None
+        self.study = self._new_study(run_dir)
 
     @property
     def objectives(self) -> int:  # type: ignore[override]
         return len(self.directions)
 
-    # -- the study file ------------------------------------------------------------------------------
-
-    def attach(self, run_dir: Path) -> None:
-        """Open (or create) the study in `run_dir`, cut back to the length this object last saw."""
+    def _new_study(self, run_dir: Path | None) -> Any:
+        """A new, empty study: in `run_dir/study.log` (whatever was there is deleted unread), or in
+        memory without a run directory."""
         import optuna
 
-        self._path = Path(run_dir) / STUDY_FILE
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        saved = getattr(self, "_saved_bytes", None)
-        if saved is not None:
-            _truncate(self._path, saved)
-        Path(f"{self._path}.lock").unlink(missing_ok=True)  # a lock a killed run left behind; one writer
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(self._path)))
+        storage: Any = None
+        if run_dir is not None:
+            path = Path(run_dir) / STUDY_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            Path(f"{path}.lock").unlink(missing_ok=True)  # a lock a killed run left behind; one writer
+            storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
-            self._study = optuna.create_study(
-                storage=storage,
-                sampler=self.sampler,
-                study_name=self.study_name,
-                directions=self.directions,
-                load_if_exists=saved is not None,
+            return optuna.create_study(
+                storage=storage, sampler=self.sampler, study_name=self.study_name, directions=self.directions
             )
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_study", "_path")}
-        state["_saved_bytes"] = self._path.stat().st_size if self._path is not None and self._path.exists() else 0
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._path = None
-        self._study = None
-
-    @property
-    def study(self) -> Any:
-        if self._study is None:
-            raise RuntimeError("OptunaOptimizer.attach(run_dir) must be called before ask/tell")
-        return self._study
 
     # -- ask / tell -------------------------------------------------------------------------------------
 
@@ -210,20 +187,3 @@ class KnownSpaceCmaEs(CmaEsSampler):
 
     def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
         return dict(self.known_space)
-
-
-def _truncate(path: Path, size: int) -> None:
-    """Cut the journal file back to `size` bytes (what the checkpoint saw); never extend it."""
-    if not path.exists():
-        if size:
-            raise EvomergeError(f"{path}: the optuna study file is missing; the run cannot resume exactly")
-        return
-    if path.stat().st_size < size:
-        raise EvomergeError(
-            f"{path}: the optuna study file is shorter than the checkpoint expects; it was edited or replaced"
-        )
-    if path.stat().st_size > size:
-        with open(path, "r+b") as handle:
-            handle.truncate(size)
-            handle.flush()
-            os.fsync(handle.fileno())

@@ -12,7 +12,7 @@ from evomerge.optimizers.base import AskTellOptimizer
 class RandomSearch(AskTellOptimizer):
     """Draws `popsize` genomes per generation uniformly inside the bounds; learns nothing.
 
-    Its RNG is its own `RandomState(seed)`, so it pickles and resumes exactly like the CMA adapter."""
+    Its RNG is its own `RandomState(seed)`, so a replay of the journal re-asks the same genomes."""
 
     name = "random"
 
