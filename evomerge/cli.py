@@ -20,7 +20,7 @@ from typing import Any
 
 import typer
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, Interrupted
 from evomerge.method_summaries import METHOD_SUMMARIES
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # rich shows progress; silence the libraries' tqdm bars
@@ -36,15 +36,21 @@ app.add_typer(zoo_app, name="zoo")
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn an EvomergeError into `error: <message>` on stderr and a non-zero exit."""
+    """Turn an EvomergeError into `error: <message>` (and its hint line) on stderr and a non-zero
+    exit, and Ctrl-C into one line and status 130 instead of a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except EvomergeError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            exc: EvomergeError = Interrupted("")
+        except EvomergeError as error:
+            exc = error
+        typer.echo(f"{exc.label}: {exc}" if str(exc) else exc.label, err=True)
+        if exc.hint:
+            typer.echo(exc.hint, err=True)
+        raise typer.Exit(exc.exit_code)
 
     return wrapper
 
@@ -151,13 +157,17 @@ def search_cmd(
     run_dir: Path = typer.Option(..., "--run-dir", help="New run directory, e.g. runs/NAME."),
     workers: int = typer.Option(1, help="Evaluation workers: 1 = in process; N > 1 = a local Ray pool."),
     ray_address: str | None = typer.Option(None, help="Join a Ray cluster ('auto' or host:port)."),
-    max_evals: int | None = typer.Option(None, help="Override the space's budget.max_evals."),
+    max_evals: int | None = typer.Option(
+        None, help="Override the space's budget.max_evals (a total, rounded down to whole generations)."
+    ),
     seed: int | None = typer.Option(None, help="Override the space's root seed."),
     optimizer: str | None = typer.Option(
         None, help="Override the space's optimizer: cma, random, or optuna:tpe / optuna:cmaes / optuna:nsga2."
     ),
 ) -> None:
-    """Run an evolutionary merge search; journal every evaluation; write final.yaml and summary.json."""
+    """Run an evolutionary merge search; journal every evaluation; write final.yaml and summary.json.
+
+    Ctrl-C (or an error) stops it with the `evomerge resume` command that continues it."""
     from evomerge.search_cli import run_search
 
     run_search(
@@ -176,7 +186,9 @@ def search_cmd(
 @user_errors
 def resume_cmd(
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory written by `evomerge search`."),
-    max_evals: int | None = typer.Option(None, help="Raise the budget to extend a finished run."),
+    max_evals: int | None = typer.Option(
+        None, help="New total budget (not an increment; at least what is journaled): extends a finished run."
+    ),
     workers: int = typer.Option(1, help="Evaluation workers: 1 = in process; N > 1 = a local Ray pool."),
     ray_address: str | None = typer.Option(None, help="Join a Ray cluster ('auto' or host:port)."),
 ) -> None:

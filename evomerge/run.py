@@ -148,12 +148,15 @@ class RunDir:
     def exists(self) -> bool:
         return self.space_file.exists()
 
-    def create(self) -> None:
-        """A new run: the folder must be absent or empty (a run is never silently overwritten)."""
+    def check_new(self) -> None:
+        """A new run needs an absent or empty folder (a run is never silently overwritten)."""
         if self.path.exists() and any(self.path.iterdir()):
             raise EvomergeError(
                 f"--run-dir: {self.path} already holds a run; use `evomerge resume {self.path}` or choose a new folder"
             )
+
+    def create(self) -> None:
+        self.check_new()
         self.path.mkdir(parents=True, exist_ok=True)
 
     def require(self) -> None:

@@ -28,7 +28,7 @@ from evomerge.objectives import PARETO_FILE, Objectives
 from evomerge.optimizers import make_optimizer
 from evomerge.payload import cache_key, derive_seed, make_payload, recipe_sha, sha256, source_recipe
 from evomerge.recipe import Recipe, dump_recipe, parse_recipe
-from evomerge.run import BEST_FILE, FINAL_FILE, SPACE_FILE, SUMMARY_FILE, Checkpoint, RunDir
+from evomerge.run import BEST_FILE, FINAL_FILE, SPACE_FILE, SUMMARY_FILE, Checkpoint, RunDir, read_journal
 from evomerge.space import SearchSpace, dump_space_config
 from evomerge.summary import weighted_ci95
 
@@ -307,8 +307,7 @@ class Search:
             except Exception as exc:  # the worker factory itself is broken: nothing can be evaluated
                 first = (str(exc).strip().splitlines() or [""])[0]
                 raise EvomergeError(
-                    f"worker.factory: cannot build {worker.factory!r} ({type(exc).__name__}: "
-                    f"{first}); the run is saved, fix the worker and `evomerge resume`"
+                    f"worker.factory: cannot build {worker.factory!r} ({type(exc).__name__}: {first})"
                 ) from None
         return self._executor
 
@@ -537,6 +536,14 @@ def start_run(space: SearchSpace, run: RunDir) -> None:
 
 
 def set_max_evals(space: SearchSpace, run: RunDir, max_evals: int) -> SearchSpace:
+    """`resume --max-evals`: a new total budget, never below the generations already started."""
+    done = sum(r["phase"] == "search" for r in read_journal(run.journal_file))
+    least = -(-done // space.popsize) * space.popsize
+    if max(1, max_evals // space.popsize) * space.popsize < least:
+        raise EvomergeError(
+            f"--max-evals: {run.path} has {done} search evaluations journaled (popsize {space.popsize}); "
+            f"it is the total budget, so pass at least {least}"
+        )
     budget = space.config.budget.model_copy(update={"max_evals": max_evals})
     space.config = space.config.model_copy(update={"budget": budget})
     run.write_text(SPACE_FILE, dump_space_config(space.config))
