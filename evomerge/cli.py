@@ -34,6 +34,17 @@ app = typer.Typer(
 zoo_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The embedded toy model zoo.")
 app.add_typer(zoo_app, name="zoo")
 
+WORKERS_HELP = (
+    "How many evaluation workers. Default: one, in this process; with --ray-address, one per GPU of "
+    "the cluster (one per CPU if it has no GPU: workers run single-threaded; each holds its own copy "
+    "of the sources, so cap N for large models). N > 1 without --ray-address: a private Ray "
+    "instance on this machine."
+)
+RAY_ADDRESS_HELP = (
+    "Run the workers on the Ray cluster at HOST:PORT, or 'auto' (RAY_ADDRESS, else the one `ray start` "
+    "began on this machine); joined before the run directory is written."
+)
+
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn an EvomergeError into `error: <message>` (and its hint line) on stderr and a non-zero
@@ -155,8 +166,8 @@ def merge_cmd(
 def search_cmd(
     space: Path = typer.Argument(..., metavar="SPACE", help="Search space YAML (search_spaces/*.yaml)."),
     run_dir: Path = typer.Option(..., "--run-dir", help="New run directory, e.g. runs/NAME."),
-    workers: int = typer.Option(1, help="Evaluation workers: 1 = in process; N > 1 = a local Ray pool."),
-    ray_address: str | None = typer.Option(None, help="Join a Ray cluster ('auto' or host:port)."),
+    workers: int | None = typer.Option(None, show_default=False, help=WORKERS_HELP),
+    ray_address: str | None = typer.Option(None, help=RAY_ADDRESS_HELP),
     max_evals: int | None = typer.Option(
         None, help="Override the space's budget.max_evals (a total, rounded down to whole generations)."
     ),
@@ -189,8 +200,8 @@ def resume_cmd(
     max_evals: int | None = typer.Option(
         None, help="New total budget (not an increment; at least what is journaled): extends a finished run."
     ),
-    workers: int = typer.Option(1, help="Evaluation workers: 1 = in process; N > 1 = a local Ray pool."),
-    ray_address: str | None = typer.Option(None, help="Join a Ray cluster ('auto' or host:port)."),
+    workers: int | None = typer.Option(None, show_default=False, help=WORKERS_HELP),
+    ray_address: str | None = typer.Option(None, help=RAY_ADDRESS_HELP),
 ) -> None:
     """Continue a run where it stopped (journaled evaluations are reused, never recomputed)."""
     from evomerge.search_cli import run_resume

@@ -550,24 +550,34 @@ def set_max_evals(space: SearchSpace, run: RunDir, max_evals: int) -> SearchSpac
     return space
 
 
-def local_or_ray_executor(workers: int, ray_address: str | None, ray_temp_dir: str | None = None) -> ExecutorFactory:
-    """One in-process worker by default; a Ray pool for `--workers N > 1` or a `--ray-address`."""
+def local_or_ray_executor(
+    workers: int | None, ray_address: str | None, ray_temp_dir: str | None = None
+) -> ExecutorFactory:
+    """`--workers` and `--ray-address` as the CLI documents them.
+
+    Without an address: one in-process worker (`workers` None or 1), or a private local Ray
+    instance of `workers` actors. With one: `workers` actors, by default one per GPU of the
+    cluster, or one per CPU on a CPU-only cluster (`plan_pool` says why)."""
 
     def factory(spec: WorkerSpec, penalty: float, timeout: float | None) -> Any:
-        if ray_address is None and workers <= 1:
+        if ray_address is None and workers in (None, 1):
             from evomerge.evaluation.executors import LocalExecutor
 
             return LocalExecutor(spec, penalty=penalty, timeout=timeout, torch_threads=1)
         from evomerge.evaluation.executors import RayExecutor
+        from evomerge.evaluation.ray_cluster import PoolSizeError
 
-        return RayExecutor(
-            spec,
-            n_workers=workers if workers > 0 else None,
-            ray_address=ray_address,
-            ray_temp_dir=ray_temp_dir,
-            penalty=penalty,
-            timeout=timeout,
-        )
+        try:
+            return RayExecutor(
+                spec,
+                n_workers=workers,
+                ray_address=ray_address,
+                ray_temp_dir=ray_temp_dir,
+                penalty=penalty,
+                timeout=timeout,
+            )
+        except PoolSizeError as exc:
+            raise EvomergeError(f"--workers: {exc}") from None
 
     return factory
 

@@ -1,7 +1,7 @@
 """`evomerge search | resume | export`: option handling, the live display, and hand-over to the driver.
 
-The order is what makes bad input cheap: options and the space are checked before the run
-directory is created, so a mistake leaves nothing behind. Once the run exists, whatever
+The order is what makes bad input cheap: options, the space and the Ray cluster are checked before
+the run directory is created, so a mistake leaves nothing behind. Once the run exists, whatever
 stops the search (an error, a broken worker, Ctrl-C) ends with the command that continues it.
 """
 
@@ -145,7 +145,7 @@ def run_search(
     space_path: Path,
     run_dir: Path,
     *,
-    workers: int,
+    workers: int | None,
     ray_address: str | None,
     max_evals: int | None,
     seed: int | None,
@@ -163,7 +163,6 @@ def run_search(
     run.check_new()
     read_text(Path(space_path), "search space")  # a missing file is reported before torch is imported
 
-    from evomerge.search import local_or_ray_executor, start_run
     from evomerge.space import SearchSpace, load_space_config, parse_space
 
     config = load_space_config(space_path)
@@ -179,25 +178,27 @@ def run_search(
     config = config.model_copy(update=update)
     root = Path(space_path).resolve().parent
     resume = _resume_command(run, workers, ray_address)
-    if config.zoo is not None:
-        from evomerge.zoo import ensure_zoo
+    with _evaluation_backend(workers, ray_address) as factory:
+        if config.zoo is not None:
+            from evomerge.zoo import ensure_zoo
 
-        ensure_zoo(root / config.zoo.path, seed=config.zoo.seed, mini=config.zoo.mini)
-    factory = local_or_ray_executor(workers, ray_address)
-    if config.kind == "ps+dfs":
-        from evomerge.staged import resolve_staged
+            ensure_zoo(root / config.zoo.path, seed=config.zoo.seed, mini=config.zoo.mini)
+        if config.kind == "ps+dfs":
+            from evomerge.staged import resolve_staged
 
-        resolved = resolve_staged(config, root)
+            resolved = resolve_staged(config, root)
+            with _saved_run(run, resume):
+                return _staged("search", run, resolved, factory, echo, new=True, max_evals=None)
+        from evomerge.search import start_run
+
+        space = SearchSpace(config, root=root)
+        start_run(space, run)
         with _saved_run(run, resume):
-            return _staged("search", run, resolved, factory, echo, new=True, max_evals=None)
-    space = SearchSpace(config, root=root)
-    start_run(space, run)
-    with _saved_run(run, resume):
-        return _drive("search", space, run, factory, echo)
+            return _drive("search", space, run, factory, echo)
 
 
 def run_resume(
-    run_dir: Path, *, max_evals: int | None, workers: int, ray_address: str | None, echo: Any = print
+    run_dir: Path, *, max_evals: int | None, workers: int | None, ray_address: str | None, echo: Any = print
 ) -> dict[str, Any]:
     run = RunDir(run_dir)
     run.require()
@@ -205,31 +206,31 @@ def run_resume(
     if max_evals is not None and max_evals < 1:
         raise EvomergeError("--max-evals: must be >= 1")
 
-    from evomerge.search import local_or_ray_executor, set_max_evals
+    from evomerge.search import set_max_evals
     from evomerge.space import SearchSpace, load_space_config
 
     config = load_space_config(run.space_file)
     resume = _resume_command(run, workers, ray_address)
-    factory = local_or_ray_executor(workers, ray_address)
-    if config.kind == "ps+dfs":
+    with _evaluation_backend(workers, ray_address) as factory:
+        if config.kind == "ps+dfs":
+            with _saved_run(run, resume):
+                return _staged("resume", run, config, factory, echo, new=False, max_evals=max_evals)
+        space = SearchSpace(config, root=run.path.resolve())
+        if max_evals is not None:
+            set_max_evals(space, run, max_evals)
         with _saved_run(run, resume):
-            return _staged("resume", run, config, factory, echo, new=False, max_evals=max_evals)
-    space = SearchSpace(config, root=run.path.resolve())
-    if max_evals is not None:
-        set_max_evals(space, run, max_evals)
-    with _saved_run(run, resume):
-        return _drive("resume", space, run, factory, echo)
+            return _drive("resume", space, run, factory, echo)
 
 
-def _check_workers(workers: int) -> None:
-    if workers < 0:
-        raise EvomergeError("--workers: must be >= 0 (0: one per GPU, else per CPU, on Ray)")
+def _check_workers(workers: int | None) -> None:
+    if workers is not None and workers < 1:
+        raise EvomergeError("--workers: must be >= 1; leave it out for the default (see --help)")
 
 
-def _resume_command(run: RunDir, workers: int, ray_address: str | None) -> str:
+def _resume_command(run: RunDir, workers: int | None, ray_address: str | None) -> str:
     """The command that continues `run` on the same workers (resume does not record them)."""
     words = ["evomerge", "resume", str(run.path)]
-    if workers != 1:
+    if workers is not None:
         words += ["--workers", str(workers)]
     if ray_address is not None:
         words += ["--ray-address", ray_address]
@@ -252,6 +253,52 @@ def _saved_run(run: RunDir, resume: str) -> Iterator[None]:
         if run.exists():
             exc.add_note(hint)
         raise
+
+
+@contextmanager
+def _evaluation_backend(workers: int | None, ray_address: str | None) -> Iterator[Any]:
+    """The executor factory of the run. A cluster named by --ray-address is joined and checked
+    against --workers now, before the run directory exists, so a wrong address leaves nothing
+    behind; a private local Ray instance (--workers N) starts with the first evaluation."""
+    from evomerge.evaluation.ray_cluster import is_local_address
+    from evomerge.search import local_or_ray_executor
+
+    owned = ray_address is not None and not is_local_address(ray_address) and _join_cluster(ray_address, workers)
+    try:
+        yield local_or_ray_executor(workers, ray_address)
+    finally:
+        if owned:
+            import ray
+
+            ray.shutdown()
+
+
+def _join_cluster(address: str, workers: int | None) -> bool:
+    """Connect to the cluster; True when this call connected (and must disconnect)."""
+    import logging
+
+    import ray
+
+    from evomerge.evaluation.ray_cluster import PoolSizeError, init_ray, plan_pool, unreachable
+    from evomerge.evaluation.worker_host import describe_exception
+
+    fix = "start the cluster (`ray start --head`) or leave --ray-address out to evaluate on this machine"
+    problem = unreachable(address)
+    if problem is not None:
+        raise EvomergeError(f"--ray-address: no Ray cluster at {address!r}: {problem}; {fix}")
+    try:
+        owned = init_ray(address, logging_level=logging.WARNING)
+    except Exception as exc:  # ray.init raises ConnectionError, RuntimeError or ValueError
+        raise EvomergeError(
+            f"--ray-address: cannot join a Ray cluster at {address!r} ({describe_exception(exc)}); {fix}"
+        ) from None
+    try:
+        plan_pool(ray.cluster_resources(), workers)
+    except PoolSizeError as exc:
+        if owned:
+            ray.shutdown()
+        raise EvomergeError(f"--workers: {exc}") from None
+    return owned
 
 
 def _drive(

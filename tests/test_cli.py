@@ -1,5 +1,6 @@
 """The CLI as a user meets it: help that is fast and clean, errors that come before torch, Ctrl-C and
-errors that end with the command that continues the run, and a display that is right after a resume."""
+errors that end with the command that continues the run, a display that is right after a resume,
+and a Ray cluster that is checked before anything is written."""
 
 from __future__ import annotations
 
@@ -128,6 +129,7 @@ def test_merge_help_lists_the_registry_methods_without_importing_it():
         (["search", "missing.yaml", "--run-dir", "run"], "error: search space: missing.yaml does not exist"),
         (["resume", "missing"], "error: run: missing is not a run directory"),
         (["report", "missing"], "error: run: missing is not a run directory"),
+        (["eval", "missing"], "error: model directory missing does not exist"),
     ],
 )
 def test_a_missing_input_is_one_line_before_torch_is_imported(args, message, tmp_path):
@@ -182,11 +184,11 @@ def test_ctrl_c_prints_the_resume_command_and_exits_130_and_that_command_finishe
 def test_an_error_after_the_run_exists_ends_with_the_resume_command(root, tmp_path):
     run_dir = tmp_path / "run"
     broken = space(root, worker="Missing")
-    result = CliRunner().invoke(app, ["search", str(broken), "--run-dir", str(run_dir)])
+    result = CliRunner().invoke(app, ["search", str(broken), "--run-dir", str(run_dir), "--workers", "1"])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert lines[-2].startswith("error: worker.factory: cannot build 'search_worker:Missing'")
-    assert lines[-1] == f"the run is saved; continue it with: evomerge resume {run_dir}"
+    assert lines[-1] == f"the run is saved; continue it with: evomerge resume {run_dir} --workers 1"
     assert (run_dir / "space.yaml").exists()
 
 
@@ -199,7 +201,7 @@ def test_resume_shows_its_title_what_is_journaled_and_what_is_left_before_the_wo
     import evomerge.search
 
     run_dir = tmp_path / "run"
-    run_search(space(root), run_dir, workers=1, ray_address=None, max_evals=None, seed=None, echo=print)
+    run_search(space(root), run_dir, workers=None, ray_address=None, max_evals=None, seed=None, echo=print)
     capsys.readouterr()
     shown_at_start: list[str] = []
     make_factory = evomerge.search.local_or_ray_executor
@@ -214,7 +216,7 @@ def test_resume_shows_its_title_what_is_journaled_and_what_is_left_before_the_wo
         return build
 
     monkeypatch.setattr(evomerge.search, "local_or_ray_executor", factory_spy)
-    run_resume(run_dir, max_evals=26, workers=1, ray_address=None, echo=print)  # 4 whole generations of 6
+    run_resume(run_dir, max_evals=26, workers=None, ray_address=None, echo=print)  # 4 whole generations of 6
     header = shown_at_start[0].splitlines()[0]
     assert header == "evomerge resume: run: 12 of 24 evaluations (4 generations of 6) journaled, 12 to go"
     err = capsys.readouterr().err
@@ -226,9 +228,28 @@ def test_resume_shows_its_title_what_is_journaled_and_what_is_left_before_the_wo
 
 def test_resume_refuses_a_budget_below_what_is_journaled(root, tmp_path):
     run_dir = tmp_path / "run"
-    run_search(space(root), run_dir, workers=1, ray_address=None, max_evals=None, seed=None, echo=print)
+    run_search(space(root), run_dir, workers=None, ray_address=None, max_evals=None, seed=None, echo=print)
     before = (run_dir / "space.yaml").read_text()
     result = CliRunner().invoke(app, ["resume", str(run_dir), "--max-evals", "8"])
     assert result.exit_code == 2
     assert "error: --max-evals: " in result.output and "pass at least 12" in result.output
     assert (run_dir / "space.yaml").read_text() == before
+
+
+# -- Ray -------------------------------------------------------------------------------------------
+
+
+def test_a_missing_ray_cluster_is_one_line_and_leaves_no_run_directory_and_a_resumed_one_untouched(root, tmp_path):
+    """Port 1 on this host: nothing listens there (`auto` could find a stranger's cluster on a shared machine)."""
+    run_dir = tmp_path / "run"
+    result = cli("search", str(space(root)), "--run-dir", str(run_dir), "--ray-address", "127.0.0.1:1")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --ray-address: ") and len(result.stderr.strip().splitlines()) == 1
+    assert "ray start" in result.stderr
+    assert not run_dir.exists()
+
+    run_search(space(root), run_dir, workers=None, ray_address=None, max_evals=6, seed=None, echo=lambda *_: None)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    result = cli("resume", str(run_dir), "--max-evals", "24", "--ray-address", "127.0.0.1:1")
+    assert result.returncode == 2 and result.stderr.startswith("error: --ray-address: ")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
