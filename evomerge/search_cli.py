@@ -285,7 +285,7 @@ def _join_cluster(address: str, workers: int | None) -> bool:
     fix = "start the cluster (`ray start --head`) or leave --ray-address out to evaluate on this machine"
     problem = unreachable(address)
     if problem is not None:
-        raise EvomergeError(f"--ray-address: no Ray cluster at {address!r}: {problem}; {fix}")
+        raise EvomergeError(f"--ray-address: {problem}; {fix}")
     try:
         owned = init_ray(address, logging_level=logging.WARNING)
     except Exception as exc:  # ray.init raises ConnectionError, RuntimeError or ValueError

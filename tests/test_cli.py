@@ -253,3 +253,13 @@ def test_a_missing_ray_cluster_is_one_line_and_leaves_no_run_directory_and_a_res
     result = cli("resume", str(run_dir), "--max-evals", "24", "--ray-address", "127.0.0.1:1")
     assert result.returncode == 2 and result.stderr.startswith("error: --ray-address: ")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_auto_is_checked_through_ray_address_when_that_is_set(monkeypatch):
+    from evomerge.evaluation.ray_cluster import unreachable
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    assert unreachable("auto").startswith("no Ray cluster answers at 127.0.0.1:1")
+    assert unreachable("ray://127.0.0.1:1").startswith("no Ray cluster answers at ray://127.0.0.1:1")
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert unreachable("auto") is None  # Ray looks for a local cluster itself

@@ -89,7 +89,7 @@ def unreachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             return None
     except OSError as exc:
-        return f"nothing answers at {target} ({exc.strerror or type(exc).__name__})"
+        return f"no Ray cluster answers at {target} ({exc.strerror or type(exc).__name__})"
 
 
 @contextmanager
