@@ -263,3 +263,35 @@ def test_auto_is_checked_through_ray_address_when_that_is_set(monkeypatch):
     assert unreachable("ray://127.0.0.1:1").startswith("no Ray cluster answers at ray://127.0.0.1:1")
     monkeypatch.delenv("RAY_ADDRESS")
     assert unreachable("auto") is None  # Ray looks for a local cluster itself
+
+
+@pytest.mark.slow
+def test_on_a_gpu_cluster_the_default_is_one_worker_per_gpu_and_more_are_refused_before_the_run(root, tmp_path):
+    """A private Ray instance that declares one GPU (Ray only counts it; the toy worker runs on CPU)."""
+    code = f"""
+import logging, shutil, tempfile
+from pathlib import Path
+import ray
+from evomerge.errors import EvomergeError
+from evomerge.evaluation.ray_cluster import init_ray
+from evomerge.run import read_journal
+from evomerge.search_cli import run_search
+
+temp = tempfile.mkdtemp(prefix="em-ray-")
+init_ray("local", temp_dir=temp, num_cpus=2, num_gpus=1, logging_level=logging.WARNING)
+space, runs = Path({str(space(root))!r}), Path({str(tmp_path)!r})
+try:
+    run_search(space, runs / "two", workers=2, ray_address="auto", max_evals=None, seed=None)
+except EvomergeError as exc:
+    print("refused:", exc)
+print("two exists:", (runs / "two").exists())
+run_search(space, runs / "one", workers=None, ray_address="auto", max_evals=None, seed=None, echo=lambda *_: None)
+print("workers:", sorted({{r["worker"] for r in read_journal(runs / "one" / "journal.jsonl") if r["worker"]}}))
+ray.shutdown()
+shutil.rmtree(temp, ignore_errors=True)
+"""
+    result = python(code)
+    assert result.returncode == 0, result.stderr
+    assert "refused: --workers: 2 workers need 2 GPUs; the cluster has 1\n" in result.stdout
+    assert "two exists: False\n" in result.stdout
+    assert "workers: ['ray-0']\n" in result.stdout

@@ -191,7 +191,12 @@ class RayExecutor(Executor):
         self._closed = False
         self._info: dict[str, SlotInfo] = {}
 
-        self.plan = plan_pool(ray.cluster_resources(), n_workers, cpus_per_worker, gpus_per_worker)
+        try:
+            self.plan = plan_pool(ray.cluster_resources(), n_workers, cpus_per_worker, gpus_per_worker)
+        except ValueError:  # the count does not fit: leave no private instance behind
+            if self._owns_ray:
+                ray.shutdown()
+            raise
         actor_class = ray.remote(WorkerHost)
         self._slots: list[_Slot] = []
         for index in range(self.plan.n_workers):
