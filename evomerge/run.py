@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
+from evomerge.file_modes import file_mode
 
 SPACE_FILE = "space.yaml"
 JOURNAL_FILE = "journal.jsonl"
@@ -37,11 +38,13 @@ RUN_FORMAT = 1  # of run.json
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write `path` so that readers see the old or the new content, never a mix."""
+    """Write `path` so that readers see the old or the new content, never a mix; its mode follows
+    the umask (mkstemp alone would leave 0600)."""
     payload = data.encode("utf-8") if isinstance(data, str) else data
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
@@ -132,12 +135,15 @@ class RunDir:
     def exists(self) -> bool:
         return self.space_file.exists()
 
-    def create(self) -> None:
-        """A new run: the folder must be absent or empty (a run is never silently overwritten)."""
+    def check_new(self) -> None:
+        """A new run needs an absent or empty folder (a run is never silently overwritten)."""
         if self.path.exists() and any(self.path.iterdir()):
             raise EvomergeError(
                 f"--run-dir: {self.path} already holds a run; use `evomerge resume {self.path}` or choose a new folder"
             )
+
+    def create(self) -> None:
+        self.check_new()
         self.path.mkdir(parents=True, exist_ok=True)
 
     def require(self) -> None:

@@ -34,7 +34,17 @@ from evomerge.objectives import PARETO_FILE, Objectives
 from evomerge.optimizers import make_optimizer
 from evomerge.payload import cache_key, derive_seed, make_payload, recipe_sha, sha256, source_recipe
 from evomerge.recipe import Recipe, dump_recipe, parse_recipe
-from evomerge.run import BEST_FILE, FINAL_FILE, JOURNAL_FILE, RUN_FILE, RUN_FORMAT, SPACE_FILE, SUMMARY_FILE, RunDir
+from evomerge.run import (
+    BEST_FILE,
+    FINAL_FILE,
+    JOURNAL_FILE,
+    RUN_FILE,
+    RUN_FORMAT,
+    SPACE_FILE,
+    SUMMARY_FILE,
+    RunDir,
+    read_journal,
+)
 from evomerge.space import SearchSpace, dump_space_config
 from evomerge.summary import weighted_ci95
 
@@ -328,8 +338,7 @@ class Search:
             except Exception as exc:  # the worker factory itself is broken: nothing can be evaluated
                 first = (str(exc).strip().splitlines() or [""])[0]
                 raise EvomergeError(
-                    f"worker.factory: cannot build {worker.factory!r} ({type(exc).__name__}: "
-                    f"{first}); the run is saved, fix the worker and `evomerge resume`"
+                    f"worker.factory: cannot build {worker.factory!r} ({type(exc).__name__}: {first})"
                 ) from None
         return self._executor
 
@@ -560,30 +569,48 @@ def start_run(space: SearchSpace, run: RunDir) -> None:
 
 
 def set_max_evals(space: SearchSpace, run: RunDir, max_evals: int) -> SearchSpace:
+    """`resume --max-evals`: a new total budget, never below the generations already started."""
+    done = sum(r["phase"] == "search" for r in read_journal(run.journal_file))
+    least = -(-done // space.popsize) * space.popsize
+    if max(1, max_evals // space.popsize) * space.popsize < least:
+        raise EvomergeError(
+            f"--max-evals: {run.path} has {done} search evaluations journaled (popsize {space.popsize}); "
+            f"it is the total budget, so pass at least {least}"
+        )
     budget = space.config.budget.model_copy(update={"max_evals": max_evals})
     space.config = space.config.model_copy(update={"budget": budget})
     run.write_text(SPACE_FILE, dump_space_config(space.config))
     return space
 
 
-def local_or_ray_executor(workers: int, ray_address: str | None, ray_temp_dir: str | None = None) -> ExecutorFactory:
-    """One in-process worker by default; a Ray pool for `--workers N > 1` or a `--ray-address`."""
+def local_or_ray_executor(
+    workers: int | None, ray_address: str | None, ray_temp_dir: str | None = None
+) -> ExecutorFactory:
+    """`--workers` and `--ray-address` as the CLI documents them.
+
+    Without an address: one in-process worker (`workers` None or 1), or a private local Ray
+    instance of `workers` actors. With one: `workers` actors, by default one per GPU of the
+    cluster, or one per CPU on a CPU-only cluster (`plan_pool` says why)."""
 
     def factory(spec: WorkerSpec, penalty: float, timeout: float | None) -> Any:
-        if ray_address is None and workers <= 1:
+        if ray_address is None and workers in (None, 1):
             from evomerge.evaluation.executors import LocalExecutor
 
             return LocalExecutor(spec, penalty=penalty, timeout=timeout, torch_threads=1)
         from evomerge.evaluation.executors import RayExecutor
+        from evomerge.evaluation.ray_cluster import PoolSizeError
 
-        return RayExecutor(
-            spec,
-            n_workers=workers if workers > 0 else None,
-            ray_address=ray_address,
-            ray_temp_dir=ray_temp_dir,
-            penalty=penalty,
-            timeout=timeout,
-        )
+        try:
+            return RayExecutor(
+                spec,
+                n_workers=workers,
+                ray_address=ray_address,
+                ray_temp_dir=ray_temp_dir,
+                penalty=penalty,
+                timeout=timeout,
+            )
+        except PoolSizeError as exc:
+            raise EvomergeError(f"--workers: {exc}") from None
 
     return factory
 

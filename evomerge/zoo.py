@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from evomerge.errors import EvomergeError
+from evomerge.file_modes import apply_umask
 from evomerge.paths import tasks_dir
 from evomerge.toy_tasks import EXPERT_TASKS, TASKS, held_out_prompts, read_split
 
@@ -300,6 +301,7 @@ def build_zoo(out_dir: Path, seed: int = 0, mini: bool = False, quiet: bool = Fa
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         write_checksums(tmp)
+        apply_umask(tmp)  # safetensors (under save_pretrained) creates the weight files 0600
         _swap_into_place(tmp, out_dir)
     finally:
         torch.set_num_threads(threads)

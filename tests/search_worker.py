@@ -178,3 +178,25 @@ def make_models(root: Path, layers: int = 4) -> dict[str, Path]:
 def write_space(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+class ProgressBarProbe:
+    """Answers, from inside its own process, whether tqdm, transformers (huggingface_hub) and datasets
+    would draw progress bars there: 1.0 per library whose bars are off."""
+
+    def __init__(self, **_: Any):
+        pass
+
+    def evaluate(self, candidate: Candidate) -> EvalResult:
+        import datasets
+        import tqdm
+        from huggingface_hub.utils import are_progress_bars_disabled
+
+        with tqdm.tqdm(range(1)) as bar:
+            tqdm_off = bar.disable
+        metrics = {
+            "tqdm": float(tqdm_off),
+            "huggingface_hub": float(are_progress_bars_disabled()),
+            "datasets": float(not datasets.is_progress_bar_enabled()),
+        }
+        return EvalResult.success(candidate.id, sum(metrics.values()), metrics)

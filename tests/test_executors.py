@@ -146,7 +146,7 @@ def test_pool_plan_is_one_actor_per_gpu_else_per_cpu() -> None:
     assert (cpu.n_workers, cpu.num_gpus, cpu.torch_threads) == (2, 0.0, 1)
     assert cpu.actor_options() == {"num_cpus": 0.5}, "fractional, so plain tasks are never starved"
     assert plan_pool({"CPU": 2.0}, n_workers=3).n_workers == 3
-    with pytest.raises(ValueError, match="needs 3 GPUs"):
+    with pytest.raises(ValueError, match="3 workers need 3 GPUs"):
         plan_pool({"CPU": 64.0, "GPU": 2.0}, n_workers=3)
     with pytest.raises(ValueError):
         plan_pool({"CPU": 2.0}, n_workers=0)
@@ -305,3 +305,22 @@ def test_a_factory_that_fails_leaves_no_live_workers(ray_instance: None) -> None
         pool.submit(plain(1))
         with pytest.raises(NoLiveWorkersError):
             list(pool.as_completed())
+
+
+def test_a_pool_on_a_cluster_defaults_to_its_size_and_its_workers_draw_no_progress_bars(ray_instance: None) -> None:
+    """`--ray-address` without `--workers`: one actor per GPU, here (no GPU) one per CPU of the cluster;
+    actors start with the libraries' progress bars off, since Ray forwards their output to the driver."""
+    import ray
+
+    from evomerge.search import local_or_ray_executor
+
+    pool = local_or_ray_executor(None, "auto")(WorkerSpec("search_worker:ProgressBarProbe"), PENALTY, 120.0)
+    try:
+        resources = ray.cluster_resources()
+        assert "GPU" not in resources
+        assert pool.plan.n_workers == int(resources["CPU"])
+        results = collect(pool.map_unordered(plain(pool.plan.n_workers)), pool.plan.n_workers)
+        for result in results.values():
+            assert result.metrics == {"tqdm": 1.0, "huggingface_hub": 1.0, "datasets": 1.0}, result.reason
+    finally:
+        pool.close()

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from evomerge.file_modes import file_mode
+
 _FINGERPRINTS: dict[tuple[str, int, int], str] = {}
 
 
@@ -84,6 +86,7 @@ class StatisticsCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.chmod(tmp, file_mode())  # safetensors creates it 0600
         os.replace(tmp, path)
         self._memory[(kind, key)] = tensors
 

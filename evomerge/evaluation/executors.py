@@ -27,7 +27,7 @@ from evomerge.evaluation.pool import (
     NoLiveWorkersError,
     WorkerStats,
 )
-from evomerge.evaluation.ray_cluster import init_ray, plan_pool
+from evomerge.evaluation.ray_cluster import QUIET_WORKER_ENV, init_ray, plan_pool
 from evomerge.evaluation.worker_host import SlotInfo, WorkerHost, describe_exception
 
 __all__ = [
@@ -145,7 +145,8 @@ class RayExecutor(Executor):
 
     `ray_address`: `auto` joins a running cluster, None / `local` starts a private instance (see
     `init_ray`); if Ray is already initialized it is used as is. The pool starts one actor per GPU
-    when the cluster has GPUs, else one per CPU, unless `n_workers` says otherwise.
+    when the cluster has GPUs, else one per CPU, unless `n_workers` says otherwise (`plan_pool`).
+    Actors run with progress bars off (`QUIET_WORKER_ENV`): Ray forwards their output to the driver.
 
     `timeout` (seconds per candidate) is enforced twice: inside the actor it interrupts the
     candidate's Python code (a failed result, the actor lives on); if the call still has not
@@ -190,13 +191,21 @@ class RayExecutor(Executor):
         self._closed = False
         self._info: dict[str, SlotInfo] = {}
 
-        self.plan = plan_pool(ray.cluster_resources(), n_workers, cpus_per_worker, gpus_per_worker)
+        try:
+            self.plan = plan_pool(ray.cluster_resources(), n_workers, cpus_per_worker, gpus_per_worker)
+        except ValueError:  # the count does not fit: leave no private instance behind
+            if self._owns_ray:
+                ray.shutdown()
+            raise
         actor_class = ray.remote(WorkerHost)
         self._slots: list[_Slot] = []
         for index in range(self.plan.n_workers):
             name = f"ray-{index}"
             actor = actor_class.options(
-                max_restarts=max_restarts, max_task_retries=0, **self.plan.actor_options()
+                max_restarts=max_restarts,
+                max_task_retries=0,
+                runtime_env={"env_vars": QUIET_WORKER_ENV},
+                **self.plan.actor_options(),
             ).remote(spec, name, self.plan.torch_threads)
             slot = _Slot(name, actor)
             self._slots.append(slot)

@@ -154,7 +154,6 @@ class MergeMethod:
     min_inputs: int = 1  # non-base inputs
     max_inputs: int | None = None
     random: bool = False
-    summary: str = ""
     defaults_note: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 

@@ -56,7 +56,6 @@ DATA_AWARE_METHODS: tuple[MergeMethod, ...] = (
         fn=covariance.fisher,
         base="ignored",
         min_inputs=2,
-        summary="diagonal-Fisher-weighted average (needs calibration:)",
         params=(
             WEIGHT,
             ParamSpec(
@@ -82,7 +81,6 @@ DATA_AWARE_METHODS: tuple[MergeMethod, ...] = (
         fn=covariance.regmean,
         base="ignored",
         min_inputs=2,
-        summary="closed-form least squares per linear layer from input Grams; others averaged (needs calibration:)",
         params=(
             WEIGHT,
             ParamSpec(
@@ -111,7 +109,6 @@ DATA_AWARE_METHODS: tuple[MergeMethod, ...] = (
         base="required",
         min_inputs=1,
         max_inputs=1,
-        summary="Git Re-Basin weight matching of the model onto the base, then interpolation by t",
         params=(T, RESIDUAL, MAX_SWEEPS),
         extra={"prepare": _lazy("prepare_rebasin"), "models_only": True},
     ),
@@ -121,7 +118,6 @@ DATA_AWARE_METHODS: tuple[MergeMethod, ...] = (
         base="required",
         min_inputs=1,
         max_inputs=1,
-        summary="(re-based) interpolation with REPAIR's activation statistics restored (needs calibration:)",
         params=(
             T,
             RESIDUAL,

@@ -2,7 +2,7 @@
 
 Each entry declares its parameters (scope, default, bounds) and its contract (base model needed,
 number of inputs, randomness); the planner validates recipes against these declarations before
-any tensor is read, and the CLI help lists the names from here.
+any tensor is read. The one-line summaries the CLI help shows are in evomerge/method_summaries.py.
 """
 
 from __future__ import annotations
@@ -69,17 +69,13 @@ def _delta_cache(*fields: str) -> dict[str, tuple[str, ...]]:
     return {"delta_cache": fields}
 
 
-def _task_vector_method(
-    name, fn, *, extra=(), normalize=False, rescale=False, random=False, consensus=False, summary="", cache=()
-):
+def _task_vector_method(name, fn, *, extra=(), normalize=False, rescale=False, random=False, consensus=False, cache=()):
     params = (WEIGHT, DENSITY, *extra, LAMBDA, _normalize(normalize), _rescale(rescale), INT8_MASK)
     if consensus:
         params += (CONSENSUS,)
     if random:
         params += (RESCALE_NORM,)
-    return MergeMethod(
-        name=name, fn=fn, params=params, base="required", random=random, summary=summary, extra=_delta_cache(*cache)
-    )
+    return MergeMethod(name=name, fn=fn, params=params, base="required", random=random, extra=_delta_cache(*cache))
 
 
 _METHODS: tuple[MergeMethod, ...] = (
@@ -87,7 +83,6 @@ _METHODS: tuple[MergeMethod, ...] = (
         name="linear",
         fn=linear.linear,
         base="ignored",
-        summary="weighted average (model soup)",
         params=(ParamSpec("weight", float, "model", required=True, help="weight of this model"), _normalize(True)),
     ),
     MergeMethod(
@@ -96,14 +91,12 @@ _METHODS: tuple[MergeMethod, ...] = (
         base="required",
         min_inputs=1,
         max_inputs=1,
-        summary="spherical interpolation from the base (t=0) to the other model (t=1)",
         params=(ParamSpec("t", float, "global", required=True, help="interpolation factor"),),
     ),
     MergeMethod(
         name="task_arithmetic",
         fn=task_arithmetic.task_arithmetic,
         base="required",
-        summary="base + lambda * sum of weighted task vectors",
         params=(WEIGHT, LAMBDA, _normalize(False), INT8_MASK),
         extra=_delta_cache(),
     ),
@@ -112,7 +105,6 @@ _METHODS: tuple[MergeMethod, ...] = (
         task_arithmetic.ties,
         normalize=True,
         consensus=True,
-        summary="magnitude trim, sign election, disjoint mean",
         cache=("sorted_abs",),
     ),
     _task_vector_method(
@@ -121,20 +113,17 @@ _METHODS: tuple[MergeMethod, ...] = (
         rescale=True,
         random=True,
         consensus=True,
-        summary="random drop and rescale, sign election",
     ),
     _task_vector_method(
         "dare_linear",
         task_arithmetic.dare_linear,
         rescale=True,
         random=True,
-        summary="random drop and rescale, weighted sum",
     ),
     _task_vector_method(
         "breadcrumbs",
         task_arithmetic.breadcrumbs,
         extra=(GAMMA,),
-        summary="drop largest outliers and smallest entries, weighted sum",
         cache=("sorted_abs",),
     ),
     _task_vector_method(
@@ -142,7 +131,6 @@ _METHODS: tuple[MergeMethod, ...] = (
         task_arithmetic.breadcrumbs_ties,
         extra=(GAMMA,),
         consensus=True,
-        summary="breadcrumbs with sign election",
         cache=("sorted_abs",),
     ),
     _task_vector_method(
@@ -153,7 +141,6 @@ _METHODS: tuple[MergeMethod, ...] = (
         rescale=True,
         random=True,
         consensus=True,
-        summary="magnitude-ranked random drop, sign election",
         cache=("row_ranks",),
     ),
     _task_vector_method(
@@ -162,7 +149,6 @@ _METHODS: tuple[MergeMethod, ...] = (
         extra=(EPSILON,),
         rescale=True,
         random=True,
-        summary="magnitude-ranked random drop, weighted sum",
         cache=("row_ranks",),
     ),
     MergeMethod(
@@ -170,7 +156,6 @@ _METHODS: tuple[MergeMethod, ...] = (
         fn=model_stock.model_stock,
         base="required",
         min_inputs=2,
-        summary="interpolate base -> mean of fine-tunes by their task-vector angle",
         params=(
             ParamSpec("filter_wise", bool, "global", default=False, help="one ratio per row"),
             ParamSpec("clamp_t", bool, "global", default=True, help="clamp the ratio to [0, 1] (mergekit does not)"),
@@ -182,7 +167,6 @@ _METHODS: tuple[MergeMethod, ...] = (
         base="ignored",
         min_inputs=1,
         max_inputs=1,
-        summary="copy one source (layer stacking), optionally scaled",
         params=(ParamSpec("scale", float, "model", default=None, help="multiply this tensor"),),
     ),
     MergeMethod(
@@ -192,7 +176,6 @@ _METHODS: tuple[MergeMethod, ...] = (
         min_inputs=1,
         max_inputs=1,
         random=True,
-        summary="keep the other model's changes where they are important",
         params=(),
     ),
 )
