@@ -28,12 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
 def run_seed(space: Path, seed: int, work: Path) -> dict:
     run_dir = work / f"seed{seed}"
     started = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "evomerge.cli", "search", str(space), "--run-dir", str(run_dir), "--seed", str(seed)],
-        check=True,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-    )
+    command = [sys.executable, "-m", "evomerge.cli", "search", str(space), "--run-dir", str(run_dir)]
+    done = subprocess.run([*command, "--seed", str(seed)], cwd=REPO, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"seed {seed} failed ({done.returncode}):\n{done.stderr[-2000:]}")
     seconds = time.perf_counter() - started
     summary = json.loads((run_dir / "summary.json").read_text())
     report = summary["splits"]["report"]
