@@ -109,8 +109,7 @@ class ToyFitnessWorker:
     def _window(self, candidate: Candidate, values: torch.Tensor) -> EvalResult:
         """Staged evaluation: item i of a task is solved iff the smooth metric p beats the item's fixed
         difficulty, so the mean over all N = limit (default 200) items is close to p."""
-        from evomerge.scoring.lm_tasks import task_seed
-        from evomerge.search.fidelity import window_items
+        from evomerge.scoring.lm_tasks import task_seed, window_items
 
         payload = candidate.payload
         metrics: dict[str, float] = {}

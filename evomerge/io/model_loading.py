@@ -32,7 +32,7 @@ def load_model_and_tokenizer(path: Path, device: str = "cpu", dtype: str = "floa
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from evomerge.scoring.lm_tasks import quiet_offline_env
+    from evomerge.io.tasks import quiet_offline_env
 
     quiet_offline_env()
     hf_logging.set_verbosity_error()

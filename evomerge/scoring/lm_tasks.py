@@ -10,29 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evomerge.errors import EvomergeError
-from evomerge.io.paths import tasks_dir
-
-SPLITS = ("train", "validation", "test")
-SPLIT_KEYS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
-
-
-def quiet_offline_env() -> None:
-    """No hub access at run time, and no progress-bar noise from the HF libraries."""
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(key, "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import datasets
-
-    datasets.disable_progress_bars()
+from evomerge.io.tasks import build_tasks
 
 
 def quiet_lm_eval_logs() -> None:
@@ -43,16 +27,6 @@ def quiet_lm_eval_logs() -> None:
     logger = logging.getLogger("lm_eval")
     if logger.level != logging.ERROR:
         logger.setLevel(logging.ERROR)
-
-
-@contextlib.contextmanager
-def _cwd(path: Path) -> Iterator[None]:
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 @dataclass
@@ -70,40 +44,11 @@ class LoadedTasks:
         return len(self.task_dict["tasks"][name].eval_docs)
 
 
-def task_manager(include_paths: Sequence[Path] = ()):
-    """A TaskManager over our tasks/ folder (+ user folders), without lm-eval's 17 s default index."""
-    from lm_eval.tasks import TaskManager
-
-    paths = [str(tasks_dir())] + [str(Path(p).resolve()) for p in include_paths]
-    return TaskManager(include_path=paths, include_defaults=False)
-
-
 def load_tasks(names: Sequence[str], split: str = "test", include_paths: Sequence[Path] = ()) -> LoadedTasks:
-    """Build the named tasks so that they score `split`.
-
-    Relative `data_files` in a task YAML are resolved against the YAML's own folder, so task folders
-    work from any working directory (lm-eval itself resolves them against the CWD).
-    """
-    quiet_offline_env()
-    if split not in SPLITS:
-        raise EvomergeError(f"split: unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    manager = task_manager(include_paths)
-    merged: dict[str, Any] = {"tasks": {}, "groups": {}, "group_map": {}}
-    for name in names:
-        entry = manager.task_index.get(name)
-        if entry is None:
-            raise EvomergeError(
-                f"tasks: unknown lm-eval task {name!r}; known here: {', '.join(manager.all_subtasks) or 'none'}"
-                " (add a folder of task YAMLs with --include-path)"
-            )
-        folder = Path(entry.yaml_path).parent if entry.yaml_path else Path.cwd()
-        with _cwd(folder):
-            loaded = manager.load([name])
-        for key in merged:
-            merged[key].update(loaded[key])
-    for name, task in merged["tasks"].items():
-        _select_split(task, name, split)
-        task.set_config(key="num_fewshot", value=0)
+    """Build the named tasks so that they score `split` (`evomerge.io.tasks.build_tasks`), with
+    their docs held as plain lists and their requests and results cached for every candidate."""
+    merged = build_tasks(names, split, include_paths)
+    for task in merged["tasks"].values():
         _materialize_docs(task)
         task.build_all_requests = RequestCache(task)
         if isinstance(task.dataset[task.config.test_split], list):
@@ -180,14 +125,6 @@ def _materialize_docs(task: Any) -> None:
         task.dataset[key] = list(task.dataset[key])
 
 
-def _select_split(task: Any, name: str, split: str) -> None:
-    """Make lm-eval's eval_docs (which prefers test_split) return `split`."""
-    configured = getattr(task.config, SPLIT_KEYS[split])
-    if configured is None or configured not in task.dataset:
-        raise EvomergeError(f"split: task {name!r} has no {split} split; its YAML must set {SPLIT_KEYS[split]}")
-    task.set_config(key="test_split", value=configured)
-
-
 def seeded_subset(size: int, limit: int | None, seed: int) -> list[int] | None:
     """A fixed random subset of item indices (sorted), or None for all items."""
     if limit is None or limit >= size:
@@ -225,6 +162,14 @@ def task_samples(
     return samples or None
 
 
+def window_items(items: Sequence[int], window: Sequence[int | None], seed: int) -> list[int]:
+    """The item indices at positions [start, stop) of `items` shuffled with `seed` (a fixed order)."""
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    start, stop = window
+    return order[int(start or 0) : None if stop is None else int(stop)]
+
+
 def window_samples(
     tasks: LoadedTasks,
     limits: dict[str, int | None],
@@ -234,8 +179,6 @@ def window_samples(
 ) -> tuple[dict[str, list[int]], dict[str, int]]:
     """Staged evaluation: per task, positions [start, stop) of its search items (the `limit` subset,
     or every item) in a fixed seeded order; and each task's item count (what the last stage reaches)."""
-    from evomerge.search.fidelity import window_items
-
     full = task_samples(tasks, limits, subset_seed) or {}
     samples, totals = {}, {}
     for name in tasks.names:

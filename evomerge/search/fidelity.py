@@ -16,7 +16,6 @@ a resumed run makes the same decisions.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,14 +25,6 @@ def stage_windows(stages: Sequence[int]) -> list[tuple[int, int | None]]:
     """[(0, n_1), (n_1, n_2), ..., (n_last, None)]: positions each stage adds (None: to the end)."""
     bounds = [0, *stages]
     return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False)] + [(bounds[-1], None)]
-
-
-def window_items(items: Sequence[int], window: Sequence[int | None], seed: int) -> list[int]:
-    """The item indices at positions [start, stop) of `items` shuffled with `seed` (a fixed order)."""
-    order = list(items)
-    random.Random(seed).shuffle(order)
-    start, stop = window
-    return order[int(start or 0) : None if stop is None else int(stop)]
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ class FitnessWorker:
     ):
         import torch
 
-        from evomerge.scoring.lm_tasks import quiet_offline_env
+        from evomerge.io.tasks import quiet_offline_env
 
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)

@@ -142,13 +142,12 @@ def _jsonl_examples(path: Path, where: str) -> list[tuple[str, str]]:
 
 
 def _task_examples(name: str, split: str, where: str) -> list[tuple[str, str]]:
-    from evomerge.scoring.lm_tasks import load_tasks
+    from evomerge.io.tasks import build_tasks
 
     try:
-        loaded = load_tasks([name], split)
+        task = build_tasks([name], split)["tasks"][name]
     except EvomergeError as exc:
         raise EvomergeError(f"{where}: {exc}") from None
-    task = loaded.task_dict["tasks"][name]
     delimiter = getattr(task.config, "target_delimiter", " ") or ""
     out = []
     for doc in task.eval_docs:
