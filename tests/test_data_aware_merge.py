@@ -305,7 +305,8 @@ def test_missing_calibration_file_is_one_line(mini_zoo, tmp_path):
 
 
 def test_search_space_can_use_data_aware_methods(mini_zoo):
-    from evomerge.merge.plan import ModelCatalog, plan_merge
+    from evomerge.merge.jobs import ModelCatalog
+    from evomerge.merge.plan import plan_merge
     from evomerge.search.space import SearchSpace, parse_space
 
     calibration = {"task": "toy_add", "examples": 8, "seq_len": 16}

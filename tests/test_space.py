@@ -14,7 +14,8 @@ import torch
 from search_worker import make_models, write_space
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.plan import ModelCatalog, plan_merge
+from evomerge.merge.jobs import ModelCatalog
+from evomerge.merge.plan import plan_merge
 from evomerge.merge.recipe import dump_recipe, loads_recipe
 from evomerge.search.space import SearchSpace, Step, load_space, parse_space, path_from_recipe, path_to_recipe
 

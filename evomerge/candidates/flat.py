@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import torch
 
 from evomerge.candidates.fused import _METHODS, _kernel, _scalars, job_flags, packed_scalars
+from evomerge.merge.jobs import MergePlan, TensorJob
 from evomerge.merge.methods.base import DeltaCache
 from evomerge.merge.methods.sparsify import stable_row_ranks, uniform_like
-from evomerge.merge.plan import MergePlan, TensorJob
 
 MAX_LAYOUTS = 2
 # Above this the whole-model passes stop fitting in cache and the per-tensor eager path, which

@@ -32,9 +32,9 @@ from typing import Literal
 
 import torch
 
+from evomerge.merge.jobs import MergePlan, TensorJob
 from evomerge.merge.methods.base import DeltaCache
 from evomerge.merge.methods.sparsify import della_ramp, topk_count, uniform_like
-from evomerge.merge.plan import MergePlan, TensorJob
 
 log = logging.getLogger(__name__)
 

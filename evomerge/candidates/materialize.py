@@ -35,7 +35,8 @@ from evomerge.candidates.flat import FlatTaskVectors
 from evomerge.candidates.fused import DrawStore, FusedTaskVectors, KernelMode, fused_available, kernel_mode
 from evomerge.candidates.resident import DeltaStore, ResidentModel, ResidentSource, build_module
 from evomerge.candidates.stacked import build_stacked, layer_input_scales
-from evomerge.merge.plan import MergePlan, ModelCatalog, PlanCache, TensorJob
+from evomerge.merge.jobs import MergePlan, ModelCatalog, TensorJob
+from evomerge.merge.plan import PlanCache
 from evomerge.merge.recipe import Recipe, parse_recipe
 from evomerge.merge.runner import run_plan
 

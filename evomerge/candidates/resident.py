@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from evomerge.io.checkpoint import CheckpointReader
+from evomerge.merge.jobs import MergePlan, TensorJob, TensorRef
 from evomerge.merge.methods.base import DeltaCache
 from evomerge.merge.methods.sparsify import stable_row_ranks
-from evomerge.merge.plan import MergePlan, TensorJob, TensorRef
 
 
 def build_module(config: dict[str, Any], device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:

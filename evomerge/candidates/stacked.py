@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from evomerge.candidates.resident import ResidentModel
-from evomerge.merge.plan import MergePlan
+from evomerge.merge.jobs import MergePlan
 
 # Families whose stacked module layout (`<prefix>N` layers with a layer_idx) is tested here.
 STACKABLE_FAMILIES = ("llama",)

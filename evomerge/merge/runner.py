@@ -30,8 +30,8 @@ from evomerge.io.checkpoint import (
     shard_layout,
     write_index,
 )
+from evomerge.merge.jobs import MergePlan, TensorJob, TensorRef
 from evomerge.merge.methods.base import DeltaCache, MethodCall
-from evomerge.merge.plan import MergePlan, TensorJob, TensorRef
 from evomerge.merge.recipe import dump_recipe
 
 RECIPE_FILE = "mergekit_config.yml"
@@ -371,7 +371,8 @@ def merge_from_file(
     """`evomerge merge`: validate, plan, then stream the merge into OUT_DIR (atomically)."""
     from evomerge.errors import EvomergeError
     from evomerge.io.checkpoint import check_output_dir, parse_size
-    from evomerge.merge.plan import ModelCatalog, plan_merge
+    from evomerge.merge.jobs import ModelCatalog
+    from evomerge.merge.plan import plan_merge
     from evomerge.merge.recipe import load_recipe
 
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):

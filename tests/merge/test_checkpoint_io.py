@@ -256,7 +256,8 @@ models: [{{model: {tied}, parameters: {{weight: 0.5}}}}]
 def test_resident_sources_are_never_modified(llama_zoo):
     """A source that hands out the same tensors every time (as a search worker's resident store
     does) must give identical results on repeated merges."""
-    from evomerge.merge.plan import ModelCatalog, plan_merge
+    from evomerge.merge.jobs import ModelCatalog
+    from evomerge.merge.plan import plan_merge
     from evomerge.merge.recipe import loads_recipe
     from evomerge.merge.runner import CheckpointSource, compute_tensor
 
@@ -344,8 +345,9 @@ models: [{{model: {llama_zoo["ft1"]}, parameters: {{weight: 1}}}}]
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della_linear", "breadcrumbs_ties"])
 def test_bf16_inputs_match_fp32_math(tmp_path, llama_zoo, method):
     """Low-precision inputs enter the task-vector math upcast exactly, whatever path loads them."""
+    from evomerge.merge.jobs import ModelCatalog
     from evomerge.merge.methods import MethodCall, get_method
-    from evomerge.merge.plan import ModelCatalog, plan_merge
+    from evomerge.merge.plan import plan_merge
     from evomerge.merge.recipe import loads_recipe
 
     models = {

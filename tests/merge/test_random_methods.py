@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from evomerge.merge.jobs import ModelCatalog
 from evomerge.merge.methods import make_generator
 from evomerge.merge.methods.sparsify import bernoulli_drop, della_keep_probabilities, della_magprune
-from evomerge.merge.plan import ModelCatalog, plan_merge
+from evomerge.merge.plan import plan_merge
 from evomerge.merge.recipe import loads_recipe
 from evomerge.merge.runner import CheckpointSource, compute_tensor, merge_from_file
 

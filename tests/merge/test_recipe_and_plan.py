@@ -8,7 +8,8 @@ import pytest
 from conftest import fake_llama
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.plan import ModelCatalog, plan_merge
+from evomerge.merge.jobs import ModelCatalog
+from evomerge.merge.plan import plan_merge
 from evomerge.merge.recipe import (
     evaluate_setting,
     interpolate_gradient,

@@ -21,7 +21,7 @@ from evomerge.merge.data_aware.calibration import CalibrationConfig, TokenBatch,
 from evomerge.merge.data_aware.permutation import PermutationSpec, apply_permutation, permutation_spec, weight_matching
 from evomerge.merge.data_aware.repair import Fold, gpt2_points, llama_points, module_name, repair_folds
 from evomerge.merge.data_aware.statistics import InputStatistics, collect_fisher, collect_grams, linear_modules
-from evomerge.merge.plan import MergePlan, ModelInfo, TensorJob, TensorRef
+from evomerge.merge.jobs import MergePlan, ModelInfo, TensorJob, TensorRef
 
 STATISTICS_VERSION = 1  # bump when the estimators change, so old cache entries are not reused
 

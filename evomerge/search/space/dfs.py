@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.plan import ModelInfo
+from evomerge.merge.jobs import ModelInfo
 from evomerge.merge.recipe import Recipe, evaluate_setting, parse_recipe
 from evomerge.search.space.config import DFSConfig
 from evomerge.search.space.genes import Gene

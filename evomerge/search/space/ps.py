@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
+from evomerge.merge.jobs import ModelInfo
 from evomerge.merge.methods.registry import get_method
-from evomerge.merge.plan import ModelInfo
 from evomerge.merge.recipe import Recipe, parse_recipe
 from evomerge.search.space.config import PSConfig
 from evomerge.search.space.genes import Gene

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.plan import ModelCatalog, ModelInfo, plan_merge
+from evomerge.merge.jobs import ModelCatalog, ModelInfo
+from evomerge.merge.plan import plan_merge
 from evomerge.merge.recipe import Recipe
 from evomerge.search.space.config import SpaceConfig, load_space_config
 from evomerge.search.space.dfs import DFSLayout
