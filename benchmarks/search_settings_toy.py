@@ -46,7 +46,8 @@ def merged(data: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
 
 def run_setting(override: Mapping[str, Any], seed: int, budget: int, run_dir: Path) -> dict[str, Any]:
     """One PS search with one local worker; the final recipe's search, validation and test scores."""
-    from evomerge.search.driver import Search, local_or_ray_executor, start_run
+    from evomerge.search.driver import Search
+    from evomerge.search.entry import local_or_ray_executor, start_run
     from evomerge.search.run import RunDir
     from evomerge.search.space import SearchSpace, load_space_config, parse_space
     from evomerge.zoo.models import verify_zoo

@@ -88,6 +88,16 @@ class SearchClock:
         if record is not None and record["phase"] == "search":
             self._last = time.perf_counter()
 
+    # the search's display: opened once per stage (a PS+DFS run has two)
+    def __enter__(self) -> SearchClock:
+        return self
+
+    def start(self, progress: Any) -> None:
+        self.start_stage()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.end_stage()
+
 
 def evomerge_config(system: str, seed: int, budget: int) -> tuple[Any, Path]:
     """The space a `evomerge search SPACE --seed S --max-evals N [--optimizer random]` would run."""
@@ -108,34 +118,14 @@ def evomerge_config(system: str, seed: int, budget: int) -> tuple[Any, Path]:
 
 def run_evomerge(system: str, seed: int, budget: int, run_dir: Path) -> dict[str, Any]:
     """evomerge's own driver with one local worker (the CLI default), timing the search phases."""
-    from evomerge.search.driver import Search, local_or_ray_executor, start_run
+    from evomerge.search.entry import local_or_ray_executor, new_search
     from evomerge.search.run import RunDir
-    from evomerge.search.space import SearchSpace
-    from evomerge.search.staged import resolve_staged, run_staged
     from evomerge.zoo.models import verify_zoo
 
     config, root = evomerge_config(system, seed, budget)
     verify_zoo(root / config.zoo.path, seed=config.zoo.seed, mini=config.zoo.mini)
-    factory = local_or_ray_executor(1, None)
     clock = SearchClock()
-    run = RunDir(run_dir)
-
-    def drive(space: SearchSpace, stage_run: RunDir) -> dict[str, Any]:
-        clock.start_stage()
-        search = Search(stage_run, space, factory, observer=clock)
-        try:
-            search.search()
-            clock.end_stage()
-            return search.finish()
-        finally:
-            search.close()
-
-    if config.kind == "ps+dfs":
-        summary = run_staged(run, resolve_staged(config, root), drive, new=True)
-    else:
-        space = SearchSpace(config, root=root)
-        start_run(space, run)
-        summary = drive(space, run)
+    summary = new_search(config, root, RunDir(run_dir), local_or_ray_executor(1, None), display=lambda name: clock)
     return evomerge_record(summary, clock.seconds, run_dir)
 
 

@@ -200,13 +200,13 @@ def test_an_error_after_the_run_exists_ends_with_the_resume_command(root, tmp_pa
 def test_resume_shows_its_title_what_is_journaled_and_what_is_left_before_the_worker_starts(
     root, tmp_path, capsys, monkeypatch
 ):
-    import evomerge.search.driver
+    import evomerge.search.entry
 
     run_dir = tmp_path / "run"
     run_search(space(root), run_dir, workers=None, ray_address=None, max_evals=None, seed=None, echo=print)
     capsys.readouterr()
     shown_at_start: list[str] = []
-    make_factory = evomerge.search.driver.local_or_ray_executor
+    make_factory = evomerge.search.entry.local_or_ray_executor
 
     def factory_spy(workers, ray_address):
         factory = make_factory(workers, ray_address)
@@ -217,7 +217,7 @@ def test_resume_shows_its_title_what_is_journaled_and_what_is_left_before_the_wo
 
         return build
 
-    monkeypatch.setattr(evomerge.search.driver, "local_or_ray_executor", factory_spy)
+    monkeypatch.setattr(evomerge.search.entry, "local_or_ray_executor", factory_spy)
     run_resume(run_dir, max_evals=26, workers=None, ray_address=None, echo=print)  # 4 whole generations of 6
     header = shown_at_start[0].splitlines()[0]
     assert header == "evomerge resume: run: 12 of 24 evaluations (4 generations of 6) journaled, 12 to go"

@@ -94,7 +94,8 @@ def staged_run(root) -> Path:
 @pytest.fixture(scope="module")
 def partial_run(root) -> Path:
     """A search stopped (as by Ctrl-C) after 9 of 24 evaluations: journal and best.yaml, no summary."""
-    from evomerge.search.driver import Search, local_or_ray_executor, start_run
+    from evomerge.search.driver import Search
+    from evomerge.search.entry import local_or_ray_executor, start_run
 
     class Stop(Exception):
         pass
@@ -296,7 +297,7 @@ def test_cli_refuses_what_is_not_a_run_and_writes_nothing(ps_run, tmp_path, case
 
 def test_a_run_without_evaluations_is_an_error(root, tmp_path):
     space = SearchSpace(load_space_config(write_space(root / "empty.yaml", PS_SPACE.format(max_evals=6))), root=root)
-    from evomerge.search.driver import start_run
+    from evomerge.search.entry import start_run
 
     start_run(space, RunDir(tmp_path / "run"))
     with pytest.raises(EvomergeError, match="has no evaluations yet"):

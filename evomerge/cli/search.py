@@ -163,7 +163,7 @@ def run_search(
     run.check_new()
     read_text(Path(space_path), "search space")  # a missing file is reported before torch is imported
 
-    from evomerge.search.space import SearchSpace, load_space_config, parse_space
+    from evomerge.search.space import load_space_config, parse_space
 
     config = load_space_config(space_path)
     update: dict[str, Any] = {}
@@ -183,18 +183,12 @@ def run_search(
             from evomerge.zoo.models import verify_zoo
 
             verify_zoo(root / config.zoo.path, seed=config.zoo.seed, mini=config.zoo.mini)
-        if config.kind == "ps+dfs":
-            from evomerge.search.staged import resolve_staged
+        from evomerge.search.entry import new_search
 
-            resolved = resolve_staged(config, root)
-            with _saved_run(run, resume):
-                return _staged("search", run, resolved, factory, echo, new=True, max_evals=None)
-        from evomerge.search.driver import start_run
-
-        space = SearchSpace(config, root=root)
-        start_run(space, run)
         with _saved_run(run, resume):
-            return _drive("search", space, run, factory, echo)
+            summary = new_search(config, root, run, factory, display=_display("search"))
+    _print_summary(summary, echo)
+    return summary
 
 
 def run_resume(
@@ -206,20 +200,15 @@ def run_resume(
     if max_evals is not None and max_evals < 1:
         raise EvomergeError("--max-evals: must be >= 1")
 
-    from evomerge.search.driver import set_max_evals
-    from evomerge.search.space import SearchSpace, load_space_config
+    from evomerge.search.entry import resume_search
+    from evomerge.search.space import load_space_config
 
     config = load_space_config(run.space_file)
     resume = _resume_command(run, workers, ray_address)
-    with _evaluation_backend(workers, ray_address) as factory:
-        if config.kind == "ps+dfs":
-            with _saved_run(run, resume):
-                return _staged("resume", run, config, factory, echo, new=False, max_evals=max_evals)
-        space = SearchSpace(config, root=run.path.resolve())
-        if max_evals is not None:
-            set_max_evals(space, run, max_evals)
-        with _saved_run(run, resume):
-            return _drive("resume", space, run, factory, echo)
+    with _evaluation_backend(workers, ray_address) as factory, _saved_run(run, resume):
+        summary = resume_search(run, factory, config=config, max_evals=max_evals, display=_display("resume"))
+    _print_summary(summary, echo)
+    return summary
 
 
 def _check_workers(workers: int | None) -> None:
@@ -260,7 +249,7 @@ def _evaluation_backend(workers: int | None, ray_address: str | None) -> Iterato
     """The executor factory of the run. A cluster named by --ray-address is joined and checked
     against --workers now, before the run directory exists, so a wrong address leaves nothing
     behind; a private local Ray instance (--workers N) starts with the first evaluation."""
-    from evomerge.search.driver import local_or_ray_executor
+    from evomerge.search.entry import local_or_ray_executor
     from evomerge.workers.ray_cluster import is_local_address
 
     owned = ray_address is not None and not is_local_address(ray_address) and _join_cluster(ray_address, workers)
@@ -301,32 +290,9 @@ def _join_cluster(address: str, workers: int | None) -> bool:
     return owned
 
 
-def _drive(
-    command: str, space: Any, run: RunDir, factory: Any, echo: Any, *, quiet: bool = False, name: str | None = None
-) -> dict[str, Any]:
-    from evomerge.search.driver import Search
-
-    with SearchDisplay(command, name or run.path.name) as display:
-        search = Search(run, space, factory, observer=display)
-        display.start(search.progress)
-        summary = search.run_all()
-    if not quiet:
-        _print_summary(summary, echo)
-    return summary
-
-
-def _staged(
-    command: str, run: RunDir, config: Any, factory: Any, echo: Any, *, new: bool, max_evals: int | None
-) -> dict[str, Any]:
-    from evomerge.search.staged import run_staged
-
-    def drive(space: Any, stage_run: RunDir) -> dict[str, Any]:
-        name = f"{run.path.name}/{stage_run.path.name}"
-        return _drive(command, space, stage_run, factory, echo, quiet=True, name=name)
-
-    summary = run_staged(run, config, drive, new=new, max_evals=max_evals)
-    _print_summary(summary, echo)
-    return summary
+def _display(command: str) -> Any:
+    """The live display of each search the command runs (one per stage of a PS+DFS run)."""
+    return lambda name: SearchDisplay(command, name)
 
 
 def run_export(run_dir: Path, out: Path, *, merge_dir: Path | None, pick: int | None = None, echo: Any = print) -> None:
@@ -361,8 +327,8 @@ def run_export(run_dir: Path, out: Path, *, merge_dir: Path | None, pick: int | 
 
 def _front_recipe(run: RunDir, pick: int) -> tuple[Any, str]:
     """Entry `pick` (0-based, as `evomerge report` lists them) of the run's Pareto front."""
+    from evomerge.merge.recipe import parse_recipe_text
     from evomerge.report.data import front_file, load_pareto
-    from evomerge.search.driver import parse_recipe_text
     from evomerge.search.run import PARETO_FILE
 
     path = front_file(run.path)

@@ -219,6 +219,11 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
         raise EvomergeError(message if source == "recipe" else f"{message} (in {source})") from None
 
 
+def parse_recipe_text(text: str, *, source: str = "journal recipe") -> Recipe:
+    """A recipe from the YAML text a run directory stores (journal records, pareto.json)."""
+    return parse_recipe(yaml.safe_load(text), source=source)
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read a YAML recipe safely (no arbitrary object construction)."""
     path = Path(path)

@@ -26,7 +26,7 @@ from evomerge.search.space.config import load_space_config
 from evomerge.search.space.dfs import path_from_recipe
 from evomerge.search.space.ps import model_labels
 
-STAGES = ("ps", "dfs")  # sub-runs of a PS+DFS run, in the order they ran (evomerge/search/staged.py)
+STAGES = ("ps", "dfs")  # sub-runs of a PS+DFS run, in the order they ran (evomerge/search/entry.py)
 
 
 # -- the run ------------------------------------------------------------------------------------------

@@ -24,16 +24,17 @@ from __future__ import annotations
 import datetime as _dt
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.recipe import Recipe, dump_recipe, parse_recipe
+from evomerge.merge.recipe import Recipe, dump_recipe, parse_recipe_text
 from evomerge.scoring.confidence import weighted_ci95
-from evomerge.search.fidelity import Estimate, estimate, items_scored, merge_items, stage_windows, still_racing
+from evomerge.search.fidelity import items_scored
 from evomerge.search.objectives import PARETO_FILE, Objectives
 from evomerge.search.optimizers import make_optimizer
 from evomerge.search.payload import cache_key, derive_seed, make_payload, recipe_sha, sha256, source_recipe
+from evomerge.search.racing import race
 from evomerge.search.run import (
     BEST_FILE,
     FINAL_FILE,
@@ -43,9 +44,8 @@ from evomerge.search.run import (
     SPACE_FILE,
     SUMMARY_FILE,
     RunDir,
-    read_journal,
 )
-from evomerge.search.space import SearchSpace, dump_space_config
+from evomerge.search.space import SearchSpace
 from evomerge.workers.candidate import Candidate, EvalResult, WorkerSpec
 
 ExecutorFactory = Callable[[WorkerSpec, float, "float | None"], Any]
@@ -158,7 +158,7 @@ class Search:
             items = [self._search_item(generation, i, g) for i, g in enumerate(genomes)]
             self._check_replay(items)
             journaled = len(self.records)
-            records = self.evaluate_staged(items) if self.cfg.fidelity else self.evaluate(items)
+            records = race(self, items) if self.cfg.fidelity else self.evaluate(items)
             optimizer.tell(genomes, self._told_values(optimizer, records))
             if len(self.records) > journaled:  # a replayed generation leaves pareto.json as it is
                 self.write_pareto()
@@ -249,84 +249,6 @@ class Search:
                 for follower in followers[key]:
                     self._journal(follower, key, source=record)
         return [self.records[item.eval_id] for item in items]
-
-    def evaluate_staged(self, items: list[Item]) -> list[dict[str, Any]]:
-        """A generation raced over the fidelity stages (evomerge.search.fidelity): stage records
-        (`g0003-02/s1`, phase "stage", with per-item scores) are journaled, then one search record
-        per candidate whose metrics and fitness come from every item it scored."""
-        fidelity = self.cfg.fidelity
-        assert fidelity is not None
-        weights = {t.name: t.weight for t in self.cfg.tasks}
-        scores: dict[str, dict[str, dict[int, float]]] = {item.eval_id: {} for item in items}
-        totals: dict[str, dict[str, int]] = {}
-        stages: dict[str, list[dict[str, Any]]] = {item.eval_id: [] for item in items}
-        estimates: dict[str, Estimate] = {}
-        racing = [item for item in items if item.recipe is not None]
-        windows = stage_windows(fidelity.stages)
-        for number, window in enumerate(windows):
-            stage_items = [
-                replace(item, eval_id=f"{item.eval_id}/s{number}", phase="stage", window=window) for item in racing
-            ]
-            for item, record in zip(racing, self.evaluate(stage_items), strict=True):
-                stages[item.eval_id].append(record)
-                if record["status"] != "ok":
-                    estimates.pop(item.eval_id, None)
-                    continue
-                if "items" not in record:
-                    raise EvomergeError(
-                        f"worker.factory: {self.cfg.worker.factory} answered a staged evaluation "
-                        "without per-item scores; fidelity needs a worker that scores windows"
-                    )
-                merge_items(scores[item.eval_id], record["items"])
-                totals[item.eval_id] = {t: int(record["metrics"].get(f"{t}/n_full", 0)) for t in weights}
-                estimates[item.eval_id] = estimate(
-                    {t: list(v.values()) for t, v in scores[item.eval_id].items()}, totals[item.eval_id], weights
-                )
-            racing = [item for item in racing if stages[item.eval_id][-1]["status"] == "ok"]
-            if number < len(windows) - 1:
-                keep = still_racing(estimates, fidelity.z, fidelity.rank)  # the bar counts finished ones too
-                racing = [item for item in racing if item.eval_id in keep]
-        for item in items:
-            if item.eval_id in self.records:
-                continue
-            if item.recipe is None:
-                self._journal(item, None, status="failed", reason=item.error)
-            elif item.eval_id not in estimates:
-                failed = stages[item.eval_id][-1]
-                self._journal(item, None, status="failed", reason=failed["reason"])
-            else:
-                self._journal_staged(
-                    item, stages[item.eval_id], scores[item.eval_id], totals[item.eval_id], estimates[item.eval_id]
-                )
-        return [self.records[item.eval_id] for item in items]
-
-    def _journal_staged(
-        self,
-        item: Item,
-        stages: list[dict[str, Any]],
-        scores: dict[str, dict[int, float]],
-        totals: dict[str, int],
-        est: Estimate,
-    ) -> dict[str, Any]:
-        metrics: dict[str, float] = {}
-        for task in self.cfg.tasks:
-            values = list(scores.get(task.name, {}).values())
-            metrics[f"{task.name}/{task.metric}"] = sum(values) / len(values) if values else 0.0
-            metrics[f"{task.name}/n"] = float(len(values))
-            metrics[f"{task.name}/n_full"] = float(totals.get(task.name, 0))
-        fidelity = self.cfg.fidelity
-        assert fidelity is not None
-        result = EvalResult.success(item.eval_id, est.fitness, metrics)
-        result.seconds = sum(r["seconds"] for r in stages)
-        result.attempts = 0
-        staged = {
-            "stages": [r["eval_id"] for r in stages],
-            "complete": est.complete,
-            "se": est.se,
-            "upper": est.upper(fidelity.z),
-            "lower": est.lower(fidelity.z),
-        }
-        return self._journal(item, None, result=result, counted=False, extra={"fidelity": staged})
 
     def _executor_or_start(self) -> Any:
         if self._executor is None:
@@ -552,67 +474,6 @@ class Search:
             "seed": self.cfg.seed,
             "space": SPACE_FILE,
         }
-
-
-def parse_recipe_text(text: str) -> Recipe:
-    import yaml
-
-    return parse_recipe(yaml.safe_load(text), source="journal recipe")
-
-
-# -- entry points used by the CLI ------------------------------------------------------------------
-
-
-def start_run(space: SearchSpace, run: RunDir) -> None:
-    run.create()
-    run.write_text(SPACE_FILE, dump_space_config(space.config))
-
-
-def set_max_evals(space: SearchSpace, run: RunDir, max_evals: int) -> SearchSpace:
-    """`resume --max-evals`: a new total budget, never below the generations already started."""
-    done = sum(r["phase"] == "search" for r in read_journal(run.journal_file))
-    least = -(-done // space.popsize) * space.popsize
-    if max(1, max_evals // space.popsize) * space.popsize < least:
-        raise EvomergeError(
-            f"--max-evals: {run.path} has {done} search evaluations journaled (popsize {space.popsize}); "
-            f"it is the total budget, so pass at least {least}"
-        )
-    budget = space.config.budget.model_copy(update={"max_evals": max_evals})
-    space.config = space.config.model_copy(update={"budget": budget})
-    run.write_text(SPACE_FILE, dump_space_config(space.config))
-    return space
-
-
-def local_or_ray_executor(
-    workers: int | None, ray_address: str | None, ray_temp_dir: str | None = None
-) -> ExecutorFactory:
-    """`--workers` and `--ray-address` as the CLI documents them.
-
-    Without an address: one in-process worker (`workers` None or 1), or a private local Ray
-    instance of `workers` actors. With one: `workers` actors, by default one per GPU of the
-    cluster, or one per CPU on a CPU-only cluster (`plan_pool` says why)."""
-
-    def factory(spec: WorkerSpec, penalty: float, timeout: float | None) -> Any:
-        if ray_address is None and workers in (None, 1):
-            from evomerge.workers.executors import LocalExecutor
-
-            return LocalExecutor(spec, penalty=penalty, timeout=timeout, torch_threads=1)
-        from evomerge.workers.executors import RayExecutor
-        from evomerge.workers.ray_cluster import PoolSizeError
-
-        try:
-            return RayExecutor(
-                spec,
-                n_workers=workers,
-                ray_address=ray_address,
-                ray_temp_dir=ray_temp_dir,
-                penalty=penalty,
-                timeout=timeout,
-            )
-        except PoolSizeError as exc:
-            raise EvomergeError(f"--workers: {exc}") from None
-
-    return factory
 
 
 def journal_genomes(records: Iterable[dict[str, Any]]) -> list[tuple[str, list[float] | None, float]]:

@@ -69,7 +69,7 @@ class Objectives:
         key = record["recipe_sha"]
         if key not in self._measures:
             from evomerge.merge.plan import plan_merge
-            from evomerge.search.driver import parse_recipe_text
+            from evomerge.merge.recipe import parse_recipe_text
 
             plan = plan_merge(parse_recipe_text(record["recipe"]), self.catalog)
             self._measures[key] = {"size": float(plan.parameters), "path_length": float(len(plan.layer_sources))}
