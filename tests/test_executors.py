@@ -138,6 +138,15 @@ def test_worker_spec_accepts_a_dotted_factory_name() -> None:
         WorkerSpec("no_colon_here").resolve_factory()
 
 
+def test_the_default_worker_keeps_its_old_import_path() -> None:
+    """Search spaces and run directories written before the package split name the old path."""
+    from evomerge.search.space.config import DEFAULT_WORKER
+    from evomerge.workers.fitness import FitnessWorker
+
+    assert DEFAULT_WORKER == "evomerge.workers.fitness:FitnessWorker"
+    assert WorkerSpec("evomerge.evaluation.fitness:FitnessWorker").resolve_factory() is FitnessWorker
+
+
 def test_pool_plan_is_one_actor_per_gpu_else_per_cpu() -> None:
     gpu = plan_pool({"CPU": 64.0, "GPU": 8.0})
     assert (gpu.n_workers, gpu.num_gpus, gpu.torch_threads) == (8, 1.0, None)
@@ -312,7 +321,7 @@ def test_a_pool_on_a_cluster_defaults_to_its_size_and_its_workers_draw_no_progre
     actors start with the libraries' progress bars off, since Ray forwards their output to the driver."""
     import ray
 
-    from evomerge.search.driver import local_or_ray_executor
+    from evomerge.search.entry import local_or_ray_executor
 
     pool = local_or_ray_executor(None, "auto")(WorkerSpec("search_worker:ProgressBarProbe"), PENALTY, 120.0)
     try:

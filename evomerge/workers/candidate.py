@@ -98,6 +98,11 @@ class Worker(Protocol):
     def evaluate(self, candidate: Candidate) -> EvalResult: ...
 
 
+# Worker factories that moved: search spaces and run directories written before a move name the
+# old path (`worker.factory`), and still run.
+FACTORY_ALIASES = {"evomerge.evaluation.fitness:FitnessWorker": "evomerge.workers.fitness:FitnessWorker"}
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     """A picklable recipe for building a worker on a slot: `factory(**kwargs)`.
@@ -111,7 +116,7 @@ class WorkerSpec:
     def resolve_factory(self) -> Callable[..., Worker]:
         if callable(self.factory):
             return self.factory
-        module_name, sep, attr = self.factory.partition(":")
+        module_name, sep, attr = FACTORY_ALIASES.get(self.factory, self.factory).partition(":")
         if not sep or not module_name or not attr:
             raise ValueError(f"worker factory {self.factory!r}: expected 'package.module:attr'")
         target: Any = importlib.import_module(module_name)
