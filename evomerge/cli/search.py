@@ -233,6 +233,8 @@ def _saved_run(run: RunDir, resume: str) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
+        if not run.exists():  # stopped while the space was still being bound: nothing to continue
+            raise
         raise Interrupted(hint) from None
     except EvomergeError as exc:
         if run.exists() and exc.hint is None:
