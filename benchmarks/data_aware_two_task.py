@@ -46,7 +46,7 @@ def recipes(zoo: Path, examples: int) -> dict[str, str]:
 def accuracy(model_dir: Path) -> dict[str, float]:
     from transformers import AutoModelForCausalLM
 
-    from evomerge.zoo import exact_match
+    from evomerge.zoo.models import exact_match
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     scores = {task: round(exact_match(model, task, "test"), 4) for task in ("toy_add", "toy_rev")}
@@ -55,8 +55,8 @@ def accuracy(model_dir: Path) -> dict[str, float]:
 
 
 def run(zoo: Path, mini: bool, examples: int) -> dict:
-    from evomerge.merge import merge_from_file
-    from evomerge.zoo import verify_zoo
+    from evomerge.merge.runner import merge_from_file
+    from evomerge.zoo.models import verify_zoo
 
     torch.set_num_threads(1)
     verify_zoo(zoo, mini=mini)
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--mini", action="store_true")
     parser.add_argument("--examples", type=int, default=256)
     args = parser.parse_args()
-    from evomerge.paths import shipped_zoo
+    from evomerge.io.paths import shipped_zoo
 
     result = run(args.zoo or shipped_zoo(args.mini), args.mini, args.examples)
     print_table(

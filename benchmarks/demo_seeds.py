@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 def run_seed(space: Path, seed: int, work: Path) -> dict:
     run_dir = work / f"seed{seed}"
     started = time.perf_counter()
-    command = [sys.executable, "-m", "evomerge.cli", "search", str(space), "--run-dir", str(run_dir)]
+    command = [sys.executable, "-m", "evomerge.cli.app", "search", str(space), "--run-dir", str(run_dir)]
     done = subprocess.run([*command, "--seed", str(seed)], cwd=REPO, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"seed {seed} failed ({done.returncode}):\n{done.stderr[-2000:]}")

@@ -12,7 +12,7 @@ thread, as `evomerge search` runs by default) and then in a `RayExecutor` with t
   toy_rev + toy_shift x 100 train items, batch 512.
 
 `--generators` picks how lm-eval's `generate_until` requests are answered: `lean` (the worker's
-default, evomerge.evaluation.greedy_lm), `hf` (lm-eval's HFLM with HF `generate`), or `default`
+default, evomerge.scoring.greedy_lm), `hf` (lm-eval's HFLM with HF `generate`), or `default`
 (no worker argument at all, for running this script against an older checkout through
 PYTHONPATH). Worker start-up (loading models, tasks, Ray itself) is excluded from throughput and
 reported separately.
@@ -61,24 +61,22 @@ class Workload:
         self.name, self.spec_kwargs, self.payloads, self.describe = name, spec_kwargs, payloads, describe
 
     def spec(self, generator: str):
-        from evomerge.evaluation.candidate import WorkerSpec
+        from evomerge.workers.candidate import WorkerSpec
 
-        return WorkerSpec(
-            "evomerge.evaluation.fitness:FitnessWorker", {**self.spec_kwargs, **GENERATOR_KWARGS[generator]}
-        )
+        return WorkerSpec("evomerge.workers.fitness:FitnessWorker", {**self.spec_kwargs, **GENERATOR_KWARGS[generator]})
 
     def candidates(self, count: int, prefix: str, seed: int):
-        from evomerge.evaluation.candidate import Candidate
+        from evomerge.workers.candidate import Candidate
 
         return [Candidate(f"{prefix}{i}", payload) for i, payload in enumerate(self.payloads(count, seed))]
 
 
 def toy_ps_workload() -> Workload:
-    from evomerge.payload import make_payload
-    from evomerge.search import worker_spec
-    from evomerge.space.config import load_space_config
-    from evomerge.space.space import SearchSpace
-    from evomerge.zoo import verify_zoo
+    from evomerge.search.driver import worker_spec
+    from evomerge.search.payload import make_payload
+    from evomerge.search.space.config import load_space_config
+    from evomerge.search.space.space import SearchSpace
+    from evomerge.zoo.models import verify_zoo
 
     config = load_space_config(SPACE)
     assert config.zoo is not None
@@ -185,9 +183,9 @@ def main() -> None:
     import torch
 
     import evomerge
-    from evomerge.evaluation.executors import LocalExecutor, RayExecutor
-    from evomerge.evaluation.ray_cluster import ray_session
-    from evomerge.zoo import verify_zoo
+    from evomerge.workers.executors import LocalExecutor, RayExecutor
+    from evomerge.workers.ray_cluster import ray_session
+    from evomerge.zoo.models import verify_zoo
 
     torch.set_num_threads(1)
     zoo = args.zoo

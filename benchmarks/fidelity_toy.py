@@ -43,7 +43,7 @@ def space_file(out: Path, stages: list[int] | None, z: float, rank: int) -> Path
 
 
 def one_run(name: str, stages: list[int] | None, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    from evomerge.search_cli import run_search
+    from evomerge.cli.search import run_search
 
     work = WORK / "fidelity_toy"
     run_dir = work / f"{name}-seed{seed}"

@@ -46,7 +46,7 @@ METHODS = ("ties", "dare_ties", "della")
 def dfs_recipe(paths: dict[str, Path], variant: int) -> dict:
     """A 12-step layer path alternating between base and ft1 with transition scales (as decoded
     from a DFS genome): materialised by binding resident layers, not by merging."""
-    from evomerge.space.dfs import Step, path_to_recipe
+    from evomerge.search.space.dfs import Step, path_to_recipe
 
     models = [str(paths["base"]), str(paths["ft1"])]
     steps = [Step(0, 0)]
@@ -114,8 +114,8 @@ def time_copy(model, sources: dict, repeats: int) -> float:
 def time_disk(method: str, paths: dict[str, Path], repeats: int, scratch: Path) -> float:
     from transformers import AutoModelForCausalLM
 
-    from evomerge.merge import merge_from_file
-    from evomerge.recipe import dump_recipe, parse_recipe
+    from evomerge.merge.recipe import dump_recipe, parse_recipe
+    from evomerge.merge.runner import merge_from_file
 
     times = []
     for i in range(repeats):
@@ -145,8 +145,8 @@ def main() -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from evomerge.evaluation.materialize import Materializer
-    from evomerge.methods.registry import REGISTRY
+    from evomerge.candidates.materialize import Materializer
+    from evomerge.merge.methods.registry import REGISTRY
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)

@@ -30,9 +30,9 @@ from bench_util import print_table, write_result  # benchmarks/ is sys.path[0] w
 
 
 def train_pair(out: Path, size: str, steps: int, seeds: tuple[int, int]) -> list[Path]:
-    from evomerge.paths import tasks_dir
-    from evomerge.toy_tasks import held_out_prompts
-    from evomerge.zoo import FULL, MINI, ExampleStream, build_tokenizer, new_model, train
+    from evomerge.io.paths import tasks_dir
+    from evomerge.zoo.models import FULL, MINI, ExampleStream, build_tokenizer, new_model, train
+    from evomerge.zoo.toy_tasks import held_out_prompts
 
     cfg = FULL if size == "full" else MINI
     held_out = held_out_prompts(tasks_dir())
@@ -66,7 +66,7 @@ def eval_loss(model_dir: Path, batches: list[tuple[torch.Tensor, torch.Tensor]])
 
 def eval_batches(size: str, n_batches: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Fresh samples of the training mixture (a seed neither model was trained with)."""
-    from evomerge.zoo import FULL, MINI, ExampleStream
+    from evomerge.zoo.models import FULL, MINI, ExampleStream
 
     cfg = FULL if size == "full" else MINI
     stream = ExampleStream(cfg.base_mix, "barrier:eval", set())
@@ -75,9 +75,9 @@ def eval_batches(size: str, n_batches: int = 8) -> list[tuple[torch.Tensor, torc
 
 def write_calibration(path: Path, size: str, examples: int = 512) -> Path:
     """Prompt/answer pairs drawn from the training mixture with a seed of their own, as jsonl."""
-    from evomerge.paths import tasks_dir
-    from evomerge.toy_tasks import held_out_prompts
-    from evomerge.zoo import FULL, MINI, ExampleStream
+    from evomerge.io.paths import tasks_dir
+    from evomerge.zoo.models import FULL, MINI, ExampleStream
+    from evomerge.zoo.toy_tasks import held_out_prompts
 
     cfg = FULL if size == "full" else MINI
     stream = ExampleStream(cfg.base_mix, "barrier:calibration", held_out_prompts(tasks_dir()))
@@ -103,7 +103,7 @@ TASK_CALIBRATION = "calibration: {task: [toy_add, toy_rev, toy_shift], split: tr
 
 
 def run(size: str, steps: int) -> dict:
-    from evomerge.merge import merge_from_file
+    from evomerge.merge.runner import merge_from_file
 
     torch.set_num_threads(1)
     started = time.perf_counter()

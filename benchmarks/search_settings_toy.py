@@ -46,10 +46,11 @@ def merged(data: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
 
 def run_setting(override: Mapping[str, Any], seed: int, budget: int, run_dir: Path) -> dict[str, Any]:
     """One PS search with one local worker; the final recipe's search, validation and test scores."""
-    from evomerge.run import RunDir
-    from evomerge.search import Search, local_or_ray_executor, start_run
-    from evomerge.space import SearchSpace, load_space_config, parse_space
-    from evomerge.zoo import verify_zoo
+    from evomerge.search.driver import Search
+    from evomerge.search.entry import local_or_ray_executor, start_run
+    from evomerge.search.run import RunDir
+    from evomerge.search.space import SearchSpace, load_space_config, parse_space
+    from evomerge.zoo.models import verify_zoo
 
     base = load_space_config(SPACE).model_dump(mode="json")
     data = merged(base, {**override, "seed": seed})

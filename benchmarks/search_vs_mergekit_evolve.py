@@ -88,10 +88,20 @@ class SearchClock:
         if record is not None and record["phase"] == "search":
             self._last = time.perf_counter()
 
+    # the search's display: opened once per stage (a PS+DFS run has two)
+    def __enter__(self) -> SearchClock:
+        return self
+
+    def start(self, progress: Any) -> None:
+        self.start_stage()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.end_stage()
+
 
 def evomerge_config(system: str, seed: int, budget: int) -> tuple[Any, Path]:
     """The space a `evomerge search SPACE --seed S --max-evals N [--optimizer random]` would run."""
-    from evomerge.space import load_space_config, parse_space
+    from evomerge.search.space import load_space_config, parse_space
 
     space_path = PS_DFS_SPACE if system == "evomerge_ps_dfs" else PS_SPACE
     config = load_space_config(space_path)
@@ -108,34 +118,14 @@ def evomerge_config(system: str, seed: int, budget: int) -> tuple[Any, Path]:
 
 def run_evomerge(system: str, seed: int, budget: int, run_dir: Path) -> dict[str, Any]:
     """evomerge's own driver with one local worker (the CLI default), timing the search phases."""
-    from evomerge.run import RunDir
-    from evomerge.search import Search, local_or_ray_executor, start_run
-    from evomerge.space import SearchSpace
-    from evomerge.staged import resolve_staged, run_staged
-    from evomerge.zoo import verify_zoo
+    from evomerge.search.entry import local_or_ray_executor, new_search
+    from evomerge.search.run import RunDir
+    from evomerge.zoo.models import verify_zoo
 
     config, root = evomerge_config(system, seed, budget)
     verify_zoo(root / config.zoo.path, seed=config.zoo.seed, mini=config.zoo.mini)
-    factory = local_or_ray_executor(1, None)
     clock = SearchClock()
-    run = RunDir(run_dir)
-
-    def drive(space: SearchSpace, stage_run: RunDir) -> dict[str, Any]:
-        clock.start_stage()
-        search = Search(stage_run, space, factory, observer=clock)
-        try:
-            search.search()
-            clock.end_stage()
-            return search.finish()
-        finally:
-            search.close()
-
-    if config.kind == "ps+dfs":
-        summary = run_staged(run, resolve_staged(config, root), drive, new=True)
-    else:
-        space = SearchSpace(config, root=root)
-        start_run(space, run)
-        summary = drive(space, run)
+    summary = new_search(config, root, RunDir(run_dir), local_or_ray_executor(1, None), display=lambda name: clock)
     return evomerge_record(summary, clock.seconds, run_dir)
 
 
@@ -169,9 +159,9 @@ def ps_stage_scores(run_dir: Path) -> dict[str, Any]:
 
 def pipeline_problem(seed: int) -> dict[str, Any]:
     """The toy_ps problem as the pipeline sees it: models, base, tasks, and evomerge's item subset."""
-    from evomerge.evaluation.lm_tasks import seeded_subset, task_seed
-    from evomerge.payload import derive_seed
-    from evomerge.space import load_space_config
+    from evomerge.scoring.lm_tasks import seeded_subset, task_seed
+    from evomerge.search.payload import derive_seed
+    from evomerge.search.space import load_space_config
 
     config = load_space_config(PS_SPACE)
     root = PS_SPACE.parent
@@ -198,7 +188,7 @@ def pipeline_problem(seed: int) -> dict[str, Any]:
 
 
 def train_size(task: str) -> int:
-    from evomerge.paths import tasks_dir
+    from evomerge.io.paths import tasks_dir
 
     with open(tasks_dir() / "data" / f"{task}_train.jsonl") as handle:
         return sum(1 for line in handle if line.strip())
@@ -209,8 +199,8 @@ def run_pipeline(seed: int, budget: int, run_dir: Path) -> dict[str, Any]:
     import torch
     from mergekit_pipeline import FitnessTask, SerialPipeline, cma_search, make_genome, split_task_folder
 
-    from evomerge.paths import tasks_dir
-    from evomerge.zoo import verify_zoo
+    from evomerge.io.paths import tasks_dir
+    from evomerge.zoo.models import verify_zoo
 
     torch.set_num_threads(1)  # a Ray task with num_cpus=1 runs with OMP_NUM_THREADS=1
     problem = pipeline_problem(seed)

@@ -27,8 +27,8 @@ def same_bytes_as_shipped(out: Path, seed: int, mini: bool) -> bool | None:
     Another CPU may train different bytes; then the shipped zoo, not a rebuild, is the reference."""
     if seed != 0:
         return None
-    from evomerge.paths import shipped_zoo
-    from evomerge.zoo import read_checksums
+    from evomerge.io.paths import shipped_zoo
+    from evomerge.zoo.models import read_checksums
 
     built, shipped = read_checksums(out), read_checksums(shipped_zoo(mini))
     for sums in (built, shipped):
@@ -37,7 +37,7 @@ def same_bytes_as_shipped(out: Path, seed: int, mini: bool) -> bool | None:
 
 
 def build(out: Path, seed: int, mini: bool) -> dict:
-    cmd = [sys.executable, "-m", "evomerge.cli", "zoo", "build", str(out), "--seed", str(seed)]
+    cmd = [sys.executable, "-m", "evomerge.cli.app", "zoo", "build", str(out), "--seed", str(seed)]
     cmd += ["--mini"] if mini else []
     started = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, text=True)

@@ -24,8 +24,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 def mini_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped mini zoo (base + three experts), verified, then copied so that no test can
     change the repository's files."""
-    from evomerge.paths import shipped_zoo
-    from evomerge.zoo import verify_zoo
+    from evomerge.io.paths import shipped_zoo
+    from evomerge.zoo.models import verify_zoo
 
     verify_zoo(shipped_zoo(mini=True), seed=0, mini=True)
     out = tmp_path_factory.mktemp("zoo") / "mini"
@@ -42,7 +42,7 @@ def ray_instance() -> Iterator[None]:
 
     import ray
 
-    from evomerge.evaluation.ray_cluster import init_ray
+    from evomerge.workers.ray_cluster import init_ray
 
     temp_dir = tempfile.mkdtemp(prefix="evomerge-ray-")
     # Workers inherit the environment Ray starts with: test-only worker factories (search_worker)

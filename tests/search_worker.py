@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from fake_models import fake_llama
 
-from evomerge.evaluation.candidate import Candidate, EvalResult
+from evomerge.workers.candidate import Candidate, EvalResult
 
 
 def _numbers(data: Any) -> list[float]:
@@ -109,8 +109,7 @@ class ToyFitnessWorker:
     def _window(self, candidate: Candidate, values: torch.Tensor) -> EvalResult:
         """Staged evaluation: item i of a task is solved iff the smooth metric p beats the item's fixed
         difficulty, so the mean over all N = limit (default 200) items is close to p."""
-        from evomerge.evaluation.lm_tasks import task_seed
-        from evomerge.fidelity import window_items
+        from evomerge.scoring.lm_tasks import task_seed, window_items
 
         payload = candidate.payload
         metrics: dict[str, float] = {}
@@ -138,7 +137,7 @@ def _hang_if_asked(candidate: Candidate) -> None:
 def hanging_fitness_worker(**kwargs: Any) -> Any:
     """The real fitness worker (real merges, lm-eval) with the toy worker's hang hook, for kill tests
     (imported on use: the toy tests need not load lm-eval)."""
-    from evomerge.evaluation.fitness import FitnessWorker
+    from evomerge.workers.fitness import FitnessWorker
 
     class HangingFitnessWorker(FitnessWorker):
         def evaluate(self, candidate: Candidate) -> EvalResult:

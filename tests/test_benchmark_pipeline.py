@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from mergekit_pipeline import FitnessTask, SerialPipeline, cma_search, make_genome, split_task_folder  # noqa: E402
 
-from evomerge.evaluation.candidate import Candidate  # noqa: E402
-from evomerge.evaluation.fitness import FitnessWorker  # noqa: E402
-from evomerge.evaluation.lm_tasks import load_tasks, task_samples  # noqa: E402
-from evomerge.paths import tasks_dir  # noqa: E402
+from evomerge.io.paths import tasks_dir  # noqa: E402
+from evomerge.scoring.lm_tasks import load_tasks, task_samples  # noqa: E402
+from evomerge.workers.candidate import Candidate  # noqa: E402
+from evomerge.workers.fitness import FitnessWorker  # noqa: E402
 
 TASKS = [
     {"name": "toy_add", "metric": "exact_match", "weight": 0.5, "limit": 40},

@@ -18,10 +18,10 @@ from search_worker import make_models, write_space
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from evomerge.cli import app
-from evomerge.method_summaries import METHOD_SUMMARIES
-from evomerge.run import read_journal
-from evomerge.search_cli import run_resume, run_search
+from evomerge.cli.app import app
+from evomerge.cli.search import run_resume, run_search
+from evomerge.merge.method_summaries import METHOD_SUMMARIES
+from evomerge.search.run import read_journal
 
 TESTS = Path(__file__).resolve().parent
 HEAVY = ("torch", "transformers", "ray", "lm_eval", "datasets", "matplotlib")
@@ -54,7 +54,7 @@ def env(**extra: str) -> dict[str, str]:
 
 def cli(*args: str, **extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "evomerge.cli", *args], env=env(**extra), capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "evomerge.cli.app", *args], env=env(**extra), capture_output=True, text=True, timeout=300
     )
 
 
@@ -82,12 +82,12 @@ def all_commands() -> list[list[str]]:
 def test_importing_the_cli_and_every_help_page_load_no_heavy_library():
     code = f"""
 import sys
-import evomerge.cli
+import evomerge.cli.app
 loaded = [m for m in {HEAVY!r} if m in sys.modules]
-assert not loaded, f"import evomerge.cli loaded {{loaded}}"
+assert not loaded, f"import evomerge.cli.app loaded {{loaded}}"
 for path in {all_commands()!r}:
     try:
-        evomerge.cli.app([*path, "--help"])
+        evomerge.cli.app.app([*path, "--help"])
     except SystemExit as exc:
         assert exc.code == 0, (path, exc.code)
     loaded = [m for m in {HEAVY!r} if m in sys.modules]
@@ -113,9 +113,11 @@ def test_help_shows_flags_as_flags(path):
 
 
 def test_merge_help_lists_the_registry_methods_without_importing_it():
-    from evomerge.methods.registry import REGISTRY
+    from evomerge.merge.methods.registry import REGISTRY
 
-    assert list(METHOD_SUMMARIES) == list(REGISTRY), "evomerge/method_summaries.py must list every method, in order"
+    assert list(METHOD_SUMMARIES) == list(REGISTRY), (
+        "evomerge/merge/method_summaries.py must list every method, in order"
+    )
     assert all(METHOD_SUMMARIES.values())
     output = CliRunner().invoke(app, ["merge", "--help"], terminal_width=200).output
     for name, summary in METHOD_SUMMARIES.items():
@@ -136,9 +138,9 @@ def test_a_missing_input_is_one_line_before_torch_is_imported(args, message, tmp
     code = f"""
 import os, sys
 os.chdir({str(tmp_path)!r})
-import evomerge.cli
+import evomerge.cli.app
 try:
-    evomerge.cli.app({args!r})
+    evomerge.cli.app.app({args!r})
 except SystemExit as exc:
     print("exit", exc.code)
 print("loaded", [m for m in {HEAVY!r} if m in sys.modules])
@@ -156,7 +158,7 @@ print("loaded", [m for m in {HEAVY!r} if m in sys.modules])
 def test_ctrl_c_prints_the_resume_command_and_exits_130_and_that_command_finishes_the_run(root, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "evomerge.cli", "search", str(space(root)), "--run-dir", str(run_dir)],
+        [sys.executable, "-m", "evomerge.cli.app", "search", str(space(root)), "--run-dir", str(run_dir)],
         env=env(EVOMERGE_TEST_WORKER_DELAY="0.25"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -198,13 +200,13 @@ def test_an_error_after_the_run_exists_ends_with_the_resume_command(root, tmp_pa
 def test_resume_shows_its_title_what_is_journaled_and_what_is_left_before_the_worker_starts(
     root, tmp_path, capsys, monkeypatch
 ):
-    import evomerge.search
+    import evomerge.search.entry
 
     run_dir = tmp_path / "run"
     run_search(space(root), run_dir, workers=None, ray_address=None, max_evals=None, seed=None, echo=print)
     capsys.readouterr()
     shown_at_start: list[str] = []
-    make_factory = evomerge.search.local_or_ray_executor
+    make_factory = evomerge.search.entry.local_or_ray_executor
 
     def factory_spy(workers, ray_address):
         factory = make_factory(workers, ray_address)
@@ -215,7 +217,7 @@ def test_resume_shows_its_title_what_is_journaled_and_what_is_left_before_the_wo
 
         return build
 
-    monkeypatch.setattr(evomerge.search, "local_or_ray_executor", factory_spy)
+    monkeypatch.setattr(evomerge.search.entry, "local_or_ray_executor", factory_spy)
     run_resume(run_dir, max_evals=26, workers=None, ray_address=None, echo=print)  # 4 whole generations of 6
     header = shown_at_start[0].splitlines()[0]
     assert header == "evomerge resume: run: 12 of 24 evaluations (4 generations of 6) journaled, 12 to go"
@@ -256,7 +258,7 @@ def test_a_missing_ray_cluster_is_one_line_and_leaves_no_run_directory_and_a_res
 
 
 def test_auto_is_checked_through_ray_address_when_that_is_set(monkeypatch):
-    from evomerge.evaluation.ray_cluster import unreachable
+    from evomerge.workers.ray_cluster import unreachable
 
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     assert unreachable("auto").startswith("no Ray cluster answers at 127.0.0.1:1")
@@ -273,9 +275,9 @@ import logging, shutil, tempfile
 from pathlib import Path
 import ray
 from evomerge.errors import EvomergeError
-from evomerge.evaluation.ray_cluster import init_ray
-from evomerge.run import read_journal
-from evomerge.search_cli import run_search
+from evomerge.workers.ray_cluster import init_ray
+from evomerge.search.run import read_journal
+from evomerge.cli.search import run_search
 
 temp = tempfile.mkdtemp(prefix="em-ray-")
 init_ray("local", temp_dir=temp, num_cpus=2, num_gpus=1, logging_level=logging.WARNING)

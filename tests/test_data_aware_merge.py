@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from evomerge.cli import app
-from evomerge.data_aware import prepare as prepare_module
-from evomerge.data_aware.permutation import permutation_spec, permute_state, random_permutations
-from evomerge.data_aware.repair import gpt2_points, llama_points, rotary_pair_rms, unit_statistics
-from evomerge.merge import merge_from_file
-from evomerge.zoo import build_tokenizer
+from evomerge.cli.app import app
+from evomerge.merge.data_aware import prepare as prepare_module
+from evomerge.merge.data_aware.permutation import permutation_spec, permute_state, random_permutations
+from evomerge.merge.data_aware.repair import gpt2_points, llama_points, rotary_pair_rms, unit_statistics
+from evomerge.merge.runner import merge_from_file
+from evomerge.zoo.models import build_tokenizer
 
 torch.set_num_threads(1)
 DATA_AWARE = ("fisher", "regmean", "rebasin", "repair")
@@ -305,8 +305,9 @@ def test_missing_calibration_file_is_one_line(mini_zoo, tmp_path):
 
 
 def test_search_space_can_use_data_aware_methods(mini_zoo):
-    from evomerge.plan import ModelCatalog, plan_merge
-    from evomerge.space import SearchSpace, parse_space
+    from evomerge.merge.jobs import ModelCatalog
+    from evomerge.merge.plan import plan_merge
+    from evomerge.search.space import SearchSpace, parse_space
 
     calibration = {"task": "toy_add", "examples": 8, "seq_len": 16}
     space = SearchSpace(

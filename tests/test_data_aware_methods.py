@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from evomerge.data_aware.calibration import TokenBatch
-from evomerge.data_aware.permutation import AxisPerm, PermutationSpec, apply_permutation, weight_matching
-from evomerge.data_aware.prepare import JobContext
-from evomerge.data_aware.repair import Fold, RepairPoint, repair_folds, rotary_pair_rms, unit_statistics
-from evomerge.data_aware.statistics import InputStatistics, collect_fisher, collect_grams
-from evomerge.methods.base import MethodCall
-from evomerge.methods.covariance import Precision, fisher, regmean, solve
+from evomerge.merge.data_aware.calibration import TokenBatch
+from evomerge.merge.data_aware.permutation import AxisPerm, PermutationSpec, apply_permutation, weight_matching
+from evomerge.merge.data_aware.prepare import JobContext
+from evomerge.merge.data_aware.repair import Fold, RepairPoint, repair_folds, rotary_pair_rms, unit_statistics
+from evomerge.merge.data_aware.statistics import InputStatistics, collect_fisher, collect_grams
+from evomerge.merge.methods.base import MethodCall
+from evomerge.merge.methods.covariance import Precision, fisher, regmean, solve
 
 torch.set_num_threads(1)
 T = torch.tensor

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evomerge.paths import search_spaces_dir
-from evomerge.space import load_space_config
+from evomerge.io.paths import search_spaces_dir
+from evomerge.search.space import load_space_config
 
 SPACES = sorted(search_spaces_dir().rglob("*.yaml"))
 SPACES = [p for p in SPACES if p.parent.name != "tasks"]
@@ -23,7 +23,7 @@ SPACES = [p for p in SPACES if p.parent.name != "tasks"]
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "evomerge.cli", *args],
+        [sys.executable, "-m", "evomerge.cli.app", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -41,8 +41,8 @@ def test_every_shipped_space_parses() -> None:
 def test_toy_spaces_search_the_shipped_zoo() -> None:
     """Every toy space names the shipped zoo/toy (verified before its search) and takes its models
     from there, so the demo's numbers do not depend on the machine that runs it."""
-    from evomerge.paths import shipped_zoo
-    from evomerge.zoo import verify_zoo
+    from evomerge.io.paths import shipped_zoo
+    from evomerge.zoo.models import verify_zoo
 
     verify_zoo(shipped_zoo(), seed=0, mini=False)
     for path in SPACES:

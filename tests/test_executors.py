@@ -15,11 +15,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from evomerge.evaluation.candidate import Candidate, EvalResult, WorkerSpec
-from evomerge.evaluation.executors import LocalExecutor, NoLiveWorkersError, RayExecutor
-from evomerge.evaluation.pool import _Ledger
-from evomerge.evaluation.probe_worker import ProbeWorker
-from evomerge.evaluation.ray_cluster import init_ray, plan_pool
+from evomerge.workers.candidate import Candidate, EvalResult, WorkerSpec
+from evomerge.workers.executors import LocalExecutor, NoLiveWorkersError, RayExecutor
+from evomerge.workers.pool import _Ledger
+from evomerge.workers.probe_worker import ProbeWorker
+from evomerge.workers.ray_cluster import init_ray, plan_pool
 
 PENALTY = -100.0
 SPEC = WorkerSpec(ProbeWorker, {"seed": 3})
@@ -132,10 +132,19 @@ def test_results_round_trip_through_plain_dicts() -> None:
 
 
 def test_worker_spec_accepts_a_dotted_factory_name() -> None:
-    spec = WorkerSpec("evomerge.evaluation.probe_worker:ProbeWorker", {"seed": 3})
+    spec = WorkerSpec("evomerge.workers.probe_worker:ProbeWorker", {"seed": 3})
     assert spec.resolve_factory() is ProbeWorker
     with pytest.raises(ValueError, match="package.module:attr"):
         WorkerSpec("no_colon_here").resolve_factory()
+
+
+def test_the_default_worker_keeps_its_old_import_path() -> None:
+    """Search spaces and run directories written before the package split name the old path."""
+    from evomerge.search.space.config import DEFAULT_WORKER
+    from evomerge.workers.fitness import FitnessWorker
+
+    assert DEFAULT_WORKER == "evomerge.workers.fitness:FitnessWorker"
+    assert WorkerSpec("evomerge.evaluation.fitness:FitnessWorker").resolve_factory() is FitnessWorker
 
 
 def test_pool_plan_is_one_actor_per_gpu_else_per_cpu() -> None:
@@ -312,7 +321,7 @@ def test_a_pool_on_a_cluster_defaults_to_its_size_and_its_workers_draw_no_progre
     actors start with the libraries' progress bars off, since Ray forwards their output to the driver."""
     import ray
 
-    from evomerge.search import local_or_ray_executor
+    from evomerge.search.entry import local_or_ray_executor
 
     pool = local_or_ray_executor(None, "auto")(WorkerSpec("search_worker:ProgressBarProbe"), PENALTY, 120.0)
     try:

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from search_worker import ToyFitnessWorker, make_models, write_space
 
+from evomerge.cli.search import run_search
 from evomerge.errors import EvomergeError
-from evomerge.evaluation.candidate import Candidate
-from evomerge.fidelity import Estimate, estimate, stage_windows, still_racing
-from evomerge.run import read_journal
-from evomerge.search_cli import run_search
-from evomerge.space import parse_space
+from evomerge.search.fidelity import Estimate, estimate, stage_windows, still_racing
+from evomerge.search.run import read_journal
+from evomerge.search.space import parse_space
+from evomerge.workers.candidate import Candidate
 
 TASKS = [
     {"name": "toy_add", "metric": "exact_match", "weight": 0.6, "limit": 100},
@@ -131,7 +131,7 @@ def _payload(stage_record: dict) -> dict:
     """Rebuild the stage's payload from the journaled recipe (what the driver sent)."""
     import yaml
 
-    from evomerge.payload import derive_seed
+    from evomerge.search.payload import derive_seed
 
     return {
         "recipe": yaml.safe_load(stage_record["recipe"]),
@@ -146,7 +146,7 @@ def _payload(stage_record: dict) -> dict:
 def test_the_lm_eval_worker_scores_windows_of_the_same_subset(mini_zoo):
     """Two windows of a real evaluation: disjoint items whose union is the limit subset, and whose
     per-item mean equals the metric of scoring that subset in one go."""
-    from evomerge.evaluation.fitness import FitnessWorker
+    from evomerge.workers.fitness import FitnessWorker
 
     tasks = [{"name": "toy_add", "metric": "exact_match", "weight": 1.0, "limit": 12}]
     worker = FitnessWorker(sources=[str(mini_zoo / "add")], tasks=tasks, split="validation")
@@ -161,7 +161,7 @@ def test_the_lm_eval_worker_scores_windows_of_the_same_subset(mini_zoo):
     items = [pair for p in parts for pair in p.items["toy_add"]]
     assert [p.metrics["toy_add/n"] for p in parts] == [5, 7] and parts[0].metrics["toy_add/n_full"] == 12
     assert len({i for i, _ in items}) == 12
-    from evomerge.evaluation.lm_tasks import seeded_subset, task_seed
+    from evomerge.scoring.lm_tasks import seeded_subset, task_seed
 
     data = Path(__file__).resolve().parents[1] / "tasks" / "data" / "toy_add_validation.jsonl"
     size = len(data.read_text().splitlines())
@@ -172,7 +172,7 @@ def test_the_lm_eval_worker_scores_windows_of_the_same_subset(mini_zoo):
 def test_report_reads_a_staged_run(runs, tmp_path):
     from typer.testing import CliRunner
 
-    from evomerge.cli import app
+    from evomerge.cli.app import app
 
     result = CliRunner().invoke(app, ["report", str(runs["staged"]), "-o", str(tmp_path / "report")])
     assert result.exit_code == 0, result.output

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from search_worker import make_models, write_space
 
-from evomerge.file_modes import current_umask
-from evomerge.report import build_report
-from evomerge.search_cli import run_export, run_search
+from evomerge.cli.search import run_export, run_search
+from evomerge.io.file_modes import current_umask
+from evomerge.report.build import build_report
 
 SPACE = """\
 models: [models/a, models/b]

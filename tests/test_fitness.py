@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from evomerge.evaluation.candidate import Candidate, WorkerSpec
-from evomerge.evaluation.cli_eval import run_eval
-from evomerge.evaluation.executors import LocalExecutor, RayExecutor
-from evomerge.evaluation.fitness import FitnessWorker, TaskWeight, weighted_fitness
-from evomerge.merge import merge_from_file
-from evomerge.recipe import dump_recipe, parse_recipe
-from evomerge.space.dfs import Step, path_to_recipe
+from evomerge.cli.evaluate import run_eval
+from evomerge.merge.recipe import dump_recipe, parse_recipe
+from evomerge.merge.runner import merge_from_file
+from evomerge.search.space.dfs import Step, path_to_recipe
+from evomerge.workers.candidate import Candidate, WorkerSpec
+from evomerge.workers.executors import LocalExecutor, RayExecutor
+from evomerge.workers.fitness import FitnessWorker, TaskWeight, weighted_fitness
 
 torch.set_num_threads(1)
 
@@ -162,7 +162,7 @@ def candidates(zoo: Path) -> list[Candidate]:
 @pytest.fixture(scope="module")
 def spec(mini_zoo: Path) -> WorkerSpec:
     return WorkerSpec(
-        "evomerge.evaluation.fitness:FitnessWorker",
+        "evomerge.workers.fitness:FitnessWorker",
         {
             "sources": [str(mini_zoo / n) for n in ("base", "add", "rev")],
             "tasks": TASKS,
@@ -196,8 +196,8 @@ def test_a_ray_pool_of_two_fitness_workers_equals_the_local_pool(
 def test_scoring_a_subset_by_swapping_docs_equals_lm_evals_samples_option(mini_zoo: Path) -> None:
     from lm_eval import evaluator
 
-    from evomerge.evaluation.lm_tasks import load_tasks, make_lm, metric_values, score_tasks, task_samples
-    from evomerge.model_loading import load_model_and_tokenizer
+    from evomerge.io.model_loading import load_model_and_tokenizer
+    from evomerge.scoring.lm_tasks import load_tasks, make_lm, metric_values, score_tasks, task_samples
 
     loaded = load_tasks(["toy_add", "toy_rev"], split=SPLIT)
     model, tokenizer = load_model_and_tokenizer(mini_zoo / "add")
@@ -214,7 +214,7 @@ def test_scoring_a_subset_by_swapping_docs_equals_lm_evals_samples_option(mini_z
 
 
 def test_memoised_process_results_equal_lm_evals_for_every_doc_and_response() -> None:
-    from evomerge.evaluation.lm_tasks import ResultCache, load_tasks
+    from evomerge.scoring.lm_tasks import ResultCache, load_tasks
 
     task = load_tasks(["toy_add"], split=SPLIT).task_dict["tasks"]["toy_add"]
     assert isinstance(task.process_results, ResultCache)

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 from test_materialize import SEED, assert_same_state, file_merge, ps_recipes
 
-from evomerge.evaluation.fused import DrawStore, _kernel, _topk_cut, kernel_mode
-from evomerge.evaluation.materialize import Materializer
-from evomerge.methods.base import make_generator
-from evomerge.methods.sparsify import magnitude_topk, stable_row_ranks, topk_count, uniform_like
+from evomerge.candidates.fused import DrawStore, _kernel, _topk_cut, kernel_mode
+from evomerge.candidates.materialize import Materializer
+from evomerge.merge.methods.base import make_generator
+from evomerge.merge.methods.sparsify import magnitude_topk, stable_row_ranks, topk_count, uniform_like
 
 
 def assert_fused_equals_file_merge(zoo: Path, tmp_path: Path, labels: list[str], extra: dict | None = None) -> None:

@@ -1,4 +1,4 @@
-"""The lean greedy `generate_until` (evomerge.evaluation.greedy_lm) answers every request exactly as
+"""The lean greedy `generate_until` (evomerge.scoring.greedy_lm) answers every request exactly as
 lm-eval's HFLM does with HF `generate`: on the zoo's source models, an in-place merged candidate and
 a stacked layer-path candidate, for the toy tasks' requests and for requests with other stop strings
 and token budgets, at batch sizes that pad differently. Requests lm-eval builds are reused across
@@ -13,11 +13,11 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from evomerge.evaluation.greedy_lm import GreedyHFLM, PromptCache
-from evomerge.evaluation.lm_tasks import load_tasks, make_lm, metric_values, score_tasks, task_samples
-from evomerge.evaluation.materialize import Materializer
-from evomerge.model_loading import load_model_and_tokenizer
-from evomerge.space.dfs import Step, path_to_recipe
+from evomerge.candidates.materialize import Materializer
+from evomerge.io.model_loading import load_model_and_tokenizer
+from evomerge.scoring.greedy_lm import GreedyHFLM, PromptCache
+from evomerge.scoring.lm_tasks import load_tasks, make_lm, metric_values, score_tasks, task_samples
+from evomerge.search.space.dfs import Step, path_to_recipe
 
 torch.set_num_threads(1)
 
@@ -189,7 +189,7 @@ def test_reused_requests_score_like_freshly_built_ones(mini_zoo: Path) -> None:
 def test_lean_generation_equals_hflm_on_the_full_zoo_and_whole_train_splits() -> None:
     """Every train item of the three toy tasks, on each model of the full zoo and a TIES merge of
     the three experts, at the worker's default batch size and the benchmark's."""
-    from evomerge.paths import shipped_zoo
+    from evomerge.io.paths import shipped_zoo
 
     zoo = shipped_zoo()
     requests = task_requests("train", per_task=None)

@@ -12,7 +12,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from evomerge.paths import REPO_ROOT
+from evomerge.io.paths import REPO_ROOT
 
 LOCKS = REPO_ROOT / "requirements"
 

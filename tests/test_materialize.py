@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evomerge.evaluation.materialize import Materializer, ModuleSink
-from evomerge.merge import merge_from_file
-from evomerge.methods.registry import REGISTRY
-from evomerge.recipe import Recipe, dump_recipe, parse_recipe
-from evomerge.space.dfs import Step, path_to_recipe
+from evomerge.candidates.materialize import Materializer, ModuleSink
+from evomerge.merge.methods.registry import REGISTRY
+from evomerge.merge.recipe import Recipe, dump_recipe, parse_recipe
+from evomerge.merge.runner import merge_from_file
+from evomerge.search.space.dfs import Step, path_to_recipe
 
 torch.set_num_threads(1)
 
@@ -130,7 +130,7 @@ def test_every_parameter_space_method_equals_the_file_merge_bit_for_bit(mini_zoo
 def test_above_the_flat_bound_candidates_run_tensor_by_tensor_with_the_same_bits(
     mini_zoo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import evomerge.evaluation.materialize as materialize_module
+    import evomerge.candidates.materialize as materialize_module
 
     sources = [mini_zoo / n for n in ("base", "add", "rev", "shift")]
     recipes = ps_recipes(mini_zoo)
@@ -288,7 +288,7 @@ def test_a_passthrough_recipe_that_is_not_a_folded_path_is_copied_and_exact(mini
 
 def test_search_space_dfs_genomes_materialize_like_their_export(mini_zoo: Path, tmp_path: Path) -> None:
     """The decoder of the search (space.py) and the materializer agree on the recipe shape."""
-    from evomerge.space import SearchSpace, parse_space
+    from evomerge.search.space import SearchSpace, parse_space
 
     config = parse_space(
         {

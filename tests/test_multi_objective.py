@@ -11,12 +11,12 @@ import yaml
 from search_worker import make_models, write_space
 from typer.testing import CliRunner
 
-from evomerge.cli import app
+from evomerge.cli.app import app
+from evomerge.cli.search import run_export, run_search
 from evomerge.errors import EvomergeError
-from evomerge.objectives import dominates
-from evomerge.report_data import load_pareto, load_run
-from evomerge.run import read_journal
-from evomerge.search_cli import run_export, run_search
+from evomerge.report.data import load_pareto, load_run
+from evomerge.search.objectives import dominates
+from evomerge.search.run import read_journal
 
 NAMES = ("toy_add/exact_match", "toy_rev/exact_match")
 

@@ -13,9 +13,9 @@ import pytest
 from search_worker import make_models
 
 from evomerge.errors import EvomergeError
-from evomerge.optimizers import make_optimizer
-from evomerge.optimizers.optuna_sampler import STUDY_FILE
-from evomerge.space import SearchSpace, parse_space
+from evomerge.search.optimizers import make_optimizer
+from evomerge.search.optimizers.optuna_sampler import STUDY_FILE
+from evomerge.search.space import SearchSpace, parse_space
 
 SAMPLERS = [("tpe", []), ("cmaes", []), ("nsga2", [{"task": "toy_add"}, {"task": "toy_rev"}])]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from evomerge.paths import REPO_ROOT
+from evomerge.io.paths import REPO_ROOT
 
 
 def quick_start_commands() -> list[str]:

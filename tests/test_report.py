@@ -17,16 +17,16 @@ import pytest
 from search_worker import make_models, write_space
 from typer.testing import CliRunner
 
-from evomerge.cli import app
+from evomerge.cli.app import app
+from evomerge.cli.search import run_search
 from evomerge.errors import EvomergeError
-from evomerge.recipe import load_recipe
-from evomerge.report import build_report
-from evomerge.report_data import recipe_heatmaps, recipe_path
-from evomerge.report_figures import draw_heatmaps, draw_path
-from evomerge.run import RunDir, read_journal
-from evomerge.search_cli import run_search
-from evomerge.space import SearchSpace, load_space_config, path_from_recipe
-from evomerge.space.dfs import OUTPUT_PROJECTIONS
+from evomerge.merge.recipe import load_recipe
+from evomerge.report.build import build_report
+from evomerge.report.data import recipe_heatmaps, recipe_path
+from evomerge.report.figures import draw_heatmaps, draw_path
+from evomerge.search.run import RunDir, read_journal
+from evomerge.search.space import SearchSpace, load_space_config, path_from_recipe
+from evomerge.search.space.dfs import OUTPUT_PROJECTIONS
 
 PS_SPACE = """\
 models: [models/a, models/b]
@@ -94,7 +94,8 @@ def staged_run(root) -> Path:
 @pytest.fixture(scope="module")
 def partial_run(root) -> Path:
     """A search stopped (as by Ctrl-C) after 9 of 24 evaluations: journal and best.yaml, no summary."""
-    from evomerge.search import Search, local_or_ray_executor, start_run
+    from evomerge.search.driver import Search
+    from evomerge.search.entry import local_or_ray_executor, start_run
 
     class Stop(Exception):
         pass
@@ -296,7 +297,7 @@ def test_cli_refuses_what_is_not_a_run_and_writes_nothing(ps_run, tmp_path, case
 
 def test_a_run_without_evaluations_is_an_error(root, tmp_path):
     space = SearchSpace(load_space_config(write_space(root / "empty.yaml", PS_SPACE.format(max_evals=6))), root=root)
-    from evomerge.search import start_run
+    from evomerge.search.entry import start_run
 
     start_run(space, RunDir(tmp_path / "run"))
     with pytest.raises(EvomergeError, match="has no evaluations yet"):

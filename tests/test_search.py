@@ -14,12 +14,12 @@ import yaml
 from search_worker import make_models, write_space
 from typer.testing import CliRunner
 
-from evomerge.cli import app
+from evomerge.cli.app import app
+from evomerge.cli.search import run_export, run_resume, run_search
 from evomerge.errors import EvomergeError
-from evomerge.run import read_journal
-from evomerge.search import journal_genomes, space_sha
-from evomerge.search_cli import run_export, run_resume, run_search
-from evomerge.space import SearchSpace, load_space_config
+from evomerge.search.driver import journal_genomes, space_sha
+from evomerge.search.run import read_journal
+from evomerge.search.space import SearchSpace, load_space_config
 
 SPACE = """\
 models: [models/a, models/b]

@@ -21,9 +21,9 @@ import optuna
 import pytest
 from search_worker import make_models, write_space
 
-from evomerge.run import read_journal
-from evomerge.search import journal_genomes
-from evomerge.search_cli import run_search
+from evomerge.cli.search import run_search
+from evomerge.search.driver import journal_genomes
+from evomerge.search.run import read_journal
 
 TESTS = Path(__file__).resolve().parent
 POPSIZE = 6
@@ -69,7 +69,7 @@ def cli(*args: str, hang_at: str | None = None) -> subprocess.Popen:
     if hang_at is not None:
         env["EVOMERGE_TEST_WORKER_HANG_AT"] = hang_at
     return subprocess.Popen(
-        [sys.executable, "-m", "evomerge.cli", *args],
+        [sys.executable, "-m", "evomerge.cli.app", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -14,9 +14,10 @@ import torch
 from search_worker import make_models, write_space
 
 from evomerge.errors import EvomergeError
-from evomerge.plan import ModelCatalog, plan_merge
-from evomerge.recipe import dump_recipe, loads_recipe
-from evomerge.space import SearchSpace, Step, load_space, parse_space, path_from_recipe, path_to_recipe
+from evomerge.merge.jobs import ModelCatalog
+from evomerge.merge.plan import plan_merge
+from evomerge.merge.recipe import dump_recipe, loads_recipe
+from evomerge.search.space import SearchSpace, Step, load_space, parse_space, path_from_recipe, path_to_recipe
 
 torch.set_num_threads(1)
 
@@ -167,7 +168,7 @@ def test_dfs_export_matches_the_scaled_path_on_real_models(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from evomerge.merge import merge_from_file
+    from evomerge.merge.runner import merge_from_file
 
     a, b = _tiny_llama(0, tmp_path / "a"), _tiny_llama(1, tmp_path / "b")
     steps = [Step(0, 0), Step(0, 1), Step(1, 1, 1.7), Step(1, 2), Step(0, 1, 0.6), Step(0, 2)]
@@ -259,7 +260,7 @@ def test_cli_rejects_a_bad_space_with_one_line_and_writes_nothing(models, tmp_pa
     path = write_space(models["a"].parent / "bad_cli.yaml", BAD["bad method"][0])
     run_dir = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "evomerge.cli", "search", str(path), "--run-dir", str(run_dir)],
+        [sys.executable, "-m", "evomerge.cli.app", "search", str(path), "--run-dir", str(run_dir)],
         capture_output=True,
         text=True,
         timeout=120,

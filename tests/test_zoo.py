@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 
 from evomerge.errors import EvomergeError
-from evomerge.paths import search_spaces_dir, shipped_zoo, tasks_dir
-from evomerge.toy_tasks import EXPERT_TASKS, SPLIT_SIZES, TASKS, make_splits, read_split
+from evomerge.io.paths import search_spaces_dir, shipped_zoo, tasks_dir
+from evomerge.zoo.toy_tasks import EXPERT_TASKS, SPLIT_SIZES, TASKS, make_splits, read_split
 
 MODEL_DIRS = ["base", "add", "rev", "shift"]
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "evomerge.cli", *args],
+        [sys.executable, "-m", "evomerge.cli.app", *args],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
@@ -72,9 +72,9 @@ def test_models_reload_offline_in_fresh_process(mini_zoo: Path, tmp_path: Path) 
 
 def test_lm_eval_matches_zoo_greedy_per_item(mini_zoo: Path) -> None:
     """lm-eval's generate_until exact match equals the zoo's own greedy decode, item by item."""
-    from evomerge.evaluation.lm_tasks import load_tasks, make_lm, score_tasks
-    from evomerge.model_loading import load_model_and_tokenizer
-    from evomerge.zoo import greedy_hits
+    from evomerge.io.model_loading import load_model_and_tokenizer
+    from evomerge.scoring.lm_tasks import load_tasks, make_lm, score_tasks
+    from evomerge.zoo.models import greedy_hits
 
     model, tokenizer = load_model_and_tokenizer(mini_zoo / "add")
     lm = make_lm(model, tokenizer, batch_size=64)
@@ -107,14 +107,14 @@ def test_shipped_zoo_matches_its_checksums(mini: bool) -> None:
     assert sorted(manifest["models"]) == folders == sorted(MODEL_DIRS)
     for name in MODEL_DIRS:
         assert {f"{name}/model.safetensors", f"{name}/config.json", f"{name}/tokenizer.json"} <= set(listed)
-    from evomerge.zoo import verify_zoo
+    from evomerge.zoo.models import verify_zoo
 
     assert verify_zoo(zoo, seed=0, mini=mini) == manifest
 
 
 @pytest.mark.parametrize("breakage", ["changed", "missing", "unlisted", "no_sums", "other_seed"])
 def test_verify_zoo_names_the_culprit_and_the_fix(mini_zoo: Path, tmp_path: Path, breakage: str) -> None:
-    from evomerge.zoo import verify_zoo
+    from evomerge.zoo.models import verify_zoo
 
     zoo = tmp_path / "zoo"
     shutil.copytree(mini_zoo, zoo)
@@ -157,7 +157,7 @@ def test_search_refuses_a_changed_zoo_in_one_line(mini_zoo: Path, tmp_path: Path
 @pytest.fixture(scope="module")
 def fresh_mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A mini zoo trained here (seed 0): on another CPU its bytes may differ from the shipped ones."""
-    from evomerge.zoo import build_zoo
+    from evomerge.zoo.models import build_zoo
 
     out = tmp_path_factory.mktemp("fresh") / "mini"
     build_zoo(out, seed=0, mini=True, quiet=True)
@@ -167,7 +167,7 @@ def fresh_mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_same_seed_same_bytes(fresh_mini: Path, tmp_path: Path) -> None:
     """Determinism on one machine, through the CLI in a fresh process: every file but the manifest
     (which records the build time) is identical, and so are the manifest's scores."""
-    from evomerge.zoo import read_checksums
+    from evomerge.zoo.models import read_checksums
 
     out = run_cli("zoo", "build", str(tmp_path / "again"), "--mini")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -180,7 +180,7 @@ def test_same_seed_same_bytes(fresh_mini: Path, tmp_path: Path) -> None:
 
 
 def test_different_seed_different_weights(fresh_mini: Path, tmp_path: Path) -> None:
-    from evomerge.zoo import build_zoo
+    from evomerge.zoo.models import build_zoo
 
     build_zoo(tmp_path / "other", seed=1, mini=True, quiet=True)
     assert (tmp_path / "other" / "base" / "model.safetensors").read_bytes() != (
@@ -207,8 +207,8 @@ def test_eval_cli_json_and_split(mini_zoo: Path) -> None:
     assert test.returncode == 0 and val.returncode == 0, test.stderr + val.stderr
     test_em = json.loads(test.stdout)["metrics"]["toy_shift"]["exact_match"]
     val_em = json.loads(val.stdout)["metrics"]["toy_shift"]["exact_match"]
-    from evomerge.model_loading import load_model_and_tokenizer
-    from evomerge.zoo import greedy_hits
+    from evomerge.io.model_loading import load_model_and_tokenizer
+    from evomerge.zoo.models import greedy_hits
 
     model, _ = load_model_and_tokenizer(mini_zoo / "shift")
     for split, em in (("test", test_em), ("validation", val_em)):
@@ -240,8 +240,8 @@ def test_committed_task_data_is_reproducible_and_disjoint() -> None:
 
 
 def test_training_stream_never_yields_held_out_prompts() -> None:
-    from evomerge.toy_tasks import held_out_prompts
-    from evomerge.zoo import ExampleStream
+    from evomerge.zoo.models import ExampleStream
+    from evomerge.zoo.toy_tasks import held_out_prompts
 
     held = held_out_prompts(tasks_dir())
     stream = ExampleStream({"toy_add": 1.0}, "probe", held)
@@ -258,12 +258,12 @@ def pair_mean(scores: dict[str, float]) -> float:
 @pytest.mark.slow
 def test_a_rebuilt_full_zoo_has_what_the_demo_needs(tmp_path: Path) -> None:
     """Rebuilt from scratch here (its bytes may differ from the shipped zoo on another CPU), the
-    full zoo has the relations the demo rests on, with the margins of evomerge.zoo: every expert
+    full zoo has the relations the demo rests on, with the margins of evomerge.zoo.models: every expert
     beats the base on its own task by EXPERT_MARGIN (0.50), and the hand merge (task arithmetic of
     add and rev, 0.8 each) beats the better of those two experts on their pair mean by
     HAND_MERGE_MARGIN (0.05) while staying below 0.90 on one of the two tasks (room for the search).
     The manifest's other targets must hold too; the time budget is benchmarks/zoo_build.py's."""
-    from evomerge.zoo import EXPERT_MARGIN, HAND_MERGE, HAND_MERGE_MARGIN, build_zoo
+    from evomerge.zoo.models import EXPERT_MARGIN, HAND_MERGE, HAND_MERGE_MARGIN, build_zoo
 
     manifest = build_zoo(tmp_path / "zoo", seed=0, quiet=True)
     models = {name: m["test_exact_match"] for name, m in manifest["models"].items()}
@@ -286,7 +286,7 @@ MINI_EXPERT_MARGIN = 0.05  # the mini rev expert is weak (0.095 against the base
 def test_a_rebuilt_mini_zoo_has_what_the_tests_need(tmp_path: Path) -> None:
     """The tests compare mini-zoo experts and merges with the base: rebuilt here, every mini expert
     still beats the base on its own task, by MINI_EXPERT_MARGIN (first 200 test items)."""
-    from evomerge.zoo import build_zoo
+    from evomerge.zoo.models import build_zoo
 
     manifest = build_zoo(tmp_path / "mini", seed=0, mini=True, quiet=True)
     base = manifest["models"]["base"]["test_exact_match"]

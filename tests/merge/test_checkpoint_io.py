@@ -10,10 +10,10 @@ import torch
 from conftest import make_llama, write_tokenizer
 from safetensors.torch import load_file
 
-from evomerge.checkpoint import CheckpointReader, TensorEntry, parse_size, shard_layout
 from evomerge.errors import EvomergeError
-from evomerge.merge import RECIPE_FILE, merge_from_file
-from evomerge.recipe import load_recipe
+from evomerge.io.checkpoint import CheckpointReader, TensorEntry, parse_size, shard_layout
+from evomerge.merge.recipe import load_recipe
+from evomerge.merge.runner import RECIPE_FILE, merge_from_file
 
 
 def read_all(directory: Path) -> dict[str, torch.Tensor]:
@@ -106,7 +106,7 @@ class _Interrupt(KeyboardInterrupt):
 
 
 def test_interrupted_merge_leaves_nothing(tmp_path, llama_zoo, monkeypatch):
-    from evomerge.methods import task_arithmetic
+    from evomerge.merge.methods import task_arithmetic
 
     calls = {"n": 0}
     real = task_arithmetic.generalized_task_arithmetic
@@ -256,9 +256,10 @@ models: [{{model: {tied}, parameters: {{weight: 0.5}}}}]
 def test_resident_sources_are_never_modified(llama_zoo):
     """A source that hands out the same tensors every time (as a search worker's resident store
     does) must give identical results on repeated merges."""
-    from evomerge.merge import CheckpointSource, compute_tensor
-    from evomerge.plan import ModelCatalog, plan_merge
-    from evomerge.recipe import loads_recipe
+    from evomerge.merge.jobs import ModelCatalog
+    from evomerge.merge.plan import plan_merge
+    from evomerge.merge.recipe import loads_recipe
+    from evomerge.merge.runner import CheckpointSource, compute_tensor
 
     recipe = loads_recipe(f"""
 merge_method: ties
@@ -296,7 +297,7 @@ base_model: {llama_zoo["base"]}
 models: [{{model: {llama_zoo["ft1"]}, parameters: {{weight: 1, density: 0.5}}}}]
 """)
     code = (
-        "import time, evomerge.merge as m\n"
+        "import time, evomerge.merge.runner as m\n"
         "real = m.compute_tensor\n"
         "def slow(*a, **k):\n    time.sleep(0.2)\n    return real(*a, **k)\n"
         "m.compute_tensor = slow\n"
@@ -344,9 +345,10 @@ models: [{{model: {llama_zoo["ft1"]}, parameters: {{weight: 1}}}}]
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della_linear", "breadcrumbs_ties"])
 def test_bf16_inputs_match_fp32_math(tmp_path, llama_zoo, method):
     """Low-precision inputs enter the task-vector math upcast exactly, whatever path loads them."""
-    from evomerge.methods import MethodCall, get_method
-    from evomerge.plan import ModelCatalog, plan_merge
-    from evomerge.recipe import loads_recipe
+    from evomerge.merge.jobs import ModelCatalog
+    from evomerge.merge.methods import MethodCall, get_method
+    from evomerge.merge.plan import plan_merge
+    from evomerge.merge.recipe import loads_recipe
 
     models = {
         n: make_llama(tmp_path / n, 20 + i, base=llama_zoo["base"], dtype=torch.bfloat16)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from evomerge.cli import app
+from evomerge.cli.app import app
 
 GOOD = """
 merge_method: ties
@@ -132,7 +132,7 @@ def test_real_process_exit_status_and_stderr(tmp_path):
     recipe = tmp_path / "r.yml"
     recipe.write_text("merge_method: ties\nbase_model: x\nmodels: [{model: y, parameters: {weight: 1}}]\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "evomerge.cli", "merge", str(recipe), str(tmp_path / "o")],
+        [sys.executable, "-m", "evomerge.cli.app", "merge", str(recipe), str(tmp_path / "o")],
         capture_output=True,
         text=True,
         timeout=60,

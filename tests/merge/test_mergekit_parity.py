@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from evomerge.merge import merge_from_file
+from evomerge.merge.runner import merge_from_file
 
 mergekit = pytest.importorskip("mergekit", reason="mergekit is not installed (pip install -e .[test])")
 pytestmark = [pytest.mark.mergekit, pytest.mark.filterwarnings("ignore::DeprecationWarning")]

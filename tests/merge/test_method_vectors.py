@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evomerge.methods import REGISTRY, DeltaCache, MethodCall, get_method, make_generator
-from evomerge.methods.slerp import slerp_tensors
-from evomerge.methods.sparsify import (
+from evomerge.merge.methods import REGISTRY, DeltaCache, MethodCall, get_method, make_generator
+from evomerge.merge.methods.slerp import slerp_tensors
+from evomerge.merge.methods.sparsify import (
     apply_keep_mask,
     della_keep_probabilities,
     magnitude_band,

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from evomerge.merge import CheckpointSource, compute_tensor, merge_from_file
-from evomerge.methods import make_generator
-from evomerge.methods.sparsify import bernoulli_drop, della_keep_probabilities, della_magprune
-from evomerge.plan import ModelCatalog, plan_merge
-from evomerge.recipe import loads_recipe
+from evomerge.merge.jobs import ModelCatalog
+from evomerge.merge.methods import make_generator
+from evomerge.merge.methods.sparsify import bernoulli_drop, della_keep_probabilities, della_magprune
+from evomerge.merge.plan import plan_merge
+from evomerge.merge.recipe import loads_recipe
+from evomerge.merge.runner import CheckpointSource, compute_tensor, merge_from_file
 
 N = 1_000_000
 
@@ -127,7 +128,7 @@ models: [{{model: {llama_zoo["ft1"]}, parameters: {{weight: 1, density: 0.5}}}}]
 
 
 def test_keep_indicator_equals_strict_comparison():
-    from evomerge.methods.sparsify import keep_indicator
+    from evomerge.merge.methods.sparsify import keep_indicator
 
     g = torch.Generator().manual_seed(3)
     uniform = torch.rand(200_000, generator=g)

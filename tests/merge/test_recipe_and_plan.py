@@ -8,8 +8,9 @@ import pytest
 from conftest import fake_llama
 
 from evomerge.errors import EvomergeError
-from evomerge.plan import ModelCatalog, plan_merge
-from evomerge.recipe import (
+from evomerge.merge.jobs import ModelCatalog
+from evomerge.merge.plan import plan_merge
+from evomerge.merge.recipe import (
     evaluate_setting,
     interpolate_gradient,
     load_recipe,
@@ -17,7 +18,7 @@ from evomerge.recipe import (
     parse_recipe,
     register_recipe_block,
 )
-from evomerge.validation import validate_recipe
+from evomerge.merge.validation import validate_recipe
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "data" / "mergekit_examples").glob("*.yml"))
 
@@ -28,7 +29,7 @@ def test_all_six_mergekit_examples_are_present():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_mergekit_examples_parse_validate_and_round_trip(path):
-    from evomerge.recipe import dump_recipe
+    from evomerge.merge.recipe import dump_recipe
 
     recipe = load_recipe(path)
     validate_recipe(recipe)  # model references aside: no file is opened
@@ -49,7 +50,7 @@ models:
 parameters: {normalize: false, lambda: 2}
 seed: 3
 """
-    from evomerge.recipe import dump_recipe
+    from evomerge.merge.recipe import dump_recipe
 
     recipe = loads_recipe(text)
     assert recipe.parameters == {"normalize": False, "lambda": 2}
@@ -179,7 +180,7 @@ parameters: {t: [0.2, 0.8]}
 def test_plan_cache_replans_only_parameters_and_equals_plan_merge(five_layer):
     """A search plans many recipes of one structure: the cached plan must be plan_merge's, values,
     gradients, filters, slices and seeds included, and bad values must still fail by field."""
-    from evomerge.plan import PlanCache
+    from evomerge.merge.plan import PlanCache
 
     def text(density, weight, scale):
         return f"""
@@ -232,7 +233,7 @@ def test_extension_blocks_plug_in():
         }
     )
     assert recipe.model_extra["calibration_test"] == Calibration(dataset="x")
-    from evomerge.recipe import dump_recipe
+    from evomerge.merge.recipe import dump_recipe
 
     assert "samples: 8" in dump_recipe(recipe) and loads_recipe(dump_recipe(recipe)) == recipe
     with pytest.raises(EvomergeError, match="calibration_tset: unknown top-level key"):

@@ -1,0 +1,240 @@
+"""Turn a recipe into a scorable in-memory model: the search worker's side of "one plan, two sinks".
+
+    materializer = Materializer(["zoo/base", "zoo/add", "zoo/rev"], device="cpu")
+    candidate = materializer.apply(recipe, seed=7)     # a Recipe or its mergekit-schema dict
+    candidate.model(input_ids)                          # a transformers causal LM
+
+Parameter-space recipes are planned by `plan_merge` (`PlanCache`) and run by `run_plan` with the method
+functions of `evomerge merge`; only the sink differs: `ModuleSink` copies each merged tensor into
+one resident transformers model (reused by every candidate with the same output config) instead
+of writing safetensors. Inputs come from resident source tensors, and task-vector methods read
+resident task vectors and their sort data (`DeltaStore`), so a TIES top-k at any density is a
+threshold lookup. The resulting weights are bit-identical to the file merge.
+
+For large models the task-vector methods run as one compiled kernel per tensor that writes the
+resident parameter directly (fused.py); for tiny ones (the toy zoo), as one eager pass over all
+tensors concatenated (flat.py); `kernels="auto"|"compiled"|"eager"` picks. All give the same values.
+
+Layer-stacking (DFS) recipes that are folded layer paths are not copied at all: see stacked.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge.candidates.flat import MAX_PARAMETERS as FLAT_MAX_PARAMETERS
+from evomerge.candidates.flat import FlatTaskVectors
+from evomerge.candidates.fused import DrawStore, FusedTaskVectors, KernelMode, fused_available, kernel_mode
+from evomerge.candidates.resident import DeltaStore, ResidentModel, ResidentSource, build_module
+from evomerge.candidates.stacked import build_stacked, layer_input_scales
+from evomerge.merge.jobs import MergePlan, ModelCatalog, TensorJob
+from evomerge.merge.plan import PlanCache
+from evomerge.merge.recipe import Recipe, parse_recipe
+from evomerge.merge.runner import run_plan
+
+
+class ModuleSink:
+    """`merge.TensorSink` that writes each output tensor into a resident model, in place.
+
+    `begin` checks once per plan layout that the plan writes every parameter of the model (a tied
+    output embedding counts as written with its input embedding) with the right shape and dtype,
+    so no stale weights of an earlier candidate can survive into a new one."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self._targets = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+        self._checked: set[tuple[str, ...]] = set()
+        self._expected = 0
+        self._written = 0
+        self.complete = False
+
+    def begin(self, plan: MergePlan) -> None:
+        names = tuple(job.name for job in plan.jobs)
+        if names not in self._checked:
+            self._check_layout(plan.jobs)
+            self._checked.add(names)
+        self._expected, self._written, self.complete = len(plan.jobs), 0, False
+
+    def _check_layout(self, jobs: Sequence[TensorJob]) -> None:
+        for job in jobs:
+            target = self._targets.get(job.name)
+            if target is None:
+                raise ValueError(f"ModuleSink: the model has no tensor {job.name!r}")
+            if tuple(target.shape) != tuple(job.shape) or target.dtype != job.out_dtype:
+                raise ValueError(
+                    f"ModuleSink: {job.name} is {list(target.shape)} {target.dtype} in the model, "
+                    f"{list(job.shape)} {job.out_dtype} in the plan"
+                )
+        written = {self._targets[job.name].data_ptr() for job in jobs}
+        stale = [n for n, p in self.model.named_parameters() if p.data_ptr() not in written]
+        if stale:
+            raise ValueError(f"ModuleSink: the plan does not write {stale[:3]}")
+
+    def write(self, job: TensorJob, tensor: torch.Tensor) -> None:
+        with torch.no_grad():
+            self._targets[job.name].copy_(tensor)
+        self._written += 1
+
+    def target(self, job: TensorJob) -> torch.Tensor:
+        """The parameter a fused kernel writes `job` into (then `written_directly`)."""
+        return self._targets[job.name].data
+
+    def written_directly(self, job: TensorJob) -> None:
+        self._written += 1
+
+    def commit(self) -> None:
+        if self._written != self._expected:
+            raise RuntimeError(f"ModuleSink: {self._written} of {self._expected} tensors written")
+        self.complete = True
+
+    def abort(self) -> None:
+        self.complete = False  # the model holds a partial candidate until the next full write
+
+
+@dataclass
+class Materialized:
+    """A candidate ready to score. `mode`: "in_place" (weights written into a resident model) or
+    "stacked" (a layer path over resident tensors, nothing copied)."""
+
+    model: torch.nn.Module
+    plan: MergePlan
+    mode: str
+    tokenizer_path: Path
+    seconds: float
+
+
+class Materializer:
+    """Holds the source models of a search on one device and materialises recipes over them.
+
+    `models` are loaded up front; a recipe that names another model loads it on first use.
+    `search_dirs` resolve relative model references (after the current directory). At most
+    `max_targets` in-place target models (one per distinct output config) are kept.
+    `kernels` picks how task-vector candidates are computed: `auto` (the default, or
+    `$EVOMERGE_KERNELS`) runs the compiled per-tensor kernels (fused.py) for models of at least 20M
+    parameters, one flat eager pass over all tensors (flat.py) for plans of at most 400K, and the
+    method functions tensor by tensor in between; `compiled` always compiles; `eager` runs the
+    method functions tensor by tensor, exactly as `evomerge merge` does."""
+
+    def __init__(
+        self,
+        models: Sequence[str | Path] = (),
+        *,
+        device: str | torch.device = "cpu",
+        search_dirs: Sequence[Path] = (),
+        max_targets: int = 2,
+        kernels: KernelMode | None = None,
+        draw_cache_bytes: int | None = None,
+    ):
+        self.device = torch.device(device)
+        self.catalog = ModelCatalog([Path(d) for d in search_dirs])
+        self.plans = PlanCache(self.catalog)
+        self.deltas = DeltaStore()
+        self.kernels = kernel_mode(kernels)
+        self.fused = FusedTaskVectors(DrawStore(draw_cache_bytes) if draw_cache_bytes is not None else None)
+        self.flat = FlatTaskVectors()
+        self.max_targets = max_targets
+        self._residents: dict[Path, ResidentModel] = {}
+        self._targets: OrderedDict[str, tuple[torch.nn.Module, ModuleSink]] = OrderedDict()
+        self._generation_configs: dict[Path, Any] = {}
+        for i, model in enumerate(models):
+            self.resident(str(model), f"models[{i}]")
+
+    def resident(self, reference: str, where: str = "model") -> ResidentModel:
+        path = self.catalog.resolve(reference, where).path
+        model = self._residents.get(path)
+        if model is None:
+            model = self._residents[path] = ResidentModel.load(path, self.device)
+        return model
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(m.nbytes for m in self._residents.values())
+
+    def plan(self, recipe: Recipe | Mapping[str, Any], seed: int | None = None) -> MergePlan:
+        if not isinstance(recipe, Recipe):
+            recipe = parse_recipe(recipe)
+        return self.plans.plan(recipe, seed)
+
+    def apply(self, recipe: Recipe | Mapping[str, Any], seed: int | None = None) -> Materialized:
+        """Plan `recipe` (validation errors are `EvomergeError`s naming the field) and build it."""
+        started = time.perf_counter()
+        plan = self.plan(recipe, seed)
+        residents = [self._residents.get(m.path) or self.resident(str(m.path)) for m in plan.models]
+        generation_config = self._generation_config(plan.models[plan.donor].path)
+        scales = layer_input_scales(plan, residents)
+        if scales is not None:
+            model, mode = build_stacked(plan, residents, scales, generation_config), "stacked"
+        else:
+            model, mode = self._write_in_place(plan, residents, generation_config), "in_place"
+        return Materialized(model, plan, mode, plan.models[plan.tokenizer_model].path, time.perf_counter() - started)
+
+    def _write_in_place(
+        self, plan: MergePlan, residents: Sequence[ResidentModel], generation_config: Any
+    ) -> torch.nn.Module:
+        model, sink = self._target(plan)
+        if generation_config is not None:
+            model.generation_config = generation_config
+        source = ResidentSource(plan, residents)
+        fields = plan.method.extra.get("delta_cache")
+        fused = fields is not None and self.fused.covers(plan) and fused_available(self.kernels, plan.parameters)
+        if fused and "sorted_abs" in fields:
+            fields = (*fields, "sorted_order")  # the kernel's top-k cut needs the index order of ties
+        caches = (lambda job: self.deltas.caches(plan, job, source, fields)) if fields is not None else None
+        direct = None
+        flat = None
+        if caches is not None and self.kernels == "auto" and not fused and plan.parameters <= FLAT_MAX_PARAMETERS:
+            flat = self.flat.compute(plan, caches, source)
+        if flat is not None:
+
+            def direct(job: TensorJob) -> bool:
+                sink.target(job).copy_(flat[job.name])
+                sink.written_directly(job)
+                return True
+
+        elif fused:
+
+            def direct(job: TensorJob) -> bool:
+                if job.base is None or not self.fused.write(
+                    plan, job, caches(job), source.get(job.base), sink.target(job)
+                ):
+                    return False
+                sink.written_directly(job)
+                return True
+
+        with torch.no_grad():
+            run_plan(plan, sink, source, device=self.device, caches=caches, direct=direct)
+        return model
+
+    def _target(self, plan: MergePlan) -> tuple[torch.nn.Module, ModuleSink]:
+        """The resident model that in-place candidates with this output config are written into."""
+        dtypes = {job.out_dtype for job in plan.jobs}
+        if len(dtypes) != 1:
+            raise ValueError(f"in-memory merge needs one output dtype, the plan has {sorted(map(str, dtypes))}")
+        key = json.dumps(plan.out_config, sort_keys=True, default=str)
+        entry = self._targets.get(key)
+        if entry is None:
+            while len(self._targets) >= self.max_targets:
+                self._targets.popitem(last=False)
+            model = build_module(plan.out_config, self.device, dtypes.pop())
+            entry = self._targets[key] = (model, ModuleSink(model))
+        self._targets.move_to_end(key)
+        return entry
+
+    def _generation_config(self, path: Path) -> Any:
+        """The donor's generation_config.json, which `evomerge merge` copies next to the weights."""
+        if path not in self._generation_configs:
+            config = None
+            if (path / "generation_config.json").is_file():
+                from transformers import GenerationConfig
+
+                config = GenerationConfig.from_pretrained(path)
+            self._generation_configs[path] = config
+        return self._generation_configs[path]

@@ -1,0 +1,5 @@
+"""`python -m evomerge.cli`."""
+
+from evomerge.cli.app import main
+
+main()

@@ -1,0 +1,261 @@
+"""Command-line interface: `evomerge zoo|eval|merge|search|resume|export|report`.
+
+Each command parses its options and hands over to a module that does the work; user errors
+(`EvomergeError`) are printed as one line and exit with status 2, leaving no partial output.
+
+Importing this module must stay cheap (`evomerge --help` in well under a second): torch,
+transformers, Ray, lm-eval, datasets and matplotlib are imported inside the commands that use
+them, and the merge methods' help comes from a torch-free table (evomerge/merge/method_summaries.py).
+Help is click's plain format: typer's rich panels print flags with a `<bool>` type.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from evomerge.errors import EvomergeError, Interrupted
+from evomerge.merge.method_summaries import METHOD_SUMMARIES
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # rich shows progress; silence the libraries' tqdm bars
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Evolutionary search for model-merge recipes (mergekit-compatible).",
+)
+zoo_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The embedded toy model zoo.")
+app.add_typer(zoo_app, name="zoo")
+
+WORKERS_HELP = (
+    "How many evaluation workers. Default: one, in this process; with --ray-address, one per GPU of "
+    "the cluster (one per CPU if it has no GPU: workers run single-threaded; each holds its own copy "
+    "of the sources, so cap N for large models). N > 1 without --ray-address: a private Ray "
+    "instance on this machine."
+)
+RAY_ADDRESS_HELP = (
+    "Run the workers on the Ray cluster at HOST:PORT, or 'auto' (RAY_ADDRESS, else the one `ray start` "
+    "began on this machine); joined before the run directory is written."
+)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn an EvomergeError into `error: <message>` (and its hint line) on stderr and a non-zero
+    exit, and Ctrl-C into one line and status 130 instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            exc: EvomergeError = Interrupted("")
+        except EvomergeError as error:
+            exc = error
+        typer.echo(f"{exc.label}: {exc}" if str(exc) else exc.label, err=True)
+        if exc.hint:
+            typer.echo(exc.hint, err=True)
+        raise typer.Exit(exc.exit_code)
+
+    return wrapper
+
+
+@zoo_app.command("build")
+@user_errors
+def zoo_build(
+    out_dir: Path = typer.Argument(
+        ..., metavar="OUT_DIR", help="Directory to write the zoo into (replaced atomically)."
+    ),
+    seed: int = typer.Option(0, help="Root seed: same seed, same bytes."),
+    mini: bool = typer.Option(False, "--mini", help="Tiny, fast zoo for tests (targets do not apply)."),
+) -> None:
+    """Train the toy base model and its experts, score them, write OUT_DIR/manifest.json."""
+    from evomerge.zoo.models import build_zoo
+
+    build_zoo(out_dir, seed=seed, mini=mini)
+
+
+@zoo_app.command("verify")
+@user_errors
+def zoo_verify(
+    zoo_dir: Path = typer.Argument(..., help="A zoo directory, e.g. zoo/toy (the shipped one) or an OUT_DIR."),
+) -> None:
+    """Check every file of a zoo against its SHA256SUMS and its manifest against its model folders."""
+    from evomerge.zoo.models import verify_zoo
+
+    manifest = verify_zoo(zoo_dir)
+    typer.echo(f"ok: {zoo_dir} (seed {manifest['seed']}{', mini' if manifest['mini'] else ''}) matches its SHA256SUMS")
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    model_dir: Path = typer.Argument(
+        ..., metavar="MODEL_DIR", help="A model directory (config.json + safetensors + tokenizer)."
+    ),
+    tasks: str = typer.Option("toy_add,toy_rev", help="Comma-separated lm-eval task names."),
+    limit: int | None = typer.Option(None, help="Score only the first N examples of each task."),
+    subset_seed: int | None = typer.Option(None, help="With --limit: a seeded subset (as search workers pick)."),
+    split: str = typer.Option("test", help="Which split to score: train, validation or test."),
+    include_path: list[Path] = typer.Option([], metavar="DIR", help="Extra folder of lm-eval task YAMLs."),
+    batch_size: int = typer.Option(64, help="lm-eval batch size."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Score a model directory on lm-eval tasks, offline."""
+    from evomerge.cli.evaluate import run_eval
+
+    run_eval(
+        model_dir,
+        [t for t in tasks.split(",") if t],
+        limit=limit,
+        split=split,
+        include_paths=include_path,
+        batch_size=batch_size,
+        device=device,
+        as_json=as_json,
+        subset_seed=subset_seed,
+    )
+
+
+def _merge_help() -> str:
+    methods = "\n".join(f"  {name}: {summary}" for name, summary in METHOD_SUMMARIES.items())
+    # "\b": click prints that paragraph as it is (one method per line) instead of re-wrapping it
+    return (
+        "Merge models as a mergekit-style RECIPE describes, into OUT_DIR (written atomically).\n\n"
+        f"Methods:\n\n\b\n{methods}"
+    )
+
+
+@app.command("merge", help=_merge_help())
+@user_errors
+def merge_cmd(
+    recipe: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML (mergekit schema)."),
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Output model directory (appears only when complete)."),
+    seed: int | None = typer.Option(None, help="Seed for random methods (default: the recipe's seed, else 0)."),
+    device: str = typer.Option("cpu", help="cpu or cuda: where the merge math runs."),
+    max_shard_size: str = typer.Option("2GB", help="Largest output shard, e.g. 2GB, 500MB."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; write nothing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    threads: int | None = typer.Option(
+        None, min=1, help="CPU threads for the merge math (default: torch's; 1 is often fastest on a busy machine)."
+    ),
+) -> None:
+    from evomerge.io.yaml_files import read_text
+
+    read_text(recipe, "recipe")  # a missing file is reported before torch is imported
+
+    from evomerge.io.allocator import keep_freed_memory
+    from evomerge.merge.runner import merge_from_file
+
+    keep_freed_memory()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    merge_from_file(
+        recipe,
+        out_dir,
+        seed=seed,
+        device=device,
+        max_shard_size=max_shard_size,
+        dry_run=dry_run,
+        overwrite=overwrite,
+        progress=not quiet,
+        echo=typer.echo,
+    )
+
+
+@app.command("search")
+@user_errors
+def search_cmd(
+    space: Path = typer.Argument(..., metavar="SPACE", help="Search space YAML (search_spaces/*.yaml)."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="New run directory, e.g. runs/NAME."),
+    workers: int | None = typer.Option(None, show_default=False, help=WORKERS_HELP),
+    ray_address: str | None = typer.Option(None, help=RAY_ADDRESS_HELP),
+    max_evals: int | None = typer.Option(
+        None, help="Override the space's budget.max_evals (a total, rounded down to whole generations)."
+    ),
+    seed: int | None = typer.Option(None, help="Override the space's root seed."),
+    optimizer: str | None = typer.Option(
+        None, help="Override the space's optimizer: cma, random, or optuna:tpe / optuna:cmaes / optuna:nsga2."
+    ),
+) -> None:
+    """Run an evolutionary merge search; journal every evaluation; write final.yaml and summary.json.
+
+    Ctrl-C (or an error) stops it with the `evomerge resume` command that continues it."""
+    from evomerge.cli.search import run_search
+
+    run_search(
+        space,
+        run_dir,
+        workers=workers,
+        ray_address=ray_address,
+        max_evals=max_evals,
+        seed=seed,
+        optimizer=optimizer,
+        echo=typer.echo,
+    )
+
+
+@app.command("resume")
+@user_errors
+def resume_cmd(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory written by `evomerge search`."),
+    max_evals: int | None = typer.Option(
+        None, help="New total budget (not an increment; at least what is journaled): extends a finished run."
+    ),
+    workers: int | None = typer.Option(None, show_default=False, help=WORKERS_HELP),
+    ray_address: str | None = typer.Option(None, help=RAY_ADDRESS_HELP),
+) -> None:
+    """Continue a run where it stopped (journaled evaluations are reused, never recomputed)."""
+    from evomerge.cli.search import run_resume
+
+    run_resume(run_dir, max_evals=max_evals, workers=workers, ray_address=ray_address, echo=typer.echo)
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory."),
+    out: Path = typer.Option(..., "-o", "--out", help="Where to write the recipe YAML."),
+    merge: Path | None = typer.Option(None, "--merge", help="Also merge the recipe into this model directory."),
+    pick: int | None = typer.Option(None, "--pick", help="Export entry N (0-based) of the run's pareto.json."),
+) -> None:
+    """Write the run's final recipe (mergekit schema); optionally merge it like `evomerge merge`."""
+    from evomerge.cli.search import run_export
+
+    run_export(run_dir, out, merge_dir=merge, pick=pick, echo=typer.echo)
+
+
+@app.command("report")
+@user_errors
+def report_cmd(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory (finished or still going)."),
+    out: Path | None = typer.Option(None, "-o", "--out", help="Output folder (default: RUN_DIR/report)."),
+) -> None:
+    """Plot fitness, per-layer parameters, the DFS path (and a Pareto front); write PNGs + index.html."""
+    from rich.console import Console
+
+    from evomerge.search.run import RunDir
+
+    RunDir(run_dir).require()  # before matplotlib and torch are imported
+
+    from evomerge.report.build import build_report, print_report
+
+    print_report(build_report(run_dir, out), Console())
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(sys.argv[1:])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,1 +1,0 @@
-"""Candidate evaluation: lm-eval tasks, fitness, materialization, executors."""

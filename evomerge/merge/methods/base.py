@@ -1,0 +1,183 @@
+"""What every merge method shares: its declared parameters, the call it receives, seeded RNGs.
+
+A method is a pure function `fn(call: MethodCall) -> Tensor` over fp32 tensors. The planner resolves
+every parameter (gradients, filters, precedence, defaults) before any tensor is read, so a method
+never sees YAML; the same function serves the file sink (`evomerge merge`) and the in-memory sink
+(search candidates), which can pass precomputed per-task-vector data through `DeltaCache`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from evomerge.merge.recipe import as_number
+
+ParamScope = Literal["model", "global"]
+BasePolicy = Literal["required", "ignored"]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter a method accepts.
+
+    `scope="model"`: one value per (non-base) input, set under a model/source or inherited from
+    slice/top-level `parameters`. `scope="global"`: one value per tensor, set at slice/top level.
+    """
+
+    name: str
+    kind: type  # float, bool or str
+    scope: ParamScope
+    default: Any = None
+    required: bool = False
+    low: float | None = None  # inclusive bounds, checked on every value in the recipe
+    high: float | None = None
+    choices: tuple[str, ...] | None = None
+    help: str = ""
+
+    def check(self, value: Any) -> str | None:
+        """Why `value` is invalid for this parameter, or None if it is fine."""
+        if self.kind is bool:
+            return None if isinstance(value, bool) else "expected true or false"
+        if self.kind is str:
+            if not isinstance(value, str):
+                return "expected a string"
+            if self.choices and value not in self.choices:
+                return f"expected one of {', '.join(self.choices)}"
+            return None
+        number = as_number(value)
+        if number is None:
+            return "expected a finite number"
+        if self.low is not None and number < self.low:
+            return f"must be >= {self.low:g}"
+        if self.high is not None and number > self.high:
+            return f"must be <= {self.high:g}"
+        return None
+
+    def coerce(self, value: Any) -> Any:
+        return as_number(value) if self.kind is float else value
+
+
+@dataclass(frozen=True)
+class DeltaCache:
+    """Precomputed data about one task vector `delta = theta_i - theta_base`, reusable across calls.
+
+    The in-memory materializer builds these once per source model; then a magnitude top-k at any
+    density is a threshold lookup in `sorted_abs` instead of a selection over the whole tensor, and
+    DELLA needs no per-row sort. Every field is optional except `delta`.
+    """
+
+    delta: torch.Tensor  # fp32, same shape as the weight
+    sorted_abs: torch.Tensor | None = None  # |delta| flattened, ascending
+    row_ranks: torch.Tensor | None = None  # per-row ascending rank of |delta| (DELLA), int64
+    # flat indices of a stable ascending sort of |delta| (int32 when they fit): where equal
+    # magnitudes straddle a top-k cut, the index at the cut says which of them are kept
+    sorted_order: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, delta: torch.Tensor, *, sorted_abs: bool = True, row_ranks: bool = False) -> DeltaCache:
+        from evomerge.merge.methods.sparsify import stable_row_ranks
+
+        delta = delta.float()
+        return cls(
+            delta=delta,
+            sorted_abs=delta.abs().reshape(-1).sort().values if sorted_abs else None,
+            row_ranks=stable_row_ranks(delta.abs()) if row_ranks else None,
+        )
+
+
+@dataclass
+class MethodCall:
+    """Everything a method needs for one output tensor; all tensors fp32 on one device.
+
+    `inputs[i]` may be None when `caches[i]` carries the task vector (the base is then required).
+    """
+
+    tensor_name: str
+    base: torch.Tensor | None
+    inputs: Sequence[torch.Tensor | None]
+    input_params: Sequence[Mapping[str, Any]]
+    params: Mapping[str, Any]
+    generators: Sequence[torch.Generator | None] = ()
+    caches: Sequence[DeltaCache | None] = ()
+    inputs_owned: bool = False  # the caller hands the input tensors over: methods may overwrite them
+    # Model-level data a data-aware method's pre-pass computed for this job (statistics, permutations,
+    # REPAIR folds); see `MergeMethod.extra["prepare"]` and evomerge.merge.data_aware. None for other methods.
+    context: Any = None
+
+    def cache(self, i: int) -> DeltaCache | None:
+        return self.caches[i] if i < len(self.caches) else None
+
+    def delta(self, i: int) -> torch.Tensor:
+        """Task vector of input i (from the cache when there is one)."""
+        cached = self.cache(i)
+        if cached is not None:
+            return cached.delta
+        assert self.base is not None and self.inputs[i] is not None
+        return self.inputs[i] - self.base  # type: ignore[operator]
+
+    def take_delta(self, i: int) -> tuple[torch.Tensor, bool]:
+        """Task vector i and whether the caller may overwrite it. Owned inputs are turned into
+        their task vector in place (input i is consumed); cached deltas are shared, never owned."""
+        cached = self.cache(i)
+        if cached is not None:
+            return cached.delta, False
+        assert self.base is not None and self.inputs[i] is not None
+        source = self.inputs[i]
+        if self.inputs_owned and source.dtype == self.base.dtype:  # type: ignore[union-attr]
+            return source.sub_(self.base), True  # type: ignore[union-attr]
+        # A copy (upcast first when the input has lower precision: exact, and faster than letting
+        # type promotion mix dtypes inside the subtraction).
+        return source.to(self.base.dtype, copy=True).sub_(self.base), True  # type: ignore[union-attr]
+
+    def generator(self, i: int) -> torch.Generator:
+        if i >= len(self.generators) or self.generators[i] is None:
+            raise RuntimeError(f"{self.tensor_name}: random method called without a generator")
+        return self.generators[i]  # type: ignore[return-value]
+
+
+MethodFn = Callable[[MethodCall], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registry entry: the YAML name, the function and the contract the planner enforces."""
+
+    name: str
+    fn: MethodFn
+    params: tuple[ParamSpec, ...]
+    base: BasePolicy
+    min_inputs: int = 1  # non-base inputs
+    max_inputs: int | None = None
+    random: bool = False
+    defaults_note: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def param(self, name: str) -> ParamSpec | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def model_params(self) -> tuple[ParamSpec, ...]:
+        return tuple(p for p in self.params if p.scope == "model")
+
+    @property
+    def global_params(self) -> tuple[ParamSpec, ...]:
+        return tuple(p for p in self.params if p.scope == "global")
+
+
+def tensor_seed(merge_seed: int, model_index: int, tensor_name: str) -> int:
+    """A 63-bit seed from (merge seed, model, tensor): masks do not depend on execution order."""
+    digest = hashlib.blake2b(f"{merge_seed}\0{model_index}\0{tensor_name}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
+
+
+def make_generator(
+    merge_seed: int, model_index: int, tensor_name: str, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(tensor_seed(merge_seed, model_index, tensor_name))
+    return generator
