@@ -101,7 +101,7 @@ def test_models_of_different_depth_need_slices(tmp_path, llama_zoo):
 
 
 def test_errors_come_before_any_tensor_is_read(tmp_path, llama_zoo, monkeypatch):
-    from evomerge import checkpoint
+    from evomerge.io import checkpoint
 
     def forbidden(self, name):
         raise AssertionError("tensor data read during validation")
