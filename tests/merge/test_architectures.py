@@ -263,3 +263,47 @@ def test_an_unknown_architecture_says_how_to_add_its_file() -> None:
     message = str(error.value)
     assert "\n" not in message
     assert "FalconForCausalLM" in message and "evomerge/io/architectures/<family>.json" in message
+
+
+class LossWorker:
+    """A search worker that materialises each candidate in memory (as the real worker does) and
+    scores it by the negative loss on fixed tokens: cheap, but every evaluation runs the model."""
+
+    def __init__(self, sources: list[str], tasks: list[dict], include_paths: list[str] | None = None):
+        self.materializer = Materializer([Path(s) for s in sources])
+        self.ids = torch.arange(1, 25).reshape(2, 12) % 90 + 1
+
+    def evaluate(self, candidate):
+        from evomerge.workers.candidate import EvalResult
+
+        model = self.materializer.apply(candidate.payload["recipe"]).model
+        with torch.no_grad():
+            loss = float(model(self.ids, labels=self.ids).loss)
+        name = candidate.payload["tasks"][0]["name"]
+        return EvalResult.success(candidate.id, -loss, {f"{name}/acc": -loss, f"{name}/n": 24.0})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_a_short_search_runs_on_the_family(case: str, zoo, tmp_path: Path) -> None:
+    from evomerge.cli.search import run_search
+
+    models = zoo(case)
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "models": [str(models["ft1"]), str(models["ft2"])],
+                "base_model": str(models["base"]),
+                "tasks": [{"name": "toy_add", "weight": 1.0}],
+                "budget": {"max_evals": 4, "popsize": 2, "select_top_k": 1},
+                "seed": 0,
+                "worker": {"factory": "test_architectures:LossWorker"},
+                "ps": {"method": "ties", "granularity": 2},
+            }
+        )
+    )
+    run_search(space, tmp_path / "run", workers=1, ray_address=None, max_evals=None, seed=None, echo=lambda *_: None)
+    records = [json.loads(line) for line in (tmp_path / "run" / "journal.jsonl").read_text().splitlines()]
+    assert all(r["status"] == "ok" for r in records), [r.get("reason") for r in records]
+    assert sum(r.get("phase", "search") == "search" for r in records) == 4
