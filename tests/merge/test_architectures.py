@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from evomerge.candidates.materialize import Materializer
 from evomerge.errors import EvomergeError
 from evomerge.io.architecture import detect_architecture, known_architectures
+from evomerge.merge.recipe import Recipe, dump_recipe
 from evomerge.merge.runner import merge_from_file
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
@@ -140,9 +141,9 @@ def stack(models: dict[str, Path]) -> dict:
     }
 
 
-def evomerge(recipe: dict, out: Path) -> dict[str, torch.Tensor]:
+def evomerge(recipe: dict | Recipe, out: Path) -> dict[str, torch.Tensor]:
     path = out.parent / f"{out.name}.yml"
-    path.write_text(yaml.safe_dump(recipe))
+    path.write_text(dump_recipe(recipe) if isinstance(recipe, Recipe) else yaml.safe_dump(recipe))
     merge_from_file(path, out, progress=False)
     return read_all(out)
 
@@ -307,3 +308,55 @@ def test_a_short_search_runs_on_the_family(case: str, zoo, tmp_path: Path) -> No
     records = [json.loads(line) for line in (tmp_path / "run" / "journal.jsonl").read_text().splitlines()]
     assert all(r["status"] == "ok" for r in records), [r.get("reason") for r in records]
     assert sum(r.get("phase", "search") == "search" for r in records) == 4
+
+
+# A DFS path over the two fine-tunes: (model, layer, scale on the hidden state entering it).
+PATH = [(0, 0, 1.0), (0, 1, 1.0), (1, 1, 0.7), (1, 2, 1.0), (0, 2, 1.6), (1, 3, 1.3), (0, 3, 0.8)]
+
+
+def load_with_tiny_eps(directory: Path):
+    """The model with every norm epsilon at 1e-12: the scale fold is exact when eps is 0."""
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((directory / "config.json").read_text())
+    config.update({k: 1e-12 for k, v in config.items() if ("eps" in k or "epsilon" in k) and isinstance(v, float)})
+    (directory / "config.json").write_text(json.dumps(config))
+    return AutoModelForCausalLM.from_pretrained(directory).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_dfs_scales_fold_into_the_residual_outputs(case: str, zoo, tmp_path: Path) -> None:
+    """The exported path (scales folded into the family's residual_outputs) equals the unscaled
+    path run with each layer's input hidden state multiplied by its scale."""
+    from evomerge.search.space.dfs import Step, path_to_recipe
+
+    models = zoo(case)
+    arch = detect_architecture(json.loads((models["ft1"] / "config.json").read_text()), case)
+    if not arch.residual_outputs:
+        pytest.skip(f"{case}: no residual_outputs (a norm sits between the branch outputs and the residual add)")
+    sources = [str(models["ft1"]), str(models["ft2"])]
+    folded = path_to_recipe([Step(*s) for s in PATH], sources, arch.residual_outputs)
+    plain = path_to_recipe([Step(m, layer) for m, layer, _ in PATH], sources, arch.residual_outputs)
+    evomerge(folded, tmp_path / "folded")
+    evomerge(plain, tmp_path / "plain")
+    reference = load_with_tiny_eps(tmp_path / "plain")
+    prefix = arch.layer_prefix(next(n for n in read_all(tmp_path / "plain") if arch.layer_pattern.match(n)))
+    for layer, (_, _, scale) in zip(reference.get_submodule(prefix.rstrip(".")), PATH, strict=True):
+        layer.register_forward_pre_hook(scaled_input(scale), with_kwargs=True)
+    ids = torch.arange(1, 25).reshape(2, 12)
+    with torch.no_grad():
+        got, want = load_with_tiny_eps(tmp_path / "folded")(ids).logits, reference(ids).logits
+        unscaled = load_with_tiny_eps(tmp_path / "plain")(ids).logits
+    tolerance = 1e-4 * want.abs().max().item()
+    assert (got - want).abs().max().item() <= tolerance
+    assert (unscaled - want).abs().max().item() > 100 * tolerance, "the scales changed nothing: a vacuous check"
+
+
+def scaled_input(scale: float):
+    def hook(module, args, kwargs):
+        if args:
+            return (args[0] * scale, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * scale}
+
+    return hook
