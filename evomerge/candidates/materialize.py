@@ -67,10 +67,10 @@ class ModuleSink:
     def _add_checkpoint_names(self, plan: MergePlan) -> None:
         """Plans name tensors as checkpoints do; where transformers renames them on load (the
         family's `module_renames`), the checkpoint name is an alias of the module's tensor."""
-        for checkpoint_prefix, module_prefix in plan.models[0].arch.module_renames:
-            for name, tensor in list(self._targets.items()):
-                if name.startswith(module_prefix):
-                    self._targets.setdefault(checkpoint_prefix + name[len(module_prefix) :], tensor)
+        arch = plan.models[0].arch
+        for job in plan.jobs:
+            if job.name not in self._targets and arch.module_name(job.name) in self._targets:
+                self._targets[job.name] = self._targets[arch.module_name(job.name)]
 
     def _check_layout(self, jobs: Sequence[TensorJob]) -> None:
         for job in jobs:

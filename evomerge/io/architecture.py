@@ -31,6 +31,7 @@ class Architecture:
     post_prefixes: tuple[str, ...]
     embedding: tuple[str, ...]  # input-embedding tensor names (lm_head may be tied to the first present)
     lm_head: str = "lm_head.weight"
+    layer_prefixes: tuple[str, ...] = ()  # the first is the causal-LM module's; others: headless checkpoints
     # Substrings naming the layer tensors that write into the residual stream (attention output and
     # MLP down projections): scaling them by 1/c equals scaling a pre-norm layer's input by c.
     # Empty where a norm sits between them and the residual add (Gemma2/3, OLMo2): no DFS scales.
@@ -68,6 +69,13 @@ class Architecture:
         assert match, name
         return match.group(1)
 
+    def module_name(self, name: str) -> str:
+        """The name transformers gives checkpoint tensor `name` once loaded (see module_renames)."""
+        for checkpoint_prefix, module_prefix in self.module_renames:
+            if name.startswith(checkpoint_prefix):
+                return module_prefix + name[len(checkpoint_prefix) :]
+        return name
+
     def is_vocabulary(self, name: str) -> bool:
         return name in self.embedding or name == self.lm_head
 
@@ -85,6 +93,7 @@ def _from_data(data: Mapping[str, Any], source: str) -> Architecture:
         post_prefixes=tuple(data["post_layer"]),
         embedding=tuple(data["embedding"]),
         lm_head=data.get("lm_head", "lm_head.weight"),
+        layer_prefixes=tuple(data["layer_prefixes"]),
         residual_outputs=tuple(data.get("residual_outputs", ())),
         layer_config_lists=tuple(data.get("layer_config_lists", ())),
         fused_projections=tuple(data.get("fused_projections", ())),

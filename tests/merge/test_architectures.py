@@ -247,11 +247,7 @@ def test_in_memory_candidate_equals_the_disk_merge(case: str, method, zoo, tmp_p
     written = evomerge(method(models), tmp_path / "ours")
     candidate = Materializer([models[n] for n in ("base", "ft1", "ft2")]).apply(method(models))
     state = candidate.model.state_dict()
-    for checkpoint_prefix, module_prefix in candidate.plan.models[0].arch.module_renames:
-        written = {
-            module_prefix + n[len(checkpoint_prefix) :] if n.startswith(checkpoint_prefix) else n: t
-            for n, t in written.items()
-        }
+    written = {candidate.plan.models[0].arch.module_name(n): t for n, t in written.items()}
     for name, tensor in written.items():
         assert torch.equal(state[name], tensor), name
     for extra in set(state) - set(written):  # only aliases of written tensors (a tied lm_head)
@@ -360,3 +356,34 @@ def scaled_input(scale: float):
         return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * scale}
 
     return hook
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_a_dfs_candidate_runs_on_resident_layers_like_its_export(case: str, zoo, tmp_path: Path) -> None:
+    import shutil
+
+    from evomerge.search.space.dfs import Step, path_to_recipe
+
+    sources = []
+    for name in ("ft1", "ft2"):  # copies with tiny norm epsilons, where the fold is exact
+        shutil.copytree(zoo(case)[name], tmp_path / name)
+        load_with_tiny_eps(tmp_path / name)
+        sources.append(str(tmp_path / name))
+    arch = detect_architecture(json.loads((tmp_path / "ft1" / "config.json").read_text()), case)
+    if not arch.residual_outputs:
+        pytest.skip(f"{case}: no residual_outputs, so no DFS scales")
+    recipe = path_to_recipe([Step(*s) for s in PATH], sources, arch.residual_outputs)
+    evomerge(recipe, tmp_path / "exported")
+    candidate = Materializer(sources).apply(recipe)
+    ids = torch.arange(1, 25).reshape(2, 12)
+    with torch.no_grad():
+        got, want = candidate.model(ids).logits, load_with_tiny_eps(tmp_path / "exported")(ids).logits
+    assert candidate.mode == "stacked"
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+    # one KV-cache slot per path position: generating with the cache equals generating without it
+    prompt = {"input_ids": ids[:, :6], "attention_mask": torch.ones_like(ids[:, :6])}
+    with torch.no_grad():
+        cached = candidate.model.generate(**prompt, max_new_tokens=4, do_sample=False)
+        uncached = candidate.model.generate(**prompt, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
