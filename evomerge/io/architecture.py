@@ -42,6 +42,9 @@ class Architecture:
     fused_projections: tuple[str, ...] = ()
     # What an absent `tie_word_embeddings` means for this family's config class.
     tie_word_embeddings_default: bool = False
+    # The permutation symmetry (a spec in merge/data_aware/permutation.py) rebasin and REPAIR use;
+    # None where no spec fits (q/k norms, fused projections, LayerNorm biases).
+    symmetry: str | None = None
     # (checkpoint prefix, module prefix) where transformers renames tensors on load (GPT-NeoX embed_out.).
     module_renames: tuple[tuple[str, str], ...] = ()
     architectures: tuple[str, ...] = ()  # transformers class names in config.json `architectures`
@@ -98,6 +101,7 @@ def _from_data(data: Mapping[str, Any], source: str) -> Architecture:
         layer_config_lists=tuple(data.get("layer_config_lists", ())),
         fused_projections=tuple(data.get("fused_projections", ())),
         tie_word_embeddings_default=bool(data.get("tie_word_embeddings_default", False)),
+        symmetry=data.get("symmetry"),
         module_renames=tuple(dict(data.get("module_renames", {})).items()),
         architectures=tuple(data["architectures"]),
         model_types=tuple(data.get("model_types", ())),
