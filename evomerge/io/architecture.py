@@ -120,14 +120,6 @@ def known_architectures() -> dict[str, Architecture]:
     return found
 
 
-def family(name: str) -> Architecture:
-    return known_architectures()[name]
-
-
-LLAMA_LIKE = family("llama")
-GPT2 = family("gpt2")
-
-
 def detect_architecture(config: Mapping[str, Any], where: str) -> Architecture:
     """The family of a model from its config.json, or a one-line error that says how to add it."""
     archs = known_architectures().values()
