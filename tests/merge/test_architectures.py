@@ -1,8 +1,10 @@
 """The architecture matrix: every family in evomerge/io/architectures/ on a tiny random model of it.
 
-Per family: a TIES merge (equal to mergekit 0.1.5 where mergekit runs; the default suite's one
-merge per family), a SLERP merge, a layer stack that transformers loads with the right per-layer
-config, and an in-memory candidate bit-equal to the disk merge (slow).
+Per family: a TIES merge equal to mergekit 0.1.5 where mergekit runs (the default suite's one merge
+per family); slow: a SLERP merge (mergekit parity), a layer stack that transformers loads with the
+right per-layer config (mergekit parity where mergekit can stack), in-memory candidates bit-equal
+to the disk merge, DFS scales folded into the family's residual_outputs (exact), the zero-copy DFS
+candidate equal to its export, and a short PS search.
 """
 
 from __future__ import annotations
