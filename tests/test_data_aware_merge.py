@@ -99,6 +99,27 @@ def tiny_model(kind: str, out: Path, seed: int = 7) -> Path:
     torch.manual_seed(seed)
     if kind == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=48, n_positions=32, n_embd=24, n_layer=2, n_head=4))
+    elif kind in ("granite", "gemma"):  # families whose files name the llama symmetry
+        import transformers
+
+        config_class = {"granite": transformers.GraniteConfig, "gemma": transformers.GemmaConfig}[kind]
+        config = config_class(
+            vocab_size=48,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=32,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():  # Gemma's norms start at zero; make them carry a permutation
+            for param in model.parameters():
+                param.add_(0.02 * torch.randn(param.shape))
     else:  # Llama with grouped-query attention: 4 query heads share 2 KV heads
         model = LlamaForCausalLM(
             LlamaConfig(
@@ -117,11 +138,11 @@ def tiny_model(kind: str, out: Path, seed: int = 7) -> Path:
     return out
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama_gqa"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama_gqa", "granite", "gemma"])
 def test_gpt2_and_gqa_permutations_are_symmetries_that_rebasin_undoes(kind, tmp_path):
     a = tiny_model(kind, tmp_path / "a")
     perms = permuted_copy(a, tmp_path / "b", seed=5)
-    if kind == "llama_gqa":
+    if kind != "gpt2":
         assert perms["heads.0"].numel() == 2  # KV groups are the unit
     ids = torch.randint(0, 48, (2, 10))
     assert torch.allclose(logits(a, ids), logits(tmp_path / "b", ids), atol=1e-4)

@@ -20,13 +20,13 @@ from typer.testing import CliRunner
 from evomerge.cli.app import app
 from evomerge.cli.search import run_search
 from evomerge.errors import EvomergeError
+from evomerge.io.architecture import known_architectures
 from evomerge.merge.recipe import load_recipe
 from evomerge.report.build import build_report
 from evomerge.report.data import recipe_heatmaps, recipe_path
 from evomerge.report.figures import draw_heatmaps, draw_path
 from evomerge.search.run import RunDir, read_journal
 from evomerge.search.space import SearchSpace, load_space_config, path_from_recipe
-from evomerge.search.space.dfs import OUTPUT_PROJECTIONS
 
 PS_SPACE = """\
 models: [models/a, models/b]
@@ -194,7 +194,7 @@ def test_dfs_report_draws_the_path_of_the_final_recipe(dfs_run):
     check_files(report, {"fitness.png", "path.png"})
     recipe = load_recipe(dfs_run / "final.yaml")
     steps = recipe_path(recipe)
-    expected = path_from_recipe(recipe, OUTPUT_PROJECTIONS["llama"])
+    expected = path_from_recipe(recipe, known_architectures()["llama"].residual_outputs)
     assert [(s.model, s.layer, s.scale) for s in steps] == expected
     assert len(expected) > 2 and any(scale != 1.0 for _, _, scale in expected)
     # the path the genome selects, model by model, is the one drawn

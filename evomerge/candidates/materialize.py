@@ -59,9 +59,18 @@ class ModuleSink:
     def begin(self, plan: MergePlan) -> None:
         names = tuple(job.name for job in plan.jobs)
         if names not in self._checked:
+            self._add_checkpoint_names(plan)
             self._check_layout(plan.jobs)
             self._checked.add(names)
         self._expected, self._written, self.complete = len(plan.jobs), 0, False
+
+    def _add_checkpoint_names(self, plan: MergePlan) -> None:
+        """Plans name tensors as checkpoints do; where transformers renames them on load (the
+        family's `module_renames`), the checkpoint name is an alias of the module's tensor."""
+        arch = plan.models[0].arch
+        for job in plan.jobs:
+            if job.name not in self._targets and arch.module_name(job.name) in self._targets:
+                self._targets[job.name] = self._targets[arch.module_name(job.name)]
 
     def _check_layout(self, jobs: Sequence[TensorJob]) -> None:
         for job in jobs:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from evomerge.io.architecture import detect_architecture
 from evomerge.io.checkpoint import CheckpointReader
 from evomerge.merge.jobs import MergePlan, TensorJob, TensorRef
 from evomerge.merge.methods.base import DeltaCache
@@ -75,7 +76,9 @@ class ResidentModel:
 
     def _build_module(self) -> torch.nn.Module:
         module = build_module(self.config, self.device, module_dtype(self.tensors))
-        _missing, unexpected = module.load_state_dict(self.tensors, strict=False, assign=True)
+        arch = detect_architecture(self.config, str(self.path))  # checkpoint names -> module names
+        by_module_name = {arch.module_name(name): tensor for name, tensor in self.tensors.items()}
+        _missing, unexpected = module.load_state_dict(by_module_name, strict=False, assign=True)
         if unexpected:
             raise ValueError(f"{self.path}: checkpoint tensors the model does not have: {unexpected[:3]}")
         module.tie_weights()  # a tied lm_head follows the embeddings just assigned

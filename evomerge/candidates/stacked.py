@@ -22,9 +22,6 @@ import torch
 from evomerge.candidates.resident import ResidentModel
 from evomerge.merge.jobs import MergePlan
 
-# Families whose stacked module layout (`<prefix>N` layers with a layer_idx) is tested here.
-STACKABLE_FAMILIES = ("llama",)
-
 
 def layer_input_scales(plan: MergePlan, residents: Sequence[ResidentModel]) -> list[float] | None:
     """The scale on the hidden state entering each output layer, if `plan` is a folded layer path
@@ -32,8 +29,8 @@ def layer_input_scales(plan: MergePlan, residents: Sequence[ResidentModel]) -> l
     if plan.method.name != "passthrough" or not plan.jobs:
         return None
     arch = plan.models[0].arch
-    if arch.family not in STACKABLE_FAMILIES or not arch.residual_outputs:
-        return None
+    if not arch.residual_outputs or plan.models[plan.donor].layer_prefix != arch.layer_prefixes[0]:
+        return None  # no scale fold, or a headless checkpoint (GPT-2 `h.N`) unlike the module's names
     out_scale: dict[int, float] = {}
     for job in plan.jobs:
         ref = job.inputs[0]
@@ -72,10 +69,11 @@ def build_stacked(
         model = AutoModelForCausalLM.from_config(config, dtype=plan.jobs[0].out_dtype)
     model.eval().requires_grad_(False)
     bound: set[str] = set()
+    arch = plan.models[0].arch
     for job in plan.jobs:
         ref = job.inputs[0]
-        _bind_parameter(model, job.name, residents[ref.model].tensors[ref.name])
-        bound.add(job.name)
+        _bind_parameter(model, arch.module_name(job.name), residents[ref.model].tensors[ref.name])
+        bound.add(arch.module_name(job.name))
     _tie_unwritten_head(model, bound)
     _bind_buffers(model, plan, residents)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from evomerge.errors import EvomergeError
-from evomerge.io.architecture import GPT2, LLAMA_LIKE
+from evomerge.io.architecture import known_architectures
 from evomerge.merge.recipe import FilteredValue, ParameterSetting, Recipe, as_number, evaluate_setting, load_recipe
 from evomerge.search.run import BEST_FILE, FINAL_FILE, PARETO_FILE, SPACE_FILE, SUMMARY_FILE, RunDir, read_journal
 from evomerge.search.space.config import load_space_config
@@ -184,8 +184,9 @@ def fitness_series(records: Sequence[dict[str, Any]]) -> FitnessSeries:
 
 # -- (2) PS heatmap from a recipe -------------------------------------------------------------------
 
-_PRE = LLAMA_LIKE.pre_prefixes + GPT2.pre_prefixes  # filters that name embeddings / the head
-_POST = LLAMA_LIKE.post_prefixes + GPT2.post_prefixes
+# Filters that name embeddings / the head, in any family's naming.
+_PRE = tuple(dict.fromkeys(p for arch in known_architectures().values() for p in arch.pre_prefixes))
+_POST = tuple(dict.fromkeys(p for arch in known_architectures().values() for p in arch.post_prefixes))
 
 
 @dataclass

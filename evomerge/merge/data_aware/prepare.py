@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from evomerge.errors import EvomergeError
 from evomerge.merge.data_aware.cache import entry_key, model_fingerprint, statistics_cache
 from evomerge.merge.data_aware.calibration import CalibrationConfig, TokenBatch, calibration_batch, calibration_of
 from evomerge.merge.data_aware.permutation import PermutationSpec, apply_permutation, permutation_spec, weight_matching
@@ -202,7 +203,9 @@ def align_models(plan: MergePlan, source: Any, *, residual: bool, max_sweeps: in
     """Weight matching of B onto A (cached on disk by both models' content and the settings)."""
     a, b = _pair(plan)
     info_a, info_b = plan.models[a], plan.models[b]
-    spec = permutation_spec(info_b.arch.family, info_b.config, info_b.shapes, residual=residual)
+    if info_b.arch.symmetry is None:
+        raise EvomergeError(f"rebasin: no permutation symmetry for the {info_b.arch.family} family (its file)")
+    spec = permutation_spec(info_b.arch.symmetry, info_b.config, info_b.shapes, residual=residual)
     cache = statistics_cache(None)
     key = entry_key(
         a=model_fingerprint(info_a.path),
@@ -285,9 +288,10 @@ def prepare_repair(plan: MergePlan, source: Any, device: torch.device | str) -> 
     _assign(endpoint_b, state_b, device)
     _assign(merged, state_m, device)
     tokens = TokenBatch(*(x.to(device) for x in (tokens.input_ids, tokens.attention_mask, tokens.loss_mask)))
-    family = info_a.arch.family
-    if family == "llama":
+    if info_a.arch.symmetry == "llama":
         points = llama_points(info_a.config, info_a.num_layers, info_a.shapes)
+    elif info_a.arch.symmetry != "gpt2":
+        raise EvomergeError(f"repair: no repair points for the {info_a.arch.family} family (no symmetry in its file)")
     else:
         prefix = "transformer." if any(n.startswith("transformer.") for n in info_a.shapes) else ""
         points = gpt2_points(info_a.config, info_a.num_layers, prefix)

@@ -29,8 +29,6 @@ from evomerge.search.space.config import DFSConfig
 from evomerge.search.space.genes import Gene
 from evomerge.search.space.ps import model_labels
 
-# Substrings naming the tensors that write into the residual stream, per architecture family.
-OUTPUT_PROJECTIONS = {"llama": ("o_proj", "down_proj"), "gpt2": ("c_proj",)}
 SCALE_DECIMALS = 6  # scale genes are rounded like PS values, so recipes read well and dedupe
 
 
@@ -55,9 +53,10 @@ class DFSLayout:
                     f"dfs.models: {info.reference!r} is a {info.arch.family} model but "
                     f"{self.sources[0].reference!r} is {family}; a path needs one architecture"
                 )
-        if family not in OUTPUT_PROJECTIONS:
-            raise EvomergeError(f"dfs.models: no scale export for the {family} family")
-        self.projections = OUTPUT_PROJECTIONS[family]
+        # The tensors that write into the residual stream (the family's data file) carry the scales.
+        self.projections = self.sources[0].arch.residual_outputs
+        if not self.projections:
+            raise EvomergeError(f"dfs.models: no scale export for the {family} family (no residual_outputs)")
         self.labels = model_labels([s.reference for s in self.sources])
         self.slots = [
             (rep, m, layer)
