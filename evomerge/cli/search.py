@@ -154,11 +154,9 @@ def run_search(
 ) -> dict[str, Any]:
     from evomerge.io.yaml_files import read_text
 
-    _check_workers(workers)
+    _check_counts(workers, max_evals)
     if seed is not None and seed < 0:
         raise EvomergeError("--seed: must be >= 0")
-    if max_evals is not None and max_evals < 1:
-        raise EvomergeError("--max-evals: must be >= 1")
     run = RunDir(run_dir)
     run.check_new()
     read_text(Path(space_path), "search space")  # a missing file is reported before torch is imported
@@ -196,9 +194,7 @@ def run_resume(
 ) -> dict[str, Any]:
     run = RunDir(run_dir)
     run.require()
-    _check_workers(workers)
-    if max_evals is not None and max_evals < 1:
-        raise EvomergeError("--max-evals: must be >= 1")
+    _check_counts(workers, max_evals)
 
     from evomerge.search.entry import resume_search
     from evomerge.search.space import load_space_config
@@ -211,9 +207,12 @@ def run_resume(
     return summary
 
 
-def _check_workers(workers: int | None) -> None:
+def _check_counts(workers: int | None, max_evals: int | None) -> None:
+    """The options search and resume share, checked before anything is read or started."""
     if workers is not None and workers < 1:
         raise EvomergeError("--workers: must be >= 1; leave it out for the default (see --help)")
+    if max_evals is not None and max_evals < 1:
+        raise EvomergeError("--max-evals: must be >= 1")
 
 
 def _resume_command(run: RunDir, workers: int | None, ray_address: str | None) -> str:

@@ -225,14 +225,14 @@ class Search:
             if item.eval_id in self.records:
                 continue
             if item.recipe is None:
-                self._journal(item, None, status="failed", reason=item.error)
+                self.append_record(item, None, status="failed", reason=item.error)
                 continue
             payload = make_payload(
                 item.recipe, self.cfg, item.split, full=item.phase not in ("search", "stage"), window=item.window
             )
             key = cache_key(payload)
             if key in self.cache:
-                self._journal(item, key, source=self.cache[key])
+                self.append_record(item, key, source=self.cache[key])
             elif key in leaders:
                 followers[key].append(item)
             else:
@@ -245,9 +245,9 @@ class Search:
             executor.submit(to_run)
             for result in executor.as_completed():
                 key = by_id[result.candidate_id]
-                record = self._journal(leaders[key], key, result=result)
+                record = self.append_record(leaders[key], key, result=result)
                 for follower in followers[key]:
-                    self._journal(follower, key, source=record)
+                    self.append_record(follower, key, source=record)
         return [self.records[item.eval_id] for item in items]
 
     def _executor_or_start(self) -> Any:
@@ -264,7 +264,7 @@ class Search:
                 ) from None
         return self._executor
 
-    def _journal(
+    def append_record(
         self,
         item: Item,
         key: str | None,
@@ -276,6 +276,8 @@ class Search:
         counted: bool = True,
         extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """Journal one evaluation (computed, answered from another record, or failed) and update the
+        progress; the fidelity race (racing.py) journals its candidates' records through it too."""
         record: dict[str, Any] = {
             "eval_id": item.eval_id,
             "phase": item.phase,

@@ -57,10 +57,10 @@ def race(search: Search, items: list[Item]) -> list[dict[str, Any]]:
         if item.eval_id in search.records:
             continue
         if item.recipe is None:
-            search._journal(item, None, status="failed", reason=item.error)
+            search.append_record(item, None, status="failed", reason=item.error)
         elif item.eval_id not in estimates:
             failed = stages[item.eval_id][-1]
-            search._journal(item, None, status="failed", reason=failed["reason"])
+            search.append_record(item, None, status="failed", reason=failed["reason"])
         else:
             _journal_staged(
                 search, item, stages[item.eval_id], scores[item.eval_id], totals[item.eval_id], estimates[item.eval_id]
@@ -94,4 +94,4 @@ def _journal_staged(
         "upper": est.upper(fidelity.z),
         "lower": est.lower(fidelity.z),
     }
-    return search._journal(item, None, result=result, counted=False, extra={"fidelity": staged})
+    return search.append_record(item, None, result=result, counted=False, extra={"fidelity": staged})
