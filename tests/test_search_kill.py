@@ -218,3 +218,35 @@ ps: {{method: task_arithmetic, genes: {{weight: [0.0, 1.5]}}}}
     for name in ("final.yaml", "summary.json", "pareto.json"):
         assert (run / name).read_text() == (reference / name).read_text()
     assert study_trials(run) == study_trials(reference)
+
+
+def test_a_second_process_on_a_running_run_is_refused_and_a_killed_holder_is_taken_over(tmp_path):
+    make_models(tmp_path / "models")
+    log = tmp_path / "worker.log"
+    path = write_space(tmp_path / "space.yaml", BASE.replace("LOG", str(log)))
+    run = tmp_path / "run"
+    first = cli("search", str(path), "--run-dir", str(run), hang_at="g0000-002")
+    deadline = time.monotonic() + 120
+    while "g0000-002" not in worker_calls(log):
+        assert first.poll() is None, first.communicate()
+        assert time.monotonic() < deadline, "the worker never reached g0000-002"
+        time.sleep(0.02)
+    for command in (["resume", str(run)], ["search", str(path), "--run-dir", str(run)]):
+        second = cli(*command)
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == 2, err
+        assert err.count("\n") == 1, err
+        if command[0] == "resume":
+            assert f"in use by `evomerge search` (pid {first.pid} on " in err and f"kill {first.pid}" in err
+        else:
+            assert "already holds a run" in err
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=30)
+    resumed = cli("resume", str(run))
+    out, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    assert f"took over the lock of `evomerge search` (pid {first.pid}" in err
+    records = list(read_journal(run / "journal.jsonl"))
+    ids = [r["eval_id"] for r in records]
+    assert len(ids) == len(set(ids)) and sum(r["phase"] == "search" for r in records) == 24
+    assert (run / ".lock").read_text() == ""  # released at the end: no holder to report

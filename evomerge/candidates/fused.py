@@ -334,7 +334,7 @@ def _topk_cut(
     if float(value) == 0.0 or float(sorted_abs[n - k - 1]) != float(value):
         return float(value), None  # no tie, or tied zeros (a zero entry changes nothing when kept)
     last = int(torch.searchsorted(sorted_abs, value, right=True))
-    above = torch.nextafter(value, torch.tensor(float("inf"), dtype=value.dtype))
+    above = torch.nextafter(value, torch.tensor(float("inf"), dtype=value.dtype, device=value.device))
     return float(above), sorted_order[n - k : last].to(torch.int64)
 
 

@@ -30,6 +30,7 @@ from evomerge.errors import EvomergeError
 from evomerge.merge.jobs import ModelCatalog
 from evomerge.search.driver import ExecutorFactory, Search
 from evomerge.search.run import FINAL_FILE, SPACE_FILE, SUMMARY_FILE, RunDir, read_journal
+from evomerge.search.run_lock import run_lock
 from evomerge.search.space import SearchSpace, SpaceConfig, dump_space_config, load_space_config
 from evomerge.workers.candidate import WorkerSpec
 
@@ -43,10 +44,15 @@ def new_search(
 ) -> dict[str, Any]:
     """Start a run of `config` (paths relative to `root`) in the new directory `run`; its summary."""
     if config.kind == "ps+dfs":
-        return run_staged(run, resolve_staged(config, root), executor_factory, display, new=True)
+        config = resolve_staged(config, root)
+        run.create()
+        with run_lock(run.path, "search"):
+            return run_staged(run, config, executor_factory, display, new=True)
     space = SearchSpace(config, root=root)
-    start_run(space, run)
-    return drive(space, run, executor_factory, display)
+    run.create()
+    with run_lock(run.path, "search"):
+        start_run(space, run)
+        return drive(space, run, executor_factory, display)
 
 
 def resume_search(
@@ -59,13 +65,14 @@ def resume_search(
 ) -> dict[str, Any]:
     """Continue `run` (its recorded space, or `config` read from it) to its end; `max_evals` is a
     new total budget. Journaled evaluations replay without a worker."""
-    config = config or load_space_config(run.space_file)
-    if config.kind == "ps+dfs":
-        return run_staged(run, config, executor_factory, display, new=False, max_evals=max_evals)
-    space = SearchSpace(config, root=run.path.resolve())
-    if max_evals is not None:
-        set_max_evals(space, run, max_evals)
-    return drive(space, run, executor_factory, display)
+    with run_lock(run.path, "resume"):
+        config = config or load_space_config(run.space_file)
+        if config.kind == "ps+dfs":
+            return run_staged(run, config, executor_factory, display, new=False, max_evals=max_evals)
+        space = SearchSpace(config, root=run.path.resolve())
+        if max_evals is not None:
+            set_max_evals(space, run, max_evals)
+        return drive(space, run, executor_factory, display)
 
 
 def drive(
@@ -119,7 +126,6 @@ def run_staged(
         return drive(space, stage_run, executor_factory, display, f"{run.path.name}/{stage_run.path.name}")
 
     if new:
-        run.create()
         run.write_text(SPACE_FILE, dump_space_config(config))
     stages = {}
     ps_run = RunDir(run.path / PS_STAGE)

@@ -8,6 +8,7 @@
     runs/NAME/summary.json      report-split scores of the final recipe and the sources
     runs/NAME/pareto.json       the Pareto front, in runs with objectives (evomerge/search/objectives.py)
     runs/NAME/study.log         the optuna study (optuna optimizer), rebuilt from the journal on every start
+    runs/NAME/.lock             held by the one process running the search (search/run_lock.py)
 
 The journal is the run: resuming replays it through a fresh optimizer (evomerge/search/driver.py), so no
 optimizer state is saved and nothing in a run directory is ever unpickled. Every file except the
@@ -26,6 +27,7 @@ from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.io.file_modes import file_mode
+from evomerge.search.run_lock import LOCK_FILE
 
 SPACE_FILE = "space.yaml"
 JOURNAL_FILE = "journal.jsonl"
@@ -137,7 +139,7 @@ class RunDir:
 
     def check_new(self) -> None:
         """A new run needs an absent or empty folder (a run is never silently overwritten)."""
-        if self.path.exists() and any(self.path.iterdir()):
+        if self.path.exists() and any(p.name != LOCK_FILE for p in self.path.iterdir()):
             raise EvomergeError(
                 f"--run-dir: {self.path} already holds a run; use `evomerge resume {self.path}` or choose a new folder"
             )
