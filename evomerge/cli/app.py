@@ -205,6 +205,9 @@ def merge_cmd(
     allow_crimes: bool = typer.Option(False, "--allow-crimes", help="Accepted for mergekit-yaml; see docs/merge.md."),
     lazy_unpickle: bool = typer.Option(False, "--lazy-unpickle", help="Accepted for mergekit-yaml; no effect."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Refused: no model code is run."),
+    allow_nonfinite: bool = typer.Option(
+        False, "--allow-nonfinite", help="Write tensors holding NaN/inf (refused by default, naming the tensor)."
+    ),
 ) -> None:
     from evomerge.io.yaml_files import read_text
 
@@ -231,6 +234,7 @@ def merge_cmd(
         overwrite=overwrite,
         progress=not quiet,
         echo=typer.echo,
+        allow_nonfinite=allow_nonfinite,
     )
 
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
+from evomerge.errors import EvomergeError
 from evomerge.io.checkpoint import (
     TAGALONG_FILES,
     TOKENIZER_FILES,
@@ -121,6 +122,20 @@ def compute_tensor(
     return result.to(job.out_dtype)
 
 
+class NonFiniteTensor(EvomergeError):
+    """A merged tensor holds NaN or inf (from a source model, or values that overflow)."""
+
+
+def assert_finite(job: TensorJob, tensor: torch.Tensor) -> None:
+    """One reduction per tensor (no copy): its sum is finite exactly when every entry is, short
+    of a sum beyond the float32 range, which no real weight tensor reaches."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        raise NonFiniteTensor(
+            f"{job.name}: the merged tensor holds NaN or inf values (check the input models and the "
+            "recipe's values; `evomerge merge --allow-nonfinite` writes it anyway)"
+        )
+
+
 DeltaCaches = Callable[[TensorJob], "Sequence[DeltaCache] | None"]
 """Resident task-vector data for a job's inputs (None: load the inputs); see `compute_tensor`."""
 
@@ -134,8 +149,10 @@ def run_plan(
     progress: bool = False,
     caches: DeltaCaches | None = None,
     direct: Callable[[TensorJob], bool] | None = None,
+    check_finite: bool = True,
 ) -> None:
     """Every job of the plan into the sink; on any exception (Ctrl-C included) the sink aborts.
+    With `check_finite`, an output tensor holding NaN or inf stops the merge, naming the tensor.
 
     `caches` is how an in-memory materializer hands its resident task vectors to the methods;
     `direct(job)` lets it write a job into the sink's own storage with a fused kernel (True:
@@ -151,6 +168,8 @@ def run_plan(
         with _progress(len(plan.jobs), enabled=progress) as advance:
             for i, job in enumerate(plan.jobs):
                 if direct is not None and direct(job):
+                    if check_finite:
+                        assert_finite(job, sink.target(job))  # type: ignore[attr-defined]
                     advance(job.name)
                     continue
                 job_caches = caches(job) if caches is not None else None
@@ -159,12 +178,12 @@ def run_plan(
                     job_source = prefetch.current(job)
                     if i + 1 < len(plan.jobs):
                         prefetch.start(plan.jobs[i + 1])
-                sink.write(
-                    job,
-                    compute_tensor(
-                        plan, job, job_source, device=device, caches=job_caches or (), load_inputs=job_caches is None
-                    ),
+                tensor = compute_tensor(
+                    plan, job, job_source, device=device, caches=job_caches or (), load_inputs=job_caches is None
                 )
+                if check_finite:
+                    assert_finite(job, tensor)
+                sink.write(job, tensor)
                 advance(job.name)
         sink.commit()
     except BaseException:
@@ -367,9 +386,9 @@ def merge_from_file(
     overwrite: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    allow_nonfinite: bool = False,
 ) -> MergePlan:
     """`evomerge merge`: validate, plan, then stream the merge into OUT_DIR (atomically)."""
-    from evomerge.errors import EvomergeError
     from evomerge.io.checkpoint import check_output_dir, parse_size
     from evomerge.merge.jobs import ModelCatalog
     from evomerge.merge.plan import plan_merge
@@ -397,6 +416,7 @@ def merge_from_file(
                 source,
                 device=device,
                 progress=progress,
+                check_finite=not allow_nonfinite,
             )
     finally:
         source.close()

@@ -3,6 +3,7 @@ directory is opened, and each failure is one line naming the field, the value an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 from evomerge.errors import EvomergeError
@@ -63,6 +64,8 @@ def _check_parameters(method: MergeMethod, path: str, params: Parameters, level:
         for value in setting_scalars(setting):
             if isinstance(value, list) and not value:
                 raise EvomergeError(f"{path}.{name}: empty gradient")
+            if isinstance(value, float) and not math.isfinite(value):  # YAML .nan / .inf
+                raise EvomergeError(f"{path}.{name}: must be a finite number (got {value!r})")
             reason = spec.check(value)
             if reason:
                 raise EvomergeError(f"{path}.{name}: {reason} (got {value!r})")

@@ -37,7 +37,7 @@ DEFAULT_WORKER = "evomerge.workers.fitness:FitnessWorker"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN weight or range is a typo, not a value
 
 
 class TaskSpec(_Strict):
