@@ -158,7 +158,9 @@ _METHODS: tuple[MergeMethod, ...] = (
         min_inputs=2,
         params=(
             ParamSpec("filter_wise", bool, "global", default=False, help="one ratio per row"),
-            ParamSpec("clamp_t", bool, "global", default=True, help="clamp the ratio to [0, 1] (mergekit does not)"),
+            ParamSpec(
+                "clamp_t", bool, "global", default=False, help="opt-in: clamp the ratio to [0, 1] (mergekit does not)"
+            ),
         ),
     ),
     MergeMethod(
