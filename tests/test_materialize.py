@@ -79,6 +79,47 @@ def ps_recipes(zoo: Path) -> dict[str, dict]:
         },
         "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": base, "models": [{"model": add}]},
         "passthrough": {"merge_method": "passthrough", "models": [{"model": add, "parameters": {"scale": 0.9}}]},
+        "sce": {
+            "merge_method": "sce",
+            "base_model": base,
+            "parameters": {"select_topk": [0.3, 0.9]},
+            "models": [{"model": add}, {"model": rev}, {"model": shift}],
+        },
+        "nuslerp": {
+            "merge_method": "nuslerp",
+            "base_model": base,
+            "parameters": {"nuslerp_flatten": False},
+            "models": [
+                {"model": add, "parameters": {"weight": [0.2, 0.9]}},
+                {"model": rev, "parameters": {"weight": 0.5}},
+            ],
+        },
+        "multislerp": {
+            "merge_method": "multislerp",
+            "models": [
+                {"model": add, "parameters": {"weight": 0.5}},
+                {"model": rev, "parameters": {"weight": [0.2, 0.8]}},
+                {"model": shift, "parameters": {"weight": 0.3}},
+            ],
+        },
+        "karcher": {"merge_method": "karcher", "base_model": base, "models": [{"model": add}, {"model": rev}]},
+        "nearswap": {
+            "merge_method": "nearswap",
+            "base_model": base,
+            "models": [{"model": add}],
+            "parameters": {"t": 0.01},
+        },
+        "ram": {
+            "merge_method": "ram",
+            "base_model": base,
+            "models": [{"model": add}, {"model": rev}, {"model": shift}],
+        },
+        "ramplus_tl": {
+            "merge_method": "ramplus_tl",
+            "base_model": base,
+            "parameters": {"epsilon": 0.01, "r": 0.5},
+            "models": [{"model": add}, {"model": rev}, {"model": shift}],
+        },
         "ties@bf16-inputs": {**task_vectors("ties"), "dtype": "bfloat16", "out_dtype": "float32"},
         "della@bf16": {**task_vectors("della", epsilon=0.1), "dtype": "bfloat16"},
     }

@@ -87,8 +87,10 @@ def _check_layout(method: MergeMethod, recipe: Recipe) -> None:
     for where, sources, base, slice_params in groups:
         if method.base == "required" and not base:
             raise EvomergeError(f"base_model: {method.name} needs a base model; set base_model:")
-        others = sources if method.base == "ignored" else [s for s in sources if s[1] != base]
-        if method.base == "required" and recipe.slices is not None and len(others) == len(sources):
+        others = sources if method.base in ("ignored", "input") else [s for s in sources if s[1] != base]
+        if method.base == "input" and base and recipe.models is not None and all(s[1] != base for s in sources):
+            others = [*others, ("base_model", base, None)]  # mergekit merges it as one more input
+        if method.base in ("required", "optional") and base and recipe.slices is not None and others == sources:
             raise EvomergeError(
                 f"{where}: the base model {base!r} must be one of the sources of the slice "
                 "(with the same layer_range as the others)"

@@ -235,3 +235,107 @@ def test_gpt2_ties(tmp_path, gpt2_zoo):
     theirs, ours = read_all(tmp_path / "mergekit"), read_all(tmp_path / "evomerge")
     assert ours.keys() == theirs.keys()
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= TOLERANCE
+
+
+# -- the methods added for mergekit 0.1.5 parity (issue #16) ---------------------------------------------
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.3])
+def test_sce(tmp_path, llama_zoo, select_topk):
+    recipe = {
+        "merge_method": "sce",
+        "base_model": str(llama_zoo["base"]),
+        "parameters": {"select_topk": select_topk},
+        "models": [{"model": str(llama_zoo[n])} for n in ("ft1", "ft2", "ft3")],
+    }
+    assert compare(tmp_path, recipe) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "with_base,parameters",
+    [
+        (False, {}),
+        (False, {"nuslerp_flatten": False}),
+        (True, {"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+        (True, {}),
+    ],
+)
+def test_nuslerp(tmp_path, llama_zoo, with_base, parameters):
+    recipe = {
+        "merge_method": "nuslerp",
+        "parameters": parameters,
+        "models": _models(llama_zoo, ["ft1", "ft2"], [{"weight": [0.2, 0.8]}, {"weight": 0.6}]),
+    }
+    if with_base:
+        recipe["base_model"] = str(llama_zoo["base"])
+    assert compare(tmp_path, recipe) <= TOLERANCE
+
+
+@pytest.mark.parametrize("with_base,normalize", [(False, True), (True, True), (True, False)])
+def test_multislerp(tmp_path, llama_zoo, with_base, normalize):
+    recipe = {
+        "merge_method": "multislerp",
+        "parameters": {"normalize_weights": normalize},
+        "models": _models(
+            llama_zoo,
+            ["ft1", "ft2", "ft3"],
+            [{"weight": 1.0}, {"weight": [{"filter": "mlp", "value": 0.2}, {"value": 0.5}]}, {"weight": 0.3}],
+        ),
+    }
+    if with_base:
+        recipe["base_model"] = str(llama_zoo["base"])
+    assert compare(tmp_path, recipe) <= TOLERANCE
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_karcher(tmp_path, llama_zoo, with_base):
+    """A base_model missing from models: is one more input in both tools."""
+    recipe = {
+        "merge_method": "karcher",
+        "parameters": {"max_iter": 20, "tol": 1e-6},
+        "models": [{"model": str(llama_zoo[n])} for n in ("ft1", "ft2", "ft3")],
+    }
+    if with_base:
+        recipe["base_model"] = str(llama_zoo["base"])
+    assert compare(tmp_path, recipe) <= TOLERANCE
+
+
+def test_karcher_counts_the_base_as_an_input(tmp_path, llama_zoo):
+    models = [{"model": str(llama_zoo[n])} for n in ("ft1", "ft2")]
+    with_base = {"merge_method": "karcher", "base_model": str(llama_zoo["base"]), "models": models}
+    listed = {"merge_method": "karcher", "models": [*models, {"model": str(llama_zoo["base"])}]}
+    for name, recipe in (("implicit", with_base), ("listed", listed)):
+        path = tmp_path / f"{name}.yml"
+        path.write_text(yaml.safe_dump(recipe))
+        merge_from_file(path, tmp_path / name, progress=False)
+    implicit, explicit = read_all(tmp_path / "implicit"), read_all(tmp_path / "listed")
+    assert all(torch.equal(implicit[n], explicit[n]) for n in implicit)
+
+
+def test_nearswap(tmp_path, llama_zoo):
+    recipe = {
+        "merge_method": "nearswap",
+        "base_model": str(llama_zoo["base"]),
+        "parameters": {"t": [0.001, 0.05]},
+        "models": [{"model": str(llama_zoo["ft1"])}],
+    }
+    assert compare(tmp_path, recipe) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "method,parameters",
+    [
+        ("ram", {}),
+        ("ram", {"epsilon": 0.02}),
+        ("ramplus_tl", {}),
+        ("ramplus_tl", {"epsilon": 0.02, "r": 0.5, "alpha": 1.5}),
+    ],
+)
+def test_ram(tmp_path, llama_zoo, method, parameters):
+    recipe = {
+        "merge_method": method,
+        "base_model": str(llama_zoo["base"]),
+        "parameters": parameters,
+        "models": [{"model": str(llama_zoo[n])} for n in ("ft1", "ft2", "ft3")],
+    }
+    assert compare(tmp_path, recipe) <= TOLERANCE
