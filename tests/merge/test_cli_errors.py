@@ -102,6 +102,14 @@ models:
             "merge_method: ram\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {weight: 1}\n",
             ["models[0].parameters.weight", "unknown parameter for ram"],
         ),
+        (
+            "merge_method: linear\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {weight: 1}\n",
+            ["base_model", "one more input", "no weight applies"],
+        ),
+        (
+            "merge_method: passthrough\nbase_model: base\nmodels:\n  - model: ft1\n",
+            ["base_model", "one more input", "at most 1"],
+        ),
     ],
 )
 def test_new_method_recipe_errors(tmp_path, llama_zoo, text, fragments):

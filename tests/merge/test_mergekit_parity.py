@@ -91,6 +91,27 @@ def test_linear_unnormalized(tmp_path, llama_zoo):
     assert compare(tmp_path, recipe) <= TOLERANCE
 
 
+def test_linear_merges_an_unlisted_base_model_as_an_input(tmp_path, llama_zoo):
+    """mergekit adds a base_model missing from models: to the inputs; the top-level weight is its."""
+    recipe = {
+        "merge_method": "linear",
+        "base_model": str(llama_zoo["base"]),
+        "parameters": {"weight": 2.0},
+        "models": _models(llama_zoo, ["ft1", "ft2"], [{"weight": 1.0}, {"weight": 0.5}]),
+    }
+    assert compare(tmp_path, recipe) <= TOLERANCE
+    with_base = read_all(tmp_path / "evomerge")
+    recipe.pop("base_model")
+    merge_from_file(_write(tmp_path / "nobase.yml", recipe), tmp_path / "nobase", progress=False)
+    other = read_all(tmp_path / "nobase")
+    assert max((other[n] - with_base[n]).abs().max().item() for n in other) > 1e-3
+
+
+def _write(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
 def test_slerp_with_filtered_gradients(tmp_path, llama_zoo):
     recipe = {
         "merge_method": "slerp",

@@ -86,7 +86,7 @@ _METHODS: tuple[MergeMethod, ...] = (
     MergeMethod(
         name="linear",
         fn=linear.linear,
-        base="ignored",
+        base="input",
         params=(ParamSpec("weight", float, "model", required=True, help="weight of this model"), _normalize(True)),
     ),
     MergeMethod(
@@ -170,7 +170,7 @@ _METHODS: tuple[MergeMethod, ...] = (
     MergeMethod(
         name="passthrough",
         fn=linear.passthrough,
-        base="ignored",
+        base="input",
         min_inputs=1,
         max_inputs=1,
         params=(ParamSpec("scale", float, "model", default=None, help="multiply this tensor"),),
