@@ -360,3 +360,32 @@ def test_ram(tmp_path, llama_zoo, method, parameters):
         "models": [{"model": str(llama_zoo[n])} for n in ("ft1", "ft2", "ft3")],
     }
     assert compare(tmp_path, recipe) <= TOLERANCE
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+def test_dare_and_della_default_rescaling_is_mergekits(tmp_path, llama_zoo, method):
+    """Masks are random in both tools, but the default rescaling is the same: mergekit matches each
+    sparsified task vector's L1 norm to the original's, so with one model at weight 1 every
+    tensor's |merged - base|_1 equals |ft - base|_1 in both, whatever the mask. The papers'
+    1/keep-probability rescaling (`rescale_norm: inverse`, opt-in) does not keep it."""
+    recipe = {
+        "merge_method": method,
+        "base_model": str(llama_zoo["base"]),
+        "models": [{"model": str(llama_zoo["ft1"]), "parameters": {"weight": 1.0, "density": 0.5}}],
+    }
+    run_mergekit(json.loads(json.dumps(recipe)), tmp_path / "mergekit")
+    merge_from_file(_write(tmp_path / "ours.yml", recipe), tmp_path / "ours", progress=False)
+    inverse = {**recipe, "parameters": {"rescale_norm": "inverse"}}
+    merge_from_file(_write(tmp_path / "inverse.yml", inverse), tmp_path / "inverse", progress=False)
+    base, ft = read_all(llama_zoo["base"]), read_all(llama_zoo["ft1"])
+    theirs, ours, unbiased = (read_all(tmp_path / d) for d in ("mergekit", "ours", "inverse"))
+
+    def l1_error(merged: dict[str, torch.Tensor], name: str) -> float:
+        target = (ft[name] - base[name]).double().abs().sum()
+        return float(((merged[name] - base[name]).double().abs().sum() - target).abs() / target)
+
+    names = [n for n in base if n.endswith("proj.weight")]
+    assert max(l1_error(theirs, n) for n in names) < 1e-4
+    assert max(l1_error(ours, n) for n in names) < 1e-4
+    assert max(l1_error(unbiased, n) for n in names) > 1e-3
+    assert any(not torch.equal(ours[n] == base[n], theirs[n] == base[n]) for n in names)  # masks differ

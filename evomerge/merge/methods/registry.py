@@ -48,9 +48,9 @@ RESCALE_NORM = ParamSpec(
     "rescale_norm",
     str,
     "global",
-    default="inverse",
-    choices=("inverse", "l1"),
-    help="rescale kept entries by 1/keep-probability (unbiased) or match the L1 norm",
+    default="l1",
+    choices=("l1", "inverse"),
+    help="rescale kept entries to the task vector's L1 norm (mergekit) or by 1/keep-probability (the papers)",
 )
 
 RAM_EPSILON = ParamSpec(
