@@ -308,12 +308,14 @@ def test_multislerp(tmp_path, llama_zoo, with_base, normalize):
     assert compare(tmp_path, recipe) <= TOLERANCE
 
 
-@pytest.mark.parametrize("with_base", [False, True])
-def test_karcher(tmp_path, llama_zoo, with_base):
+@pytest.mark.parametrize(
+    "with_base,parameters", [(False, {"max_iter": 20, "tol": 1e-6}), (True, {}), (True, {"max_iter": 1})]
+)
+def test_karcher(tmp_path, llama_zoo, with_base, parameters):
     """A base_model missing from models: is one more input in both tools."""
     recipe = {
         "merge_method": "karcher",
-        "parameters": {"max_iter": 20, "tol": 1e-6},
+        "parameters": parameters,
         "models": [{"model": str(llama_zoo[n])} for n in ("ft1", "ft2", "ft3")],
     }
     if with_base:
