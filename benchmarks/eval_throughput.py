@@ -119,7 +119,12 @@ def three_task_workload(zoo: Path, limit: int = 100, batch_size: int = 512) -> W
                 }
                 for name in ("add", "rev", "shift")
             ]
-            recipe = {"merge_method": "dare_ties", "base_model": str(zoo / "base"), "models": models}
+            recipe = {
+                "merge_method": "dare_ties",
+                "base_model": str(zoo / "base"),
+                "parameters": {"rescale_norm": "inverse"},  # the kernels' rescaling (mergekit's L1 runs eager)
+                "models": models,
+            }
             out.append({"recipe": recipe, "seed": seed * 1000 + i, "tasks": tasks, "split": "train", "subset_seed": 1})
         return out
 

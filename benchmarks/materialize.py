@@ -89,6 +89,8 @@ def recipe(method: str, paths: dict[str, Path], variant: int) -> dict:
     return {
         "merge_method": method,
         "base_model": str(paths["base"]),
+        # the kernels rescale by 1/keep-probability; mergekit's default L1 matching runs eager
+        **({"parameters": {"rescale_norm": "inverse"}} if method in ("dare_ties", "della") else {}),
         "models": [
             {"model": str(paths["ft1"]), "parameters": {"weight": 0.6 + shift, "density": [0.3 + shift, 0.6], **extra}},
             {"model": str(paths["ft2"]), "parameters": {"weight": 0.5 - shift / 2, "density": 0.5 - shift, **extra}},

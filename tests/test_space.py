@@ -94,10 +94,24 @@ def test_blocks_of_k_layers(models):
     assert recipe.seed is None  # task arithmetic is not random: no seed in the recipe
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic", "linear", "della", "breadcrumbs"])
+@pytest.mark.parametrize(
+    "method", ["ties", "dare_ties", "task_arithmetic", "linear", "della", "breadcrumbs", "nuslerp", "multislerp"]
+)
 def test_each_ps_method_decodes_to_a_plannable_recipe(models, method):
     space = ps_space(models, method=method, granularity=2)
     plan_merge(space.decode(random_genome(space, 3), seed=5), ModelCatalog())
+
+
+@pytest.mark.parametrize("method", ["nuslerp", "multislerp"])
+def test_spherical_ps_methods_expose_weight_genes_and_use_the_base(models, method):
+    """Their only per-model parameter is `weight`; with a base_model the slerp runs on task vectors."""
+    space = ps_space(models, method=method)
+    assert [g.name for g in space.genes] == ["all.a.weight", "all.b.weight"]
+    recipe = space.decode([0.2, 0.7], seed=None)
+    assert recipe.base_model == str(models["base"])
+    assert [m.parameters for m in recipe.models] == [{"weight": 0.2}, {"weight": 0.7}]
+    plan = plan_merge(recipe, ModelCatalog())
+    assert all(job.base is not None and len(job.inputs) == 2 for job in plan.jobs)
 
 
 def dfs_space(models, **dfs) -> SearchSpace:

@@ -285,7 +285,7 @@ def _scalars(job: TensorJob, caches: Sequence[DeltaCache] | None, sparsifier: st
     if caches is None or job.base is None or len(caches) != len(job.inputs):
         return None
     rescale = bool(job.params.get("rescale", False))
-    if rescale and (sparsifier in ("magnitude", "rank") or job.params.get("rescale_norm", "inverse") != "inverse"):
+    if rescale and (sparsifier in ("magnitude", "rank") or job.params.get("rescale_norm", "l1") != "inverse"):
         return None  # L1 rescaling needs whole-tensor norms first
     keep_all = {"none": 0.0, "magnitude": float("-inf"), "rank": -1.0, "bernoulli": 1.0, "della": 1.0}[sparsifier]
     scalars = _Scalars([], [], [], [])

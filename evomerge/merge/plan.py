@@ -126,7 +126,9 @@ def _parameter_scopes(recipe: Recipe) -> list[tuple[list[tuple[str, Parameters |
     """Per slice as `_Planner.normalize` numbers them: (field path, parameters) of each source, and
     the slice's own parameters."""
     if recipe.models is not None:
-        return [([(f"models[{i}]", m.parameters) for i, m in enumerate(recipe.models)], None)]
+        # a base_model missing from models: is planned as a last source without parameters
+        scopes = [(f"models[{i}]", m.parameters) for i, m in enumerate(recipe.models)]
+        return [([*scopes, ("base_model", None)], None)]
     return [
         ([(f"slices[{i}].sources[{j}]", src.parameters) for j, src in enumerate(s.sources)], s.parameters)
         for i, s in enumerate(recipe.slices or [])
@@ -210,9 +212,9 @@ class _Planner:
                 _Source(f"models[{i}]", self.model_index(m.model, f"models[{i}].model"), 0, m.parameters)
                 for i, m in enumerate(r.models)
             ]
-            if self.method.base == "required" and base is not None and all(s.model != base for s in sources):
+            if self.method.base != "ignored" and base is not None and all(s.model != base for s in sources):
                 sources.append(_Source("base_model", base, 0, None))
-            if self.method.base == "ignored":
+            if self.method.base in ("ignored", "input"):
                 base = None
             reference = base if base is not None else sources[0].model
             length = self.models[reference].num_layers
@@ -232,7 +234,7 @@ class _Planner:
 
     def _normalize_slice(self, i: int, s: OutputSlice, top_base: int | None) -> _Slice:
         base = self.model_index(s.base_model, f"slices[{i}].base_model") if s.base_model else top_base
-        if self.method.base == "ignored":
+        if self.method.base in ("ignored", "input"):
             base = None
         sources = []
         for j, src in enumerate(s.sources):
@@ -398,12 +400,13 @@ class _Planner:
         )
 
     def _check_resolved(self, name: str, input_params: list[dict[str, Any]], params: dict[str, Any]) -> None:
-        if self.method.name == "linear" and params.get("normalize", True):
+        normalize = {"linear": "normalize", "multislerp": "normalize_weights"}.get(self.method.name)
+        if normalize and params.get(normalize, True):
             total = sum(float(p["weight"]) for p in input_params)
             if abs(total) < 1e-8:
                 raise EvomergeError(
                     f"parameters.weight: the weights for {name!r} sum to 0, so normalize "
-                    "would divide by zero; change the weights or set normalize: false"
+                    f"would divide by zero; change the weights or set {normalize}: false"
                 )
 
 

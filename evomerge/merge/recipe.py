@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import EvomergeError
 from evomerge.io.yaml_files import parse_yaml, read_text
@@ -68,7 +68,14 @@ class OutputSlice(BaseModel):
     sources: list[SliceSource] = Field(min_length=1)
     base_model: str | None = None
     parameters: Parameters | None = None
-    residual_weight: float | None = None  # parsed for compatibility; mergekit ignores it too
+    residual_weight: float | None = None  # refused: mergekit 0.1.5 parses it but never applies it
+
+    @field_validator("residual_weight")
+    @classmethod
+    def _no_residual_weight(cls, value: float | None) -> float | None:
+        if value is not None:
+            raise ValueError("not implemented (mergekit 0.1.5 accepts it but never applies it); remove it")
+        return value
 
 
 _RECIPE_BLOCKS: dict[str, type[BaseModel]] = {}

@@ -90,8 +90,11 @@ def _check_layout(method: MergeMethod, recipe: Recipe) -> None:
     for where, sources, base, slice_params in groups:
         if method.base == "required" and not base:
             raise EvomergeError(f"base_model: {method.name} needs a base model; set base_model:")
-        others = sources if method.base == "ignored" else [s for s in sources if s[1] != base]
-        if method.base == "required" and recipe.slices is not None and len(others) == len(sources):
+        others = sources if method.base in ("ignored", "input") else [s for s in sources if s[1] != base]
+        if method.base == "input" and base and recipe.models is not None and all(s[1] != base for s in sources):
+            others = [*others, ("base_model", base, None)]  # mergekit merges it as one more input
+            _check_base_as_input(method, recipe, len(others))
+        if method.base in ("required", "optional") and base and recipe.slices is not None and others == sources:
             raise EvomergeError(
                 f"{where}: the base model {base!r} must be one of the sources of the slice "
                 "(with the same layer_range as the others)"
@@ -104,6 +107,23 @@ def _check_layout(method: MergeMethod, recipe: Recipe) -> None:
                         f"{path}.parameters.{spec.name}: required by {method.name}; set it for "
                         "this model or under the top-level parameters"
                     )
+
+
+def _check_base_as_input(method: MergeMethod, recipe: Recipe, count: int) -> None:
+    """A base_model outside `models:` is one more input of a method without a base role (mergekit
+    plans it so); say so rather than fail later on a count or a weight the user never wrote."""
+    added = "merges a base_model that is not listed under models: as one more input (as mergekit does)"
+    if method.max_inputs is not None and count > method.max_inputs:
+        raise EvomergeError(
+            f"base_model: {method.name} {added}, which makes {count} models but it takes at most "
+            f"{method.max_inputs}; remove base_model"
+        )
+    for spec in method.model_params:
+        if spec.required and not (recipe.parameters and spec.name in recipe.parameters):
+            raise EvomergeError(
+                f"base_model: {method.name} {added}, but no {spec.name} applies to it; list it under "
+                f"models: with a {spec.name}, set a top-level {spec.name}, or remove base_model"
+            )
 
 
 def _check_input_count(method: MergeMethod, where: str, count: int) -> None:

@@ -71,6 +71,52 @@ def test_recipe_errors(tmp_path, llama_zoo, edit, fragments):
     _assert_clean_failure(result, out, *fragments)
 
 
+NUSLERP = """
+merge_method: nuslerp
+models:
+  - model: ft1
+    parameters: {weight: 1.0}
+  - model: ft2
+    parameters: {weight: 0.5}
+"""
+
+
+@pytest.mark.parametrize(
+    "text,fragments",
+    [
+        (NUSLERP + "  - model: ft3\n    parameters: {weight: 1}\n", ["models", "nuslerp takes exactly 2", "got 3"]),
+        (NUSLERP.replace("weight: 0.5", "wieght: 0.5"), ["models[1].parameters.wieght", "unknown parameter"]),
+        (NUSLERP.replace("weight: 0.5", "weight: -1.0").replace("nuslerp", "multislerp"), ["weight", "sum to 0"]),
+        (NUSLERP + "parameters: {nuslerp_flatten: 2}\n", ["parameters.nuslerp_flatten", "true or false"]),
+        ("merge_method: nearswap\nbase_model: base\nmodels:\n  - model: ft1\n", ["parameters.t", "required"]),
+        (
+            "merge_method: karcher\nparameters: {max_iter: 2.5}\nmodels:\n  - model: ft1\n  - model: ft2\n",
+            ["parameters.max_iter", "whole number"],
+        ),
+        ("merge_method: sce\nmodels:\n  - model: ft1\n  - model: ft2\n", ["base_model", "sce needs a base"]),
+        (
+            "merge_method: sce\nbase_model: base\nparameters: {select_topk: 1.5}\nmodels:\n  - model: ft1\n",
+            ["parameters.select_topk", "<= 1"],
+        ),
+        (
+            "merge_method: ram\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {weight: 1}\n",
+            ["models[0].parameters.weight", "unknown parameter for ram"],
+        ),
+        (
+            "merge_method: linear\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {weight: 1}\n",
+            ["base_model", "one more input", "no weight applies"],
+        ),
+        (
+            "merge_method: passthrough\nbase_model: base\nmodels:\n  - model: ft1\n",
+            ["base_model", "one more input", "at most 1"],
+        ),
+    ],
+)
+def test_new_method_recipe_errors(tmp_path, llama_zoo, text, fragments):
+    result, out = _run(tmp_path, llama_zoo, text)
+    _assert_clean_failure(result, out, *fragments)
+
+
 def test_layer_range_outside_model(tmp_path, llama_zoo):
     text = """
 merge_method: passthrough

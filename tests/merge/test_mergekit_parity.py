@@ -91,6 +91,27 @@ def test_linear_unnormalized(tmp_path, llama_zoo):
     assert compare(tmp_path, recipe) <= TOLERANCE
 
 
+def test_linear_merges_an_unlisted_base_model_as_an_input(tmp_path, llama_zoo):
+    """mergekit adds a base_model missing from models: to the inputs; the top-level weight is its."""
+    recipe = {
+        "merge_method": "linear",
+        "base_model": str(llama_zoo["base"]),
+        "parameters": {"weight": 2.0},
+        "models": _models(llama_zoo, ["ft1", "ft2"], [{"weight": 1.0}, {"weight": 0.5}]),
+    }
+    assert compare(tmp_path, recipe) <= TOLERANCE
+    with_base = read_all(tmp_path / "evomerge")
+    recipe.pop("base_model")
+    merge_from_file(_write(tmp_path / "nobase.yml", recipe), tmp_path / "nobase", progress=False)
+    other = read_all(tmp_path / "nobase")
+    assert max((other[n] - with_base[n]).abs().max().item() for n in other) > 1e-3
+
+
+def _write(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
 def test_slerp_with_filtered_gradients(tmp_path, llama_zoo):
     recipe = {
         "merge_method": "slerp",
@@ -171,15 +192,26 @@ def test_breadcrumbs(tmp_path, llama_zoo, method):
 
 
 @pytest.mark.parametrize("filter_wise", [False, True])
-def test_model_stock(tmp_path, llama_zoo, filter_wise):
-    # mergekit does not clamp t; evomerge clamps by default (documented), so parity uses clamp_t: false
+def test_model_stock_defaults_are_mergekits(tmp_path, llama_zoo, filter_wise):
+    """The same recipe, no evomerge-only keys: mergekit's unclamped ratio is the default."""
     recipe = {
         "merge_method": "model_stock",
         "base_model": str(llama_zoo["base"]),
         "parameters": {"filter_wise": filter_wise},
         "models": [{"model": str(llama_zoo[n])} for n in ("ft1", "ft2", "ft3")],
     }
-    assert compare(tmp_path, recipe, ours_extra={"clamp_t": False}) <= TOLERANCE
+    assert compare(tmp_path, recipe) <= TOLERANCE
+
+
+def test_model_stock_clamp_is_opt_in_and_changes_the_merge(tmp_path, llama_zoo):
+    """The zoo's fine-tunes are independent noise (cos ~ 0, often < 0), so clamping t matters."""
+    recipe = {
+        "merge_method": "model_stock",
+        "base_model": str(llama_zoo["base"]),
+        "parameters": {"filter_wise": True},
+        "models": [{"model": str(llama_zoo[n])} for n in ("ft1", "ft2", "ft3")],
+    }
+    assert compare(tmp_path, recipe, ours_extra={"clamp_t": True}) > 1e-3
 
 
 def test_passthrough_stack_with_scale(tmp_path, llama_zoo):
@@ -224,3 +256,138 @@ def test_gpt2_ties(tmp_path, gpt2_zoo):
     theirs, ours = read_all(tmp_path / "mergekit"), read_all(tmp_path / "evomerge")
     assert ours.keys() == theirs.keys()
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= TOLERANCE
+
+
+# -- the methods added for mergekit 0.1.5 parity (issue #16) ---------------------------------------------
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.3])
+def test_sce(tmp_path, llama_zoo, select_topk):
+    recipe = {
+        "merge_method": "sce",
+        "base_model": str(llama_zoo["base"]),
+        "parameters": {"select_topk": select_topk},
+        "models": [{"model": str(llama_zoo[n])} for n in ("ft1", "ft2", "ft3")],
+    }
+    assert compare(tmp_path, recipe) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "with_base,parameters",
+    [
+        (False, {}),
+        (False, {"nuslerp_flatten": False}),
+        (True, {"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+        (True, {}),
+    ],
+)
+def test_nuslerp(tmp_path, llama_zoo, with_base, parameters):
+    recipe = {
+        "merge_method": "nuslerp",
+        "parameters": parameters,
+        "models": _models(llama_zoo, ["ft1", "ft2"], [{"weight": [0.2, 0.8]}, {"weight": 0.6}]),
+    }
+    if with_base:
+        recipe["base_model"] = str(llama_zoo["base"])
+    assert compare(tmp_path, recipe) <= TOLERANCE
+
+
+@pytest.mark.parametrize("with_base,normalize", [(False, True), (True, True), (True, False)])
+def test_multislerp(tmp_path, llama_zoo, with_base, normalize):
+    recipe = {
+        "merge_method": "multislerp",
+        "parameters": {"normalize_weights": normalize},
+        "models": _models(
+            llama_zoo,
+            ["ft1", "ft2", "ft3"],
+            [{"weight": 1.0}, {"weight": [{"filter": "mlp", "value": 0.2}, {"value": 0.5}]}, {"weight": 0.3}],
+        ),
+    }
+    if with_base:
+        recipe["base_model"] = str(llama_zoo["base"])
+    assert compare(tmp_path, recipe) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "with_base,parameters", [(False, {"max_iter": 20, "tol": 1e-6}), (True, {}), (True, {"max_iter": 1})]
+)
+def test_karcher(tmp_path, llama_zoo, with_base, parameters):
+    """A base_model missing from models: is one more input in both tools."""
+    recipe = {
+        "merge_method": "karcher",
+        "parameters": parameters,
+        "models": [{"model": str(llama_zoo[n])} for n in ("ft1", "ft2", "ft3")],
+    }
+    if with_base:
+        recipe["base_model"] = str(llama_zoo["base"])
+    assert compare(tmp_path, recipe) <= TOLERANCE
+
+
+def test_karcher_counts_the_base_as_an_input(tmp_path, llama_zoo):
+    models = [{"model": str(llama_zoo[n])} for n in ("ft1", "ft2")]
+    with_base = {"merge_method": "karcher", "base_model": str(llama_zoo["base"]), "models": models}
+    listed = {"merge_method": "karcher", "models": [*models, {"model": str(llama_zoo["base"])}]}
+    for name, recipe in (("implicit", with_base), ("listed", listed)):
+        path = tmp_path / f"{name}.yml"
+        path.write_text(yaml.safe_dump(recipe))
+        merge_from_file(path, tmp_path / name, progress=False)
+    implicit, explicit = read_all(tmp_path / "implicit"), read_all(tmp_path / "listed")
+    assert all(torch.equal(implicit[n], explicit[n]) for n in implicit)
+
+
+def test_nearswap(tmp_path, llama_zoo):
+    recipe = {
+        "merge_method": "nearswap",
+        "base_model": str(llama_zoo["base"]),
+        "parameters": {"t": [0.001, 0.05]},
+        "models": [{"model": str(llama_zoo["ft1"])}],
+    }
+    assert compare(tmp_path, recipe) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "method,parameters",
+    [
+        ("ram", {}),
+        ("ram", {"epsilon": 0.02}),
+        ("ramplus_tl", {}),
+        ("ramplus_tl", {"epsilon": 0.02, "r": 0.5, "alpha": 1.5}),
+    ],
+)
+def test_ram(tmp_path, llama_zoo, method, parameters):
+    recipe = {
+        "merge_method": method,
+        "base_model": str(llama_zoo["base"]),
+        "parameters": parameters,
+        "models": [{"model": str(llama_zoo[n])} for n in ("ft1", "ft2", "ft3")],
+    }
+    assert compare(tmp_path, recipe) <= TOLERANCE
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+def test_dare_and_della_default_rescaling_is_mergekits(tmp_path, llama_zoo, method):
+    """Masks are random in both tools, but the default rescaling is the same: mergekit matches each
+    sparsified task vector's L1 norm to the original's, so with one model at weight 1 every
+    tensor's |merged - base|_1 equals |ft - base|_1 in both, whatever the mask. The papers'
+    1/keep-probability rescaling (`rescale_norm: inverse`, opt-in) does not keep it."""
+    recipe = {
+        "merge_method": method,
+        "base_model": str(llama_zoo["base"]),
+        "models": [{"model": str(llama_zoo["ft1"]), "parameters": {"weight": 1.0, "density": 0.5}}],
+    }
+    run_mergekit(json.loads(json.dumps(recipe)), tmp_path / "mergekit")
+    merge_from_file(_write(tmp_path / "ours.yml", recipe), tmp_path / "ours", progress=False)
+    inverse = {**recipe, "parameters": {"rescale_norm": "inverse"}}
+    merge_from_file(_write(tmp_path / "inverse.yml", inverse), tmp_path / "inverse", progress=False)
+    base, ft = read_all(llama_zoo["base"]), read_all(llama_zoo["ft1"])
+    theirs, ours, unbiased = (read_all(tmp_path / d) for d in ("mergekit", "ours", "inverse"))
+
+    def l1_error(merged: dict[str, torch.Tensor], name: str) -> float:
+        target = (ft[name] - base[name]).double().abs().sum()
+        return float(((merged[name] - base[name]).double().abs().sum() - target).abs() / target)
+
+    names = [n for n in base if n.endswith("proj.weight")]
+    assert max(l1_error(theirs, n) for n in names) < 1e-4
+    assert max(l1_error(ours, n) for n in names) < 1e-4
+    assert max(l1_error(unbiased, n) for n in names) > 1e-3
+    assert any(not torch.equal(ours[n] == base[n], theirs[n] == base[n]) for n in names)  # masks differ

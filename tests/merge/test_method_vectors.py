@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from evomerge.errors import EvomergeError
 from evomerge.merge.methods import REGISTRY, DeltaCache, MethodCall, get_method, make_generator
 from evomerge.merge.methods.slerp import slerp_tensors
 from evomerge.merge.methods.sparsify import (
@@ -267,8 +268,9 @@ W0 = T(1, 1, 1, 1)
     [
         ((T(2, 1.5, 1, 0.5), T(1.5, 2, 1.5, 1)), {}, [1.6, 1.6, 1.2, 0.8]),
         ((T(2, 1.5, 1, 0.5), T(1.5, 2, 1.5, 1), T(2, 2, 1.5, 1)), {}, [1.773597, 1.773597, 1.309439, 0.845281]),
-        ((T(2, 1.5, 1, 0.5), T(0, 1, 2, 1)), {"clamp_t": False}, [1.0, 0.316987, -0.366025, 1.683013]),
-        ((T(2, 1.5, 1, 0.5), T(0, 1, 2, 1)), {}, [1, 1, 1, 1]),  # cos < 0: clamped t = 0 -> base
+        # cos < 0: mergekit's (default) unclamped t extrapolates; the opt-in clamp gives t = 0 -> base
+        ((T(2, 1.5, 1, 0.5), T(0, 1, 2, 1)), {}, [1.0, 0.316987, -0.366025, 1.683013]),
+        ((T(2, 1.5, 1, 0.5), T(0, 1, 2, 1)), {"clamp_t": True}, [1, 1, 1, 1]),
     ],
 )
 def test_model_stock(inputs, params, expected):
@@ -316,6 +318,144 @@ def test_delta_cache_is_equivalent(method, extra):
     assert torch.equal(plain, cached)
 
 
+# -- SCE -----------------------------------------------------------------------------------------------------
+
+ONES = T(1, 1, 1, 1)
+SCE_INPUTS = [ONES + T(2, -1, 2, 0), ONES + T(1, 1, -1, 4)]
+
+
+@pytest.mark.parametrize(
+    "select_topk,expected",
+    [
+        # energies 9/4 and 19/4 -> weights 9/28, 19/28; elected signs all +; entry 0: (2*9 + 1*19)/28
+        (1.0, [1 + 37 / 28, 2, 3, 5]),
+        # variances [0.25, 1, 2.25, 4]: the top half keeps entries 2 and 3 only
+        (0.5, [1, 1, 3, 5]),
+        (0.0, [1, 1, 1, 1]),
+    ],
+)
+def test_sce(select_topk, expected):
+    close(run("sce", ONES, list(SCE_INPUTS), [{}, {}], {"select_topk": select_topk}), expected)
+
+
+def test_sce_erases_the_minority_sign():
+    # entry 0: +3 (energy-weighted heavier) against -1: the minority -1 is erased, not averaged in
+    out = run("sce", T(0, 0), [T(3, 0), T(-1, 1)], [{}, {}])
+    close(out, [3, 1])
+
+
+# -- NuSLERP -------------------------------------------------------------------------------------------------
+
+R = 0.7071067811865476  # sin(pi/4)
+
+
+def test_nuslerp_weights_give_t():
+    # w = [1, 3] -> t = 0.75; orthogonal unit vectors -> [sin(pi/8), sin(3pi/8)]
+    ip = [{"weight": 1.0}, {"weight": 3.0}]
+    close(run("nuslerp", None, [T(1, 0), T(0, 1)], ip), [0.382683, 0.923880])
+    # with a base, the task vectors are slerped and added to it
+    close(run("nuslerp", T(1, 1), [T(2, 1), T(1, 2)], ip), [1.382683, 1.923880])
+    # weights summing to ~0 give t = 0.5
+    close(run("nuslerp", None, [T(1, 0), T(0, 1)], [{"weight": 1.0}, {"weight": -1.0}]), [R, R])
+
+
+@pytest.mark.parametrize(
+    "params,expected",
+    [
+        # whole tensor: cos = 2/sqrt(10), both coefficients sin(theta/2)/sin(theta) = 0.553432
+        ({}, [[0.553432, 0.553432], [0.0, 1.660296]]),
+        # per row: row 0 orthogonal -> [R, R]; row 1 colinear -> lerp
+        ({"nuslerp_flatten": False}, [[R, R], [0.0, 1.5]]),
+        # per column (row_wise): column 0 meets a zero vector (cos taken as 0); column 1 cos = 2/sqrt(5)
+        ({"nuslerp_flatten": False, "nuslerp_row_wise": True}, [[R, 0.513743], [0.0, 1.541229]]),
+    ],
+)
+def test_nuslerp_flatten_rows_and_columns(params, expected):
+    v0, v1 = T(1, 0, 0, 1, shape=(2, 2)), T(0, 1, 0, 2, shape=(2, 2))
+    close(run("nuslerp", None, [v0, v1], [{"weight": 1.0}, {"weight": 1.0}], params), expected)
+
+
+# -- Multi-SLERP ----------------------------------------------------------------------------------------------
+
+
+def test_multislerp():
+    # the weighted tangent vectors cancel at the weighted mean direction, so the result is that
+    # direction ([1, 3]/sqrt(10)) times the weighted mean norm (0.25 * 2 + 0.75 * 4 = 3.5)
+    ip = [{"weight": 1.0}, {"weight": 3.0}]
+    close(run("multislerp", None, [T(2, 0), T(0, 4)], ip), [1.106797, 3.320392])
+    close(run("multislerp", T(1, 1), [T(3, 1), T(1, 5)], ip), [2.106797, 4.320392])
+    # normalize_weights: false uses the weights as they are: direction as above, norm 1 * 2 + 3 * 4
+    close(run("multislerp", None, [T(2, 0), T(0, 4)], ip, {"normalize_weights": False}), [4.427189, 13.281566])
+    # a single model is returned as is
+    close(run("multislerp", T(5, 5), [T(2, 0)], ip[:1]), [2, 0])
+
+
+def test_multislerp_antipodal_inputs():
+    ip = [{"weight": 1.0}, {"weight": 1.0}]
+    close(run("multislerp", None, [T(1, 0), T(-1, 0)], ip), [0, 0])  # two: the weighted sum
+    three = [T(1, 0), T(-1, 0), T(0, 0)]
+    with pytest.raises(EvomergeError, match="multislerp"):
+        run("multislerp", None, three, ip + [{"weight": 0.0}])
+    # nothing moved at all (every task vector zero): the base, not an error
+    close(run("multislerp", T(1, 2), [T(1, 2)] * 3, ip + [{"weight": 1.0}]), [1, 2])
+
+
+# -- Karcher mean ---------------------------------------------------------------------------------------------
+
+
+def test_karcher_is_the_angle_average_not_the_euclidean_mean():
+    # directions at 0, 0 and 90 degrees: the Karcher mean is at 30 degrees (the normalised Euclidean
+    # mean would be at 26.57); norms 2, 1, 3 -> mean norm 2
+    out = run("karcher", None, [T(2, 0), T(1, 0), T(0, 3)], [{}] * 3)
+    close(out, [3**0.5, 1.0])
+
+
+def test_karcher_edge_cases():
+    close(run("karcher", None, [T(1, 0), T(0, 1)], [{}, {}]), [R, R])
+    close(run("karcher", None, [T(3, 4)], [{}]), [3, 4])
+    close(run("karcher", None, [T(0, 0), T(0, 0)], [{}, {}]), [0, 0])
+    # a zero tensor has no direction but its norm (0) still counts in the mean norm
+    close(run("karcher", None, [T(0, 0), T(0, 2)], [{}, {}]), [0, 1])
+    # max_iter: 0 stops at the normalised Euclidean mean
+    close(run("karcher", None, [T(2, 0), T(1, 0), T(0, 3)], [{}] * 3, {"max_iter": 0}), [1.788854, 0.894427])
+
+
+# -- NearSwap -------------------------------------------------------------------------------------------------
+
+
+def test_nearswap():
+    # weight min(1, t / |a - b|): 0.05 -> swapped; 0.2 -> half way; 1 -> a tenth; equal -> unchanged
+    out = run("nearswap", T(0, 0, 0, 0), [T(0.05, -0.2, 1, 0)], [{}], {"t": 0.1})
+    close(out, [0.05, -0.1, 0.1, 0])
+
+
+# -- RAM / RAM+ ---------------------------------------------------------------------------------------------
+
+ZERO5 = T(0, 0, 0, 0, 0)
+RAM_INPUTS = [T(1, 0, 2, 0, 0), T(3, 0, 0, 1e-6, 0), T(5, 4, 0, 0, 6)]
+
+
+def test_ram():
+    # entry 0: three models moved it -> their mean; 1, 2, 4: one model -> its value whole;
+    # entry 3: 1e-6 <= epsilon counts as unmoved
+    close(run("ram", ZERO5, list(RAM_INPUTS), [{}] * 3), [3, 4, 2, 0, 6])
+    close(run("ram", ZERO5, list(RAM_INPUTS), [{}] * 3, {"epsilon": 1e-7}), [3, 4, 2, 1e-6, 6])
+
+
+@pytest.mark.parametrize(
+    "params,expected",
+    [
+        # model 1: 1 shared / 1 unique -> boost 1 + 0.5 * 1; model 3: 1 shared / 2 unique -> 1 + 0.5 * 0.5
+        ({"r": 0.5, "alpha": 1.0}, [3, 5, 3, 0, 7.5]),
+        # alpha caps both ratios at 0.2 -> boost 1.1
+        ({"r": 0.5, "alpha": 0.2}, [3, 4.4, 2.2, 0, 6.6]),
+        ({"r": 0.0}, [3, 4, 2, 0, 6]),  # no boost: RAM
+    ],
+)
+def test_ramplus_tl(params, expected):
+    close(run("ramplus_tl", ZERO5, list(RAM_INPUTS), [{}] * 3, params), expected)
+
+
 def test_registry_has_every_required_method():
     required = {
         "linear",
@@ -330,6 +470,14 @@ def test_registry_has_every_required_method():
         "della_linear",
         "model_stock",
         "passthrough",
+        "arcee_fusion",
+        "sce",
+        "nuslerp",
+        "multislerp",
+        "karcher",
+        "nearswap",
+        "ram",
+        "ramplus_tl",
     }
     assert required <= set(REGISTRY)
     assert {m.name for m in REGISTRY.values() if m.random} == {

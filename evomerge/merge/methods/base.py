@@ -18,7 +18,10 @@ import torch
 from evomerge.merge.recipe import as_number
 
 ParamScope = Literal["model", "global"]
-BasePolicy = Literal["required", "ignored"]
+# required: the base is the anchor (task vectors); optional: used as the anchor when set;
+# input: not an anchor, but a `base_model` missing from `models:` is merged as one more input
+# (mergekit adds it to the inputs of every method); ignored: never read.
+BasePolicy = Literal["required", "optional", "input", "ignored"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class ParamSpec:
     """
 
     name: str
-    kind: type  # float, bool or str
+    kind: type  # float, int, bool or str
     scope: ParamScope
     default: Any = None
     required: bool = False
@@ -52,6 +55,8 @@ class ParamSpec:
         number = as_number(value)
         if number is None:
             return "expected a finite number"
+        if self.kind is int and number != int(number):
+            return "expected a whole number"
         if self.low is not None and number < self.low:
             return f"must be >= {self.low:g}"
         if self.high is not None and number > self.high:
@@ -59,6 +64,9 @@ class ParamSpec:
         return None
 
     def coerce(self, value: Any) -> Any:
+        if self.kind is int:
+            # a gradient interpolates between whole numbers; round like an iteration count must be
+            return int(round(as_number(value)))  # type: ignore[arg-type]
         return as_number(value) if self.kind is float else value
 
 

@@ -1,5 +1,8 @@
 """Model Stock: move from the base toward the average of the fine-tunes by a ratio t that comes
-from the angle between their task vectors (per tensor, or per row with `filter_wise`)."""
+from the angle between their task vectors (per tensor, or per row with `filter_wise`).
+
+As in mergekit (and the paper's formula) t is not clamped: fine-tunes whose task vectors point apart
+(cos < 0) extrapolate away from their mean. `clamp_t: true` opts into t in [0, 1]."""
 
 from __future__ import annotations
 
@@ -27,13 +30,13 @@ def model_stock(call: MethodCall) -> torch.Tensor:
     assert call.base is not None
     base = call.base
     shape = base.shape
-    rows = (
-        (base.reshape(1, -1) if base.dim() <= 1 else base.reshape(base.shape[0], -1))
-        if call.params.get("filter_wise", False)
-        else base.reshape(-1)
-    )
+    # filter_wise: one ratio per vector along the last dim (a 1-D tensor is one vector), as mergekit
+    if call.params.get("filter_wise", False):
+        rows = base.reshape(1, -1) if base.dim() <= 1 else base
+    else:
+        rows = base.reshape(-1)
     fine_tunes = [x.reshape(rows.shape) for x in call.inputs if x is not None]
     deltas = [x - rows for x in fine_tunes]
-    t = interpolation_ratio(deltas, clamp=bool(call.params.get("clamp_t", True)))
+    t = interpolation_ratio(deltas, clamp=bool(call.params.get("clamp_t", False)))
     average = sum(fine_tunes) / len(fine_tunes)
     return (t * average + (1 - t) * rows).reshape(shape)

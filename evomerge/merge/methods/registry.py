@@ -8,7 +8,7 @@ any tensor is read. The one-line summaries the CLI help shows are in evomerge/me
 from __future__ import annotations
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.methods import fusion, linear, model_stock, slerp, task_arithmetic
+from evomerge.merge.methods import elementwise, fusion, linear, model_stock, slerp, spherical, task_arithmetic
 from evomerge.merge.methods.base import MergeMethod, ParamSpec
 from evomerge.merge.methods.data_aware_methods import DATA_AWARE_METHODS
 
@@ -48,9 +48,13 @@ RESCALE_NORM = ParamSpec(
     "rescale_norm",
     str,
     "global",
-    default="inverse",
-    choices=("inverse", "l1"),
-    help="rescale kept entries by 1/keep-probability (unbiased) or match the L1 norm",
+    default="l1",
+    choices=("l1", "inverse"),
+    help="rescale kept entries to the task vector's L1 norm (mergekit) or by 1/keep-probability (the papers)",
+)
+
+RAM_EPSILON = ParamSpec(
+    "epsilon", float, "global", default=1e-5, help="a task-vector entry counts as moved when |delta| > epsilon"
 )
 
 
@@ -82,7 +86,7 @@ _METHODS: tuple[MergeMethod, ...] = (
     MergeMethod(
         name="linear",
         fn=linear.linear,
-        base="ignored",
+        base="input",
         params=(ParamSpec("weight", float, "model", required=True, help="weight of this model"), _normalize(True)),
     ),
     MergeMethod(
@@ -158,13 +162,15 @@ _METHODS: tuple[MergeMethod, ...] = (
         min_inputs=2,
         params=(
             ParamSpec("filter_wise", bool, "global", default=False, help="one ratio per row"),
-            ParamSpec("clamp_t", bool, "global", default=True, help="clamp the ratio to [0, 1] (mergekit does not)"),
+            ParamSpec(
+                "clamp_t", bool, "global", default=False, help="opt-in: clamp the ratio to [0, 1] (mergekit does not)"
+            ),
         ),
     ),
     MergeMethod(
         name="passthrough",
         fn=linear.passthrough,
-        base="ignored",
+        base="input",
         min_inputs=1,
         max_inputs=1,
         params=(ParamSpec("scale", float, "model", default=None, help="multiply this tensor"),),
@@ -177,6 +183,87 @@ _METHODS: tuple[MergeMethod, ...] = (
         max_inputs=1,
         random=True,
         params=(),
+    ),
+    MergeMethod(
+        name="sce",
+        fn=elementwise.sce,
+        base="required",
+        params=(
+            ParamSpec(
+                "select_topk",
+                float,
+                "global",
+                default=1.0,
+                **UNIT,
+                help="fraction of entries kept: those whose variance across models is largest",
+            ),
+            INT8_MASK,
+        ),
+    ),
+    MergeMethod(
+        name="nuslerp",
+        fn=spherical.nuslerp,
+        base="optional",
+        min_inputs=2,
+        max_inputs=2,
+        params=(
+            ParamSpec(
+                "weight",
+                float,
+                "model",
+                required=True,
+                help="relative weight; t = w2 / (w1 + w2) slerps from the first model to the second",
+            ),
+            ParamSpec("nuslerp_row_wise", bool, "global", default=False, help="slerp the vectors along dim 0"),
+            ParamSpec("nuslerp_flatten", bool, "global", default=True, help="slerp whole tensors, not vectors"),
+        ),
+    ),
+    MergeMethod(
+        name="multislerp",
+        fn=spherical.multislerp,
+        base="optional",
+        params=(
+            ParamSpec("weight", float, "model", required=True, help="weight of this model on the sphere"),
+            ParamSpec("normalize_weights", bool, "global", default=True, help="divide the weights by their sum"),
+            ParamSpec("eps", float, "global", default=1e-8, low=0.0, help="guard against zero norms"),
+        ),
+    ),
+    MergeMethod(
+        name="karcher",
+        fn=spherical.karcher,
+        base="input",
+        params=(
+            ParamSpec("max_iter", int, "global", default=10, help="iterations of the Karcher mean"),
+            ParamSpec("tol", float, "global", default=1e-5, help="stop when the update is shorter than this"),
+        ),
+    ),
+    MergeMethod(
+        name="nearswap",
+        fn=elementwise.nearswap,
+        base="required",
+        min_inputs=1,
+        max_inputs=1,
+        params=(
+            ParamSpec(
+                "t", float, "global", required=True, help="entries closer than t to the base take the other's value"
+            ),
+        ),
+    ),
+    MergeMethod(
+        name="ram",
+        fn=elementwise.ram,
+        base="required",
+        params=(RAM_EPSILON,),
+    ),
+    MergeMethod(
+        name="ramplus_tl",
+        fn=elementwise.ramplus_tl,
+        base="required",
+        params=(
+            ParamSpec("r", float, "global", default=0.1, help="strength of the boost of a model's unique entries"),
+            ParamSpec("alpha", float, "global", default=0.2, help="cap of the shared/unique ratio in the boost"),
+            RAM_EPSILON,
+        ),
     ),
 )
 

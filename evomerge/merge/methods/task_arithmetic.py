@@ -31,7 +31,7 @@ def sparsified_delta(call: MethodCall, i: int, sparsifier: Sparsifier, scale: fl
             return delta.mul_(scale) if owned else delta * scale
         return delta if owned else delta.clone()
     rescale = bool(call.params.get("rescale", False))
-    norm = str(call.params.get("rescale_norm", "inverse"))
+    norm = str(call.params.get("rescale_norm", "l1"))
     cache = call.cache(i)
     if sparsifier == "magnitude":
         return magnitude_topk(

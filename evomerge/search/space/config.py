@@ -31,8 +31,11 @@ PS_METHODS = (
     "regmean",
     "rebasin",
     "repair",
+    "nuslerp",
+    "multislerp",
 )
-BASELESS_PS_METHODS = ("linear", "fisher", "regmean")  # methods that merge the listed models without a base
+# methods that can merge the listed models without a base (nuslerp and multislerp use one when it is set)
+BASELESS_PS_METHODS = ("linear", "fisher", "regmean", "nuslerp", "multislerp")
 DEFAULT_WORKER = "evomerge.workers.fitness:FitnessWorker"
 
 

@@ -63,7 +63,7 @@ class PSLayout:
         self.config = config
         self.method = get_method(config.method)
         self.sources = list(sources)
-        self.base = base if self.method.base == "required" else None
+        self.base = base if self.method.base in ("required", "optional") else None
         self.labels = model_labels([s.reference for s in self.sources])
         self.kinds = self._gene_kinds()
         self.num_layers = self._common_depth()
