@@ -236,6 +236,10 @@ def test_resume_refuses_a_budget_below_what_is_journaled(root, tmp_path):
     assert result.exit_code == 2
     assert "error: --max-evals: " in result.output and "pass at least 12" in result.output
     assert (run_dir / "space.yaml").read_text() == before
+    result = CliRunner().invoke(app, ["resume", str(run_dir), "--max-evals", "15"])  # 12 done, popsize 6
+    assert result.exit_code == 2
+    assert "not a whole number of generations (popsize 6)" in result.output and "pass 18" in result.output
+    assert (run_dir / "space.yaml").read_text() == before
 
 
 # -- Ray -------------------------------------------------------------------------------------------

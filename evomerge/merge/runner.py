@@ -403,6 +403,7 @@ def merge_from_file(
     if not dry_run:
         check_output_dir(Path(out_dir), overwrite=overwrite)
     plan = plan_merge(recipe, ModelCatalog([Path(recipe_path).resolve().parent]), seed=seed)
+    _refuse_input_as_output(plan, Path(out_dir))
     if dry_run:
         for line in describe_plan(plan):
             echo(line)
@@ -421,6 +422,18 @@ def merge_from_file(
     finally:
         source.close()
     return plan
+
+
+def _refuse_input_as_output(plan: MergePlan, out_dir: Path) -> None:
+    """OUT_DIR must not be (or hold) one of the models the recipe reads: --overwrite would replace a
+    user's model with a merge of itself."""
+    target = out_dir.resolve()
+    for info in plan.models:
+        source = Path(info.path).resolve()
+        if source == target or target in source.parents:
+            raise EvomergeError(
+                f"OUT_DIR: {out_dir} is where input model {info.reference!r} lives; write the merge to a new folder"
+            )
 
 
 @contextlib.contextmanager

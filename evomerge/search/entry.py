@@ -190,7 +190,13 @@ def set_max_evals(space: SearchSpace, run: RunDir, max_evals: int) -> SearchSpac
     """`resume --max-evals`: a new total budget, never below the generations already started."""
     done = sum(r["phase"] == "search" for r in read_journal(run.journal_file))
     least = -(-done // space.popsize) * space.popsize
-    if max(1, max_evals // space.popsize) * space.popsize < least:
+    rounded = max(1, max_evals // space.popsize) * space.popsize  # budgets count whole generations
+    if max_evals > done and rounded <= done:
+        raise EvomergeError(
+            f"--max-evals: {max_evals} is not a whole number of generations (popsize {space.popsize}) and rounds "
+            f"down to the {done} evaluations already done; pass {least + space.popsize} for one more generation"
+        )
+    if rounded < least:
         raise EvomergeError(
             f"--max-evals: {run.path} has {done} search evaluations journaled (popsize {space.popsize}); "
             f"it is the total budget, so pass at least {least}"

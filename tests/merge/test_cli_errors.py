@@ -186,3 +186,20 @@ def test_real_process_exit_status_and_stderr(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: base_model: model 'x' not found")
     assert not (tmp_path / "o").exists()
+
+
+def test_overwrite_never_replaces_an_input_model(tmp_path, llama_zoo):
+    import shutil
+
+    zoo = {name: shutil.copytree(path, tmp_path / "models" / name) for name, path in llama_zoo.items()}
+    before = (zoo["ft1"] / "model.safetensors").read_bytes()
+    for out in (zoo["ft1"], zoo["ft1"].parent):
+        recipe = tmp_path / "recipe.yml"
+        recipe.write_text(
+            GOOD.replace("model: ft1\n", f"model: {zoo['ft1']}\n")
+            .replace("model: ft2\n", f"model: {zoo['ft2']}\n")
+            .replace("base_model: base\n", f"base_model: {zoo['base']}\n")
+        )
+        result = CliRunner().invoke(app, ["merge", str(recipe), str(out), "--overwrite", "--quiet"])
+        assert result.exit_code == 2 and "OUT_DIR" in result.output and "is where input model" in result.output
+    assert (zoo["ft1"] / "model.safetensors").read_bytes() == before
