@@ -82,7 +82,7 @@ class ToyFitnessWorker:
         recipe = payload["recipe"]
         if self.log:
             with open(self.log, "a", encoding="utf-8") as handle:
-                entry = {"eval_id": candidate.id, "pid": os.getpid(), "split": payload["split"]}
+                entry = {"eval_id": candidate.id, "pid": os.getpid(), "split": payload["split"], "node": _ray_node()}
                 handle.write(json.dumps(entry) + "\n")
                 handle.flush()
         _hang_if_asked(candidate)
@@ -129,9 +129,23 @@ class ToyFitnessWorker:
         return EvalResult.success(candidate.id, fitness, metrics, items=items)
 
 
+def _ray_node() -> str | None:
+    """The Ray node this worker runs on (None outside Ray), so tests can see where work went."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def _hang_if_asked(candidate: Candidate) -> None:
     if candidate.id == os.environ.get("EVOMERGE_TEST_WORKER_HANG_AT"):
         time.sleep(3600)  # until the test kills the search
+    node_file = os.environ.get("EVOMERGE_TEST_WORKER_HANG_ON_NODE_FILE")  # hang on the Ray node named there
+    if node_file and Path(node_file).exists() and Path(node_file).read_text().strip() == _ray_node():
+        time.sleep(3600)  # until the test removes that node
 
 
 def hanging_fitness_worker(**kwargs: Any) -> Any:

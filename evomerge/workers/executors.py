@@ -205,6 +205,9 @@ class RayExecutor(Executor):
                 max_restarts=max_restarts,
                 max_task_retries=0,
                 runtime_env={"env_vars": QUIET_WORKER_ENV},
+                # one worker per node before two on one: each holds a copy of the sources, so
+                # spreading shares the memory, and a lost node takes the fewest workers with it
+                scheduling_strategy="SPREAD",
                 **self.plan.actor_options(),
             ).remote(spec, name, self.plan.torch_threads)
             slot = _Slot(name, actor)
