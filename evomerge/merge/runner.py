@@ -33,6 +33,7 @@ from evomerge.io.checkpoint import (
 from evomerge.merge.jobs import MergePlan, TensorJob, TensorRef
 from evomerge.merge.methods.base import DeltaCache, MethodCall
 from evomerge.merge.recipe import dump_recipe
+from evomerge.merge.vocabulary import AlignedTensors
 
 RECIPE_FILE = "mergekit_config.yml"
 
@@ -63,8 +64,11 @@ class CheckpointSource:
 
     def __init__(self, plan: MergePlan):
         self._readers = [CheckpointReader(m.path, m.reference) for m in plan.models]
+        self._aligned = AlignedTensors(keep=1)  # the vocabulary group being merged (embeddings, then lm_head)
 
     def get(self, ref: TensorRef) -> torch.Tensor:
+        if ref.vocabulary is not None:
+            return self._aligned.get(ref, self.get).clone()
         return self._readers[ref.model].get(ref.name)
 
     def close(self) -> None:
@@ -298,7 +302,10 @@ class FileSink:
             write_index(directory, self._shards, self._names)
         _write_json(directory / "config.json", self.plan.out_config)
         plan = self.plan
-        copy_files(plan.models[plan.tokenizer_model].path, directory, TOKENIZER_FILES)
+        if plan.vocabulary is not None:
+            plan.vocabulary.save(directory)
+        else:
+            copy_files(plan.models[plan.tokenizer_model].path, directory, TOKENIZER_FILES)
         copy_files(plan.models[plan.donor].path, directory, TAGALONG_FILES)
         (directory / RECIPE_FILE).write_text(dump_recipe(plan.recipe), encoding="utf-8")
         self._tmp.commit()
