@@ -70,6 +70,19 @@ def ties(zoo: dict[str, Path], *names: str, **extra) -> dict:
     }
 
 
+def stack(zoo: dict[str, Path]) -> dict:
+    """A layer stack: embeddings from ft1 alone (the 8 tokens it lacks get zero rows, as no model of
+    that tensor has them), lm_head from ft_added alone."""
+    return {
+        "merge_method": "passthrough",
+        "tokenizer": {"source": "union"},
+        "slices": [
+            {"sources": [{"model": str(zoo["ft1"]), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(zoo["ft_added"]), "layer_range": [1, 2]}]},
+        ],
+    }
+
+
 # -- parity with mergekit 0.1.5 ------------------------------------------------------------------------------
 
 
@@ -111,6 +124,7 @@ def parity_cases(zoo: dict[str, Path]) -> dict[str, dict]:
                 for n, w in (("ft1", 0.3), ("ft_added", 0.7), ("ft_added2", 0.5))
             ],
         },
+        "passthrough_stack": stack(zoo),
         "tied_slerp_slices": {
             "merge_method": "slerp",
             "base_model": str(zoo["tied_base"]),
@@ -133,6 +147,7 @@ def parity_cases(zoo: dict[str, Path]) -> dict[str, dict]:
 @pytest.mark.parametrize(
     "case",
     [
+        "passthrough_stack",
         "union",
         "tokenizer_source_union",
         "base",
@@ -233,6 +248,12 @@ def test_the_in_memory_candidate_equals_the_file_merge(tmp_path, vocab_zoo):
             assert all(torch.equal(state[n], t) for n, t in written.items())
     assert vocabulary(built.tokenizer_path) == vocabulary(tmp_path / "evomerge")
     assert len(materializer.aligned._store) == 2  # embeddings and lm_head, aligned once
+    stacked = materializer.apply(stack(vocab_zoo))
+    assert stacked.mode == "in_place"  # re-indexed rows are written, not borrowed from a resident module
+    written = weights(ours(tmp_path, stack(vocab_zoo), "stack"))
+    state = stacked.model.state_dict()
+    assert all(torch.equal(state[n], t) for n, t in written.items())
+    assert not written[EMBED][120:].any() and written[HEAD][120:].any()
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------
