@@ -337,6 +337,12 @@ def describe_plan(plan: MergePlan, *, examples: int = 4) -> list[str]:
             f"model {i}: {model.reference} -> {model.path} [{model.arch.family}, {model.num_layers} layers]{role}"
         )
     lines.append(f"output: {len(plan.layer_sources)} layers, {len(plan.jobs)} tensors, {plan.total_bytes / 1e6:.1f} MB")
+    if plan.vocabulary is not None:
+        realigned = sum(any(r is not None and r.vocabulary is not None for r in (j.base, *j.inputs)) for j in plan.jobs)
+        lines.append(
+            f"vocabulary: {len(plan.vocabulary.tokens)} tokens, {plan.vocabulary.size} rows; "
+            f"{realigned} tensor(s) re-indexed by token"
+        )
     picks = _example_jobs(plan.jobs, examples)
     for job in picks:
         sources = ", ".join(f"{plan.models[r.model].reference}:{r.name}" for r in job.inputs)

@@ -320,3 +320,12 @@ def test_cli_bad_token_source_exits_2_with_one_line(tmp_path, vocab_zoo):
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert lines[0].startswith("error: tokenizer.tokens.<x>.source: model '/nonexistent/model' not found")
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_describes_the_vocabulary(tmp_path, vocab_zoo):
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(ties(vocab_zoo, "ft1", "ft_added", tokenizer={"pad_to_multiple_of": 48})))
+    lines: list[str] = []
+    merge_from_file(path, tmp_path / "out", dry_run=True, echo=lines.append)
+    assert "vocabulary: 128 tokens, 144 rows; 2 tensor(s) re-indexed by token" in lines, lines
+    assert not (tmp_path / "out").exists()
