@@ -238,7 +238,7 @@ def test_the_in_memory_candidate_equals_the_file_merge(tmp_path, vocab_zoo):
     from evomerge.candidates.materialize import Materializer
 
     materializer = Materializer([vocab_zoo[n] for n in ("base", "ft1", "ft_added")])
-    recipe = ties(vocab_zoo, "ft1", "ft_added", tokenizer={"source": "union", "pad_to_multiple_of": 64})
+    recipe = ties(vocab_zoo, "ft1", "ft_added", tokenizer={"source": "union", "pad_to_multiple_of": 48})
     written = weights(ours(tmp_path, recipe))
     for weight in (0.6, 0.3):  # a second candidate reuses the aligned rows
         recipe["models"][0]["parameters"]["weight"] = weight
