@@ -29,14 +29,17 @@ LLAMA_KW = dict(
 )
 
 
-def bpe_tokenizer(vocab_size: int = 120):
-    """A byte-level-free BPE tokenizer trained here on a fixed corpus (deterministic)."""
+FOREIGN = ["zebras quietly juggle xylophones", "vexing quizzes puzzle wizards"] * 4
+
+
+def bpe_tokenizer(vocab_size: int = 120, corpus: list[str] = CORPUS):
+    """A BPE tokenizer (whitespace pre-tokenizer) trained here on a fixed corpus (deterministic)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS))
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS))
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
@@ -50,13 +53,17 @@ def make_model(
     noise: float = 0.02,
     tie: bool = False,
     vocab_size: int | None = None,
+    corpus: list[str] | None = None,
 ) -> Path:
     """A LlamaForCausalLM and its tokenizer at `path`. With `base`: a fine-tune (base weights plus
     seeded noise, same tokenizer) that may add tokens; the embeddings grow to the new tokenizer
     (or to `vocab_size` rows, e.g. padded), new rows random."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(base) if base is not None else bpe_tokenizer()
+    if corpus is not None:
+        tokenizer = bpe_tokenizer(60, corpus)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(base) if base is not None else bpe_tokenizer()
     if added:
         if special:
             tokenizer.add_special_tokens({"additional_special_tokens": list(added)})
@@ -84,13 +91,15 @@ def make_model(
 
 def vocab_zoo(root: Path) -> dict[str, Path]:
     """base; ft1 (same tokenizer); ft_added and ft_added2 (the same 8 added tokens, embeddings
-    resized); ft_other (2 special added tokens, one of them also in ft_added); tied variants."""
+    resized); ft_other (2 special added tokens, one of them also in ft_added); foreign (a BPE
+    vocabulary trained on other text); tied variants."""
     base = make_model(root / "base", 0)
     zoo = {"base": base}
     zoo["ft1"] = make_model(root / "ft1", 1, base=base)
     zoo["ft_added"] = make_model(root / "ft_added", 2, base=base, added=ADDED)
     zoo["ft_added2"] = make_model(root / "ft_added2", 6, base=base, added=ADDED)
     zoo["ft_other"] = make_model(root / "ft_other", 3, base=base, added=["<extra_3>", "<tool>"], special=True)
+    zoo["foreign"] = make_model(root / "foreign", 7, corpus=FOREIGN)  # another BPE vocabulary
     zoo["tied_base"] = make_model(root / "tied_base", 4, tie=True)
     zoo["tied_added"] = make_model(root / "tied_added", 5, base=zoo["tied_base"], added=ADDED, tie=True)
     return zoo

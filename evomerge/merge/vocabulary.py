@@ -4,7 +4,8 @@ for both sinks (`evomerge merge` and the search workers' in-memory candidates).
 A recipe that names a vocabulary source gets an output tokenizer: the `base` model's (tokens past
 its embedding rows dropped), one `<model>`'s, or the `union` of all models' tokens (base first,
 then each model's tokens in recipe order, each model's plain tokens in id order, then every model's
-added tokens, the first setting of a token winning), plus the keys of `tokens:`. Every embedding
+added tokens, the first setting of a token winning; mergekit's order there depends on hashing, see
+docs/merge.md), plus the keys of `tokens:`. Every embedding
 and lm_head row is then looked up by token string (`Vocabulary.rows`): a model's row for a token
 it has is its own; a row it lacks is filled as mergekit fills it: from the one model that has the
 token, else from the base model if it has it, else the mean over the models that have it, else
@@ -232,11 +233,11 @@ def _union(base: Any, tokenizers: Sequence[tuple[Any, int]]) -> Any:
                 added.setdefault(info.content, info)
     out = _fresh_copy(base)
     base_vocab = base.get_vocab()
-    for token in plain:
-        if token not in added and token not in base_vocab:
-            out.add_tokens(token)
-    for info in added.values():
-        out.add_tokens(info)
+    new = [token for token in plain if token not in added and token not in base_vocab]
+    if new:
+        out.add_tokens(new)  # one call: ids in list order, as one call per token would give
+    if added:
+        out.add_tokens(list(added.values()))  # each keeps its own settings (special, strip, ...)
     return out
 
 
@@ -291,18 +292,8 @@ class VocabularyGroup:
             dtype = torch.promote_types(dtype, tensor.dtype)
         device, rest = tensors[0].device, tuple(tensors[0].shape[1:])
         n = len(vocabulary.tokens)
-        values: dict[int, torch.Tensor] = {}
-        for fill in self.fills:
-            if fill.kind == "zero":
-                values[fill.row] = tensors[0].new_zeros(rest)
-            elif fill.kind == "copy":
-                member, row = fill.sources[0]
-                values[fill.row] = tensors[member][row]
-            else:
-                total = torch.zeros(rest, dtype=dtype, device=device)
-                for member, row in fill.sources:
-                    total = total + tensors[member][row]
-                values[fill.row] = total / len(fill.sources)
+        values = self._fill_values(tensors, dtype, rest)
+        fill_rows = torch.tensor([fill.row for fill in self.fills], dtype=torch.int64)
         forced = torch.tensor(self.forced, dtype=torch.int64)
         out = []
         for path, tensor in zip(self.paths, tensors, strict=True):
@@ -311,13 +302,42 @@ class VocabularyGroup:
             new = torch.zeros((vocabulary.size, *rest), dtype=dtype, device=device)
             own = (rows >= 0).nonzero().squeeze(1)
             new[own.to(device)] = tensor[rows[own].to(device)].to(dtype)
-            for row, value in values.items():
-                if rows[row] < 0:
-                    new[row] = value
+            missing = rows[fill_rows] < 0
+            new[fill_rows[missing].to(device)] = values[missing.to(device)]
             if vocabulary.size > n:
                 new[n:] = new[:n].mean(dim=0)
             out.append(new)
         return out
+
+    def _fill_values(self, tensors: list[torch.Tensor], dtype: torch.dtype, rest: tuple[int, ...]) -> torch.Tensor:
+        """The row of each fill (zero, a copy, or a mean summed in member order as mergekit sums)."""
+        device = tensors[0].device
+        values = torch.zeros((len(self.fills), *rest), dtype=dtype, device=device)
+        copies: dict[int, tuple[list[int], list[int]]] = {}
+        means: list[int] = []
+        for i, fill in enumerate(self.fills):
+            if fill.kind == "copy":
+                member, row = fill.sources[0]
+                copies.setdefault(member, ([], []))[0].append(i)
+                copies[member][1].append(row)
+            elif fill.kind == "mean":
+                means.append(i)
+        for member, (targets, rows) in copies.items():
+            values[targets] = tensors[member][rows].to(dtype)
+        if means:
+            total = torch.zeros((len(means), *rest), dtype=dtype, device=device)
+            for member in range(len(tensors)):
+                targets, rows = [], []
+                for j, i in enumerate(means):
+                    for source_member, row in self.fills[i].sources:
+                        if source_member == member:
+                            targets.append(j)
+                            rows.append(row)
+                if targets:
+                    total[targets] = total[targets] + tensors[member][rows]
+            counts = torch.tensor([len(self.fills[i].sources) for i in means], dtype=dtype, device=device)
+            values[means] = total / counts.view(-1, *([1] * len(rest)))
+        return values
 
 
 def vocabulary_group(
@@ -343,27 +363,27 @@ def vocabulary_group(
             )
         if path not in vocabulary.rows:
             raise EvomergeError(f"{name}: {reference!r} is not one of the models whose vocabulary was read")
-    rows = torch.stack([vocabulary.rows[p] for p in paths])  # [members, tokens]
-    present = rows >= 0
+    stacked = torch.stack([vocabulary.rows[p] for p in paths])  # [members, tokens]
     forced = {vocabulary.tokens.index(t) for t, rule in vocabulary.rules.items() if rule.force}
-    needed = sorted(set((~present.all(dim=0)).nonzero().squeeze(1).tolist()) | forced)
+    needed = sorted(set((~(stacked >= 0).all(dim=0)).nonzero().squeeze(1).tolist()) | forced)
+    rows = stacked[:, needed].tolist()  # per member, the source row of each needed token
+    base_member = list(paths).index(base) if base in paths else None
     fills = []
-    for row in needed:
+    for k, row in enumerate(needed):
         token = vocabulary.tokens[row]
         rule = vocabulary.rules.get(token)
-        have = [i for i in range(len(paths)) if rows[i, row] >= 0]
+        have = [(i, rows[i][k]) for i in range(len(paths)) if rows[i][k] >= 0]
         if rule is None:
             if len(have) == 1:
-                fills.append(_Fill(row, "copy", ((have[0], int(rows[have[0], row])),)))
+                fills.append(_Fill(row, "copy", (have[0],)))
             elif not have:
                 fills.append(_Fill(row, "zero"))
-            elif base in paths and rows[paths.index(base), row] >= 0:
-                member = list(paths).index(base)
-                fills.append(_Fill(row, "copy", ((member, int(rows[member, row])),)))
+            elif base_member is not None and rows[base_member][k] >= 0:
+                fills.append(_Fill(row, "copy", ((base_member, rows[base_member][k]),)))
             else:
-                fills.append(_Fill(row, "mean", tuple((i, int(rows[i, row])) for i in have)))
+                fills.append(_Fill(row, "mean", tuple(have)))
         else:
-            fills.append(_rule_fill(rule, row, token, name, vocabulary, list(paths), rows, shapes))
+            fills.append(_rule_fill(rule, row, token, name, vocabulary, list(paths), stacked, shapes))
     key_data = [vocabulary.key, name, [str(p) for p in paths], [m.name for m in members], str(input_dtype)]
     key = hashlib.sha256(json.dumps(key_data).encode()).hexdigest()[:16]
     return VocabularyGroup(

@@ -329,3 +329,32 @@ def test_dry_run_describes_the_vocabulary(tmp_path, vocab_zoo):
     merge_from_file(path, tmp_path / "out", dry_run=True, echo=lines.append)
     assert "vocabulary: 128 tokens, 144 rows; 2 tensor(s) re-indexed by token" in lines, lines
     assert not (tmp_path / "out").exists()
+
+
+def test_union_of_different_bpe_vocabularies(tmp_path, vocab_zoo):
+    """Plain tokens the base lacks follow it in the other model's id order; shared tokens (the
+    specials, single letters) are aligned by string whatever their ids, and the other model's rows
+    for its own tokens survive a linear merge (every model gets the same row for them)."""
+    recipe = {
+        "merge_method": "linear",
+        "base_model": str(vocab_zoo["base"]),
+        "tokenizer": {"source": "union"},
+        "models": [{"model": str(vocab_zoo[n]), "parameters": {"weight": w}} for n, w in (("base", 1), ("foreign", 3))],
+    }
+    out = ours(tmp_path, recipe)
+    merged, vocab = rows(out)
+    base, base_vocab = rows(vocab_zoo["base"])
+    other, other_vocab = rows(vocab_zoo["foreign"])
+    new = sorted((t for t in other_vocab if t not in base_vocab), key=other_vocab.__getitem__)
+    assert (
+        new
+        and [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+        == [t for t, _ in sorted(base_vocab.items(), key=lambda kv: kv[1])] + new
+    )
+    for token in new:
+        torch.testing.assert_close(merged[vocab[token]], other[other_vocab[token]], atol=1e-6, rtol=0)
+    shared = [t for t in other_vocab if t in base_vocab and other_vocab[t] != base_vocab[t]]
+    assert shared  # ids differ, strings match: rows are averaged by string, not by id
+    for token in shared:
+        expected = (base[base_vocab[token]] + 3 * other[other_vocab[token]]) / 4
+        torch.testing.assert_close(merged[vocab[token]], expected, atol=1e-6, rtol=1e-5)
