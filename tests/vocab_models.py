@@ -92,13 +92,16 @@ def make_model(
 def vocab_zoo(root: Path) -> dict[str, Path]:
     """base; ft1 (same tokenizer); ft_added and ft_added2 (the same 8 added tokens, embeddings
     resized); ft_other (2 special added tokens, one of them also in ft_added); foreign (a BPE
-    vocabulary trained on other text); tied variants."""
+    vocabulary trained on other text); ft_padded (128 rows, 120 tokens); ft_unresized (8 added
+    tokens without rows); tied variants."""
     base = make_model(root / "base", 0)
     zoo = {"base": base}
     zoo["ft1"] = make_model(root / "ft1", 1, base=base)
     zoo["ft_added"] = make_model(root / "ft_added", 2, base=base, added=ADDED)
     zoo["ft_added2"] = make_model(root / "ft_added2", 6, base=base, added=ADDED)
     zoo["ft_other"] = make_model(root / "ft_other", 3, base=base, added=["<extra_3>", "<tool>"], special=True)
+    zoo["ft_padded"] = make_model(root / "ft_padded", 8, base=base, vocab_size=128)  # rows past the tokenizer
+    zoo["ft_unresized"] = make_model(root / "ft_unresized", 9, base=base, added=ADDED, vocab_size=120)  # no rows
     zoo["foreign"] = make_model(root / "foreign", 7, corpus=FOREIGN)  # another BPE vocabulary
     zoo["tied_base"] = make_model(root / "tied_base", 4, tie=True)
     zoo["tied_added"] = make_model(root / "tied_added", 5, base=zoo["tied_base"], added=ADDED, tie=True)

@@ -125,6 +125,11 @@ def parity_cases(zoo: dict[str, Path]) -> dict[str, dict]:
             ],
         },
         "passthrough_stack": stack(zoo),
+        "padded_rows_dropped": ties(zoo, "ft1", "ft_padded", tokenizer={"source": "base"}),
+        "base_tokens_without_rows_stripped": {
+            **ties(zoo, "ft1", "ft_added", tokenizer={"source": "union"}),
+            "base_model": str(zoo["ft_unresized"]),
+        },
         "tied_slerp_slices": {
             "merge_method": "slerp",
             "base_model": str(zoo["tied_base"]),
@@ -148,6 +153,8 @@ def parity_cases(zoo: dict[str, Path]) -> dict[str, dict]:
     "case",
     [
         "passthrough_stack",
+        "padded_rows_dropped",
+        "base_tokens_without_rows_stripped",
         "union",
         "tokenizer_source_union",
         "base",
