@@ -241,20 +241,21 @@ def test_same_vocabularies_merge_exactly_as_without_a_tokenizer_setting(tmp_path
     assert vocabulary(based) == vocabulary(vocab_zoo["base"])
 
 
-def test_the_in_memory_candidate_equals_the_file_merge(tmp_path, vocab_zoo):
+@pytest.mark.parametrize("kernels", ["auto", "eager"])  # one flat pass over all tensors / tensor by tensor
+def test_the_in_memory_candidate_equals_the_file_merge(tmp_path, vocab_zoo, kernels):
     from evomerge.candidates.materialize import Materializer
 
-    materializer = Materializer([vocab_zoo[n] for n in ("base", "ft1", "ft_added")])
+    materializer = Materializer([vocab_zoo[n] for n in ("base", "ft1", "ft_added")], kernels=kernels)
     recipe = ties(vocab_zoo, "ft1", "ft_added", tokenizer={"source": "union", "pad_to_multiple_of": 48})
-    written = weights(ours(tmp_path, recipe))
-    for weight in (0.6, 0.3):  # a second candidate reuses the aligned rows
+    for weight in (0.6, 0.3):  # the second candidate reuses the aligned rows and their task vectors
         recipe["models"][0]["parameters"]["weight"] = weight
+        written = weights(ours(tmp_path, recipe, f"w{weight}"))
         built = materializer.apply(recipe)
         state = built.model.state_dict()
-        if weight == 0.6:
-            assert all(torch.equal(state[n], t) for n, t in written.items())
-    assert vocabulary(built.tokenizer_path) == vocabulary(tmp_path / "evomerge")
+        assert all(torch.equal(state[n], t) for n, t in written.items()), weight
+    assert vocabulary(built.tokenizer_path) == vocabulary(tmp_path / "w0.3")
     assert len(materializer.aligned._store) == 2  # embeddings and lm_head, aligned once
+    assert (materializer.flat.candidates > 0) == (kernels == "auto")
     stacked = materializer.apply(stack(vocab_zoo))
     assert stacked.mode == "in_place"  # re-indexed rows are written, not borrowed from a resident module
     written = weights(ours(tmp_path, stack(vocab_zoo), "stack"))
