@@ -241,7 +241,7 @@ def test_same_vocabularies_merge_exactly_as_without_a_tokenizer_setting(tmp_path
     assert vocabulary(based) == vocabulary(vocab_zoo["base"])
 
 
-@pytest.mark.parametrize("kernels", ["auto", "eager"])  # one flat pass over all tensors / tensor by tensor
+@pytest.mark.parametrize("kernels", ["auto", "eager", "compiled"])  # flat pass, tensor by tensor, fused kernels
 def test_the_in_memory_candidate_equals_the_file_merge(tmp_path, vocab_zoo, kernels):
     from evomerge.candidates.materialize import Materializer
 
@@ -256,6 +256,7 @@ def test_the_in_memory_candidate_equals_the_file_merge(tmp_path, vocab_zoo, kern
     assert vocabulary(built.tokenizer_path) == vocabulary(tmp_path / "w0.3")
     assert len(materializer.aligned._store) == 2  # embeddings and lm_head, aligned once
     assert (materializer.flat.candidates > 0) == (kernels == "auto")
+    assert (materializer.fused.fused_jobs > 0) == (kernels == "compiled" and not materializer.fused.disabled)
     stacked = materializer.apply(stack(vocab_zoo))
     assert stacked.mode == "in_place"  # re-indexed rows are written, not borrowed from a resident module
     written = weights(ours(tmp_path, stack(vocab_zoo), "stack"))
