@@ -39,10 +39,7 @@ def permuted_copy(src: Path, dst: Path, seed: int) -> dict[str, torch.Tensor]:
     state = load_file(src / "model.safetensors")
     family = "gpt2" if config["model_type"] == "gpt2" else "llama"
     spec = permutation_spec(family, config, {k: tuple(v.shape) for k, v in state.items()}, residual=True)
-    perms = {
-        g: p if not torch.equal(p, torch.arange(p.numel())) else p.roll(1)  # no group left as it was
-        for g, p in random_permutations(spec, seed).items()
-    }
+    perms = random_permutations(spec, seed, move_all=True)  # no group left as it was
     save_file(permute_state(state, spec, perms), dst / "model.safetensors", metadata={"format": "pt"})
     return perms
 
@@ -142,12 +139,15 @@ def tiny_model(kind: str, out: Path, seed: int = 7) -> Path:
 def test_gpt2_and_gqa_permutations_are_symmetries_that_rebasin_undoes(kind, tmp_path):
     a = tiny_model(kind, tmp_path / "a")
     perms = permuted_copy(a, tmp_path / "b", seed=5)
-    if kind != "gpt2":
-        assert perms["heads.0"].numel() == 2  # KV groups are the unit
+    if kind != "gpt2":  # GQA: 2 KV groups of 2 query heads; both kinds of move are hidden in B
+        assert perms["heads.0"].numel() == 2 and perms["qheads.0"].numel() == 4
+        within = perms["qheads.0"] - 2 * perms["heads.0"].repeat_interleave(2)
+        assert within.tolist() != [0, 1, 0, 1], "no query head was moved inside its KV group"
     ids = torch.randint(0, 48, (2, 10))
     assert torch.allclose(logits(a, ids), logits(tmp_path / "b", ids), atol=1e-4)
     merge_from_file(rebasin_recipe(tmp_path, a, tmp_path / "b", 1.0), tmp_path / "out", progress=False)
     assert_same_weights(a, tmp_path / "out")
+    assert torch.equal(logits(a, ids), logits(tmp_path / "out", ids))
 
 
 def calibration_block(**extra: object) -> str:

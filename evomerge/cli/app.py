@@ -133,6 +133,55 @@ def _merge_help() -> str:
     )
 
 
+def _mergekit_options(
+    device: str,
+    seed: int | None,
+    max_shard_size: str,
+    cuda: bool,
+    random_seed: int | None,
+    out_shard_size: str | None,
+    allow_crimes: bool,
+    lazy_unpickle: bool,
+    trust_remote_code: bool,
+) -> tuple[str, int | None, str]:
+    """mergekit-yaml's options mapped onto evomerge's (device, seed, max shard size), with one line
+    on stderr for each that has no effect here."""
+    if trust_remote_code:
+        raise EvomergeError(
+            "--trust-remote-code: evomerge never runs code shipped with a model; every architecture it "
+            "merges is described by data (docs/merge.md, Architectures)"
+        )
+    if cuda:
+        if device not in ("cpu", "cuda") and not device.startswith("cuda"):
+            raise EvomergeError(f"--cuda: conflicts with --device {device}; give one of them")
+        device = device if device.startswith("cuda") else "cuda"
+    if random_seed is not None:
+        if seed is not None and seed != random_seed:
+            raise EvomergeError("--random-seed: conflicts with --seed; give one of them")
+        seed = random_seed
+    if out_shard_size is not None:
+        max_shard_size = str(_kmb_bytes(out_shard_size))
+    if allow_crimes:
+        typer.echo(
+            "note: --allow-crimes has no effect: evomerge merges models whose tensors line up by name and "
+            "shape (one architecture family) and refuses others with the tensor that differs",
+            err=True,
+        )
+    if lazy_unpickle:
+        typer.echo("note: --lazy-unpickle has no effect: evomerge reads safetensors only, lazily", err=True)
+    return device, seed, max_shard_size
+
+
+def _kmb_bytes(text: str) -> int:
+    """mergekit's size syntax: a count with an optional K, M or B (thousand, million, billion) suffix."""
+    value = text.strip()
+    scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(value[-1:].lower(), 1)
+    digits = value[:-1] if scale != 1 else value
+    if not digits.isdigit() or int(digits) == 0:
+        raise EvomergeError(f"--out-shard-size: cannot parse {text!r}; use mergekit's form, e.g. 5B, 500M or 1000000")
+    return int(digits) * scale
+
+
 @app.command("merge", help=_merge_help())
 @user_errors
 def merge_cmd(
@@ -147,9 +196,21 @@ def merge_cmd(
     threads: int | None = typer.Option(
         None, min=1, help="CPU threads for the merge math (default: torch's; 1 is often fastest on a busy machine)."
     ),
+    # mergekit-yaml's spellings, so its command lines run unchanged
+    cuda: bool = typer.Option(False, "--cuda", help="mergekit-yaml's flag: same as --device cuda."),
+    random_seed: int | None = typer.Option(None, "--random-seed", help="mergekit-yaml's name for --seed."),
+    out_shard_size: str | None = typer.Option(
+        None, "--out-shard-size", help="mergekit-yaml's shard size in bytes, K/M/B = 10^3/10^6/10^9 (5B = 5 GB)."
+    ),
+    allow_crimes: bool = typer.Option(False, "--allow-crimes", help="Accepted for mergekit-yaml; see docs/merge.md."),
+    lazy_unpickle: bool = typer.Option(False, "--lazy-unpickle", help="Accepted for mergekit-yaml; no effect."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Refused: no model code is run."),
 ) -> None:
     from evomerge.io.yaml_files import read_text
 
+    device, seed, max_shard_size = _mergekit_options(
+        device, seed, max_shard_size, cuda, random_seed, out_shard_size, allow_crimes, lazy_unpickle, trust_remote_code
+    )
     read_text(recipe, "recipe")  # a missing file is reported before torch is imported
 
     from evomerge.io.allocator import keep_freed_memory

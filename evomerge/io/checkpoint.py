@@ -211,7 +211,13 @@ def _tensor_locations(model_dir: Path, where: str) -> dict[str, str]:
         return dict(weight_map)
     files = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if not files:
-        hint = " (pytorch_model.bin is not read: convert it to safetensors)" if any(model_dir.glob("*.bin")) else ""
+        hint = (
+            " (its *.bin files are pickles, which can run code when loaded, so evomerge reads safetensors only; "
+            "convert once where you trust the file: AutoModelForCausalLM.from_pretrained(DIR)"
+            ".save_pretrained(NEW_DIR, safe_serialization=True))"
+            if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt"))
+            else ""
+        )
         raise EvomergeError(f"{where}: {model_dir} has no *.safetensors weights{hint}")
     locations: dict[str, str] = {}
     for file in files:

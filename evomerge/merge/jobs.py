@@ -17,6 +17,7 @@ import torch
 from evomerge.errors import EvomergeError
 from evomerge.io.architecture import Architecture, detect_architecture, num_layers
 from evomerge.io.checkpoint import CheckpointReader, read_config
+from evomerge.merge.lora import ADAPTER_CONFIG, merged_model_dir, split_reference
 from evomerge.merge.methods.base import MergeMethod, make_generator
 from evomerge.merge.recipe import Recipe
 
@@ -149,15 +150,29 @@ class ModelCatalog:
         return info
 
     def _locate(self, reference: str, where: str) -> Path:
-        candidate = Path(reference).expanduser()
-        options = [candidate] if candidate.is_absolute() else [candidate] + [d / candidate for d in self.search_dirs]
-        for option in options:
-            if (option / "config.json").is_file():
-                return option.resolve()
+        found = self._find(reference, "config.json")
+        if found is not None:
+            return found
+        lora = split_reference(reference)
+        if lora is not None:
+            base, adapter = lora
+            adapter_dir = self._find(adapter, ADAPTER_CONFIG)
+            if adapter_dir is None:
+                raise EvomergeError(
+                    f"{where}: {reference!r} names LoRA adapter {adapter!r}, but no {ADAPTER_CONFIG} was found there"
+                )
+            return merged_model_dir(self._locate(base, where), adapter_dir, where)
         hint = (
             "; evomerge reads local model directories only (no hub downloads)"
-            if "/" in reference and not candidate.is_absolute()
+            if "/" in reference and not Path(reference).expanduser().is_absolute()
             else ""
         )
-        looked = ", ".join(str(o) for o in options)
+        looked = ", ".join(str(o) for o in self._options(reference))
         raise EvomergeError(f"{where}: model {reference!r} not found (looked for config.json in {looked}){hint}")
+
+    def _options(self, reference: str) -> list[Path]:
+        candidate = Path(reference).expanduser()
+        return [candidate] if candidate.is_absolute() else [candidate] + [d / candidate for d in self.search_dirs]
+
+    def _find(self, reference: str, marker: str) -> Path | None:
+        return next((o.resolve() for o in self._options(reference) if (o / marker).is_file()), None)

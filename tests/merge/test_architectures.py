@@ -4,7 +4,8 @@ Per family: a TIES merge equal to mergekit 0.1.5 where mergekit runs (the defaul
 per family); slow: a SLERP merge (mergekit parity), a layer stack that transformers loads with the
 right per-layer config (mergekit parity where mergekit can stack), in-memory candidates bit-equal
 to the disk merge, DFS scales folded into the family's residual_outputs (exact), the zero-copy DFS
-candidate equal to its export, and a short PS search.
+candidate equal to its export, and a short PS search. Default suite too: rebasin undoes a hidden
+permutation of every kind (KV groups, q heads within a group, MLP units, residual stream).
 """
 
 from __future__ import annotations
@@ -389,3 +390,42 @@ def test_a_dfs_candidate_runs_on_resident_layers_like_its_export(case: str, zoo,
         cached = candidate.model.generate(**prompt, max_new_tokens=4, do_sample=False)
         uncached = candidate.model.generate(**prompt, max_new_tokens=4, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+SYMMETRY_CASES = [c for c in CASES if c not in ("gpt2", "gpt_neox")]
+
+
+@pytest.mark.parametrize("case", SYMMETRY_CASES)
+def test_rebasin_undoes_a_hidden_permutation_of_every_kind(case: str, zoo, tmp_path: Path) -> None:
+    """B = A with its KV groups, its q heads inside each group, its MLP units and its residual stream
+    permuted (fused projections, q/k norms and biases move along): same function, and rebasin with
+    t = 1 gives back A's tensors exactly."""
+    from safetensors.torch import save_file
+
+    from evomerge.merge.data_aware.permutation import permutation_spec, permute_state, random_permutations
+
+    a = zoo(case)["base"]
+    arch = detect_architecture(json.loads((a / "config.json").read_text()), str(a))
+    assert arch.symmetry == "llama", f"{case} has no permutation symmetry in its file"
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "config.json").write_text((a / "config.json").read_text())
+    state = read_all(a)
+    spec = permutation_spec(
+        "llama",
+        json.loads((a / "config.json").read_text()),
+        {k: tuple(v.shape) for k, v in state.items()},
+        residual=True,
+    )
+    perms = random_permutations(spec, seed=5, move_all=True)
+    assert spec.nested["qheads.0"] == ("heads.0", 2)  # GQA: two q heads per KV head
+    save_file(permute_state(state, spec, perms), b / "model.safetensors", metadata={"format": "pt"})
+    assert not torch.equal(
+        read_all(b)["model.layers.0.self_attn.o_proj.weight"], state["model.layers.0.self_attn.o_proj.weight"]
+    )
+    assert torch.allclose(logits(a), logits(b), atol=1e-4)
+    recipe = {"merge_method": "rebasin", "base_model": str(a), "models": [{"model": str(b)}], "parameters": {"t": 1.0}}
+    merged = evomerge(recipe, tmp_path / "out")
+    assert merged.keys() == state.keys()
+    assert all(torch.equal(merged[name], state[name]) for name in state)
+    assert torch.equal(logits(tmp_path / "out"), logits(a))

@@ -24,7 +24,7 @@ from evomerge.merge.data_aware.repair import Fold, gpt2_points, llama_points, mo
 from evomerge.merge.data_aware.statistics import InputStatistics, collect_fisher, collect_grams, linear_modules
 from evomerge.merge.jobs import MergePlan, ModelInfo, TensorJob, TensorRef
 
-STATISTICS_VERSION = 1  # bump when the estimators change, so old cache entries are not reused
+STATISTICS_VERSION = 2  # bump when the estimators change, so old cache entries are not reused
 
 
 @dataclass

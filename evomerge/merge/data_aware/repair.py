@@ -31,6 +31,7 @@ from typing import Literal
 
 import torch
 
+from evomerge.errors import EvomergeError
 from evomerge.merge.data_aware.calibration import TokenBatch
 
 Match = Literal["affine", "rms", "rotary_rms"]
@@ -105,6 +106,8 @@ def _rows(name: str, s: torch.Tensor, shapes: Mapping[str, object]) -> dict[str,
 
 def llama_points(config: Mapping, n_layers: int, shapes: Mapping[str, object]) -> list[RepairPoint]:
     """`shapes`: the checkpoint's tensor names (Qwen2 has q/k biases, which must scale with q/k)."""
+    if "model.layers.0.self_attn.q_proj.weight" not in shapes:
+        raise EvomergeError("repair: no repair points for fused q/k/v projections (Phi3); use rebasin without repair")
     heads = int(config["num_attention_heads"])
     head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
     points = []
