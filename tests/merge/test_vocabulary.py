@@ -367,3 +367,18 @@ def test_union_of_different_bpe_vocabularies(tmp_path, vocab_zoo):
     for token in shared:
         expected = (base[base_vocab[token]] + 3 * other[other_vocab[token]]) / 4
         torch.testing.assert_close(merged[vocab[token]], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_data_aware_methods_refuse_re_indexed_vocabularies(tmp_path, vocab_zoo):
+    """Calibration feeds the same token ids to every source, which differ in meaning here."""
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": line}) + "\n" for line in ("the quick brown fox",) * 4))
+    recipe = {
+        "merge_method": "regmean",
+        "tokenizer": {"source": "union"},
+        "models": [{"model": str(vocab_zoo[n])} for n in ("ft1", "ft_added")],
+        "calibration": {"file": str(data), "examples": 4, "seq_len": 8},
+    }
+    with pytest.raises(EvomergeError, match=r"^tokenizer: data-aware methods feed the same token ids"):
+        ours(tmp_path, recipe)
+    assert not (tmp_path / "evomerge").exists()
