@@ -117,3 +117,21 @@ def test_search_exports_a_recipe_that_mergekit_and_evomerge_merge_to_the_candida
     vocab = AutoTokenizer.from_pretrained(merged).get_vocab()
     assert vocab == AutoTokenizer.from_pretrained(tmp_path / "mergekit").get_vocab()
     assert vocab == AutoTokenizer.from_pretrained(candidate.tokenizer_path).get_vocab()
+
+
+def test_a_shared_target_model_is_scored_with_each_candidates_tokenizer(tmp_path, vocab_zoo):
+    """Two vocabularies of one size share the in-place target model; each candidate still gets its own
+    tokenizer (the worker's cached HFLM is per target and tokenizer)."""
+    worker = FitnessWorker([vocab_zoo["base"], vocab_zoo["ft1"]], batch_size=8, torch_threads=1)
+    targets = set()
+    for token in ("<a>", "<b>"):
+        recipe = {
+            "merge_method": "task_arithmetic",
+            "base_model": str(vocab_zoo["base"]),
+            "tokenizer": {"tokens": {token: {"source": {"kind": "zero"}}}},
+            "models": [{"model": str(vocab_zoo["ft1"]), "parameters": {"weight": 0.5}}],
+        }
+        built = worker.materializer.apply(recipe)
+        targets.add(id(built.model))
+        assert token in worker._lm(built).tokenizer.get_vocab()
+    assert len(targets) == 1  # one target model (the same output config) for both
