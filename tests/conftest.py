@@ -53,3 +53,11 @@ def ray_instance() -> Iterator[None]:
     yield
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def vocab_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny Llamas with locally trained BPE tokenizers, some with added tokens (tests/vocab_models.py)."""
+    from vocab_models import vocab_zoo as build
+
+    return build(tmp_path_factory.mktemp("vocab_zoo"))

@@ -21,7 +21,10 @@ Layer-stacking (DFS) recipes that are folded layer paths are not copied at all: 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +42,7 @@ from evomerge.merge.jobs import MergePlan, ModelCatalog, TensorJob
 from evomerge.merge.plan import PlanCache
 from evomerge.merge.recipe import Recipe, parse_recipe
 from evomerge.merge.runner import run_plan
+from evomerge.merge.vocabulary import AlignedTensors
 
 
 class ModuleSink:
@@ -153,6 +157,9 @@ class Materializer:
         self._residents: dict[Path, ResidentModel] = {}
         self._targets: OrderedDict[str, tuple[torch.nn.Module, ModuleSink]] = OrderedDict()
         self._generation_configs: dict[Path, Any] = {}
+        self.aligned = AlignedTensors()  # vocabulary rows re-indexed to merged vocabularies, kept resident
+        self._tokenizer_dirs: dict[str, Path] = {}
+        self._scratch: Path | None = None
         for i, model in enumerate(models):
             self.resident(str(model), f"models[{i}]")
 
@@ -183,7 +190,27 @@ class Materializer:
             model, mode = build_stacked(plan, residents, scales, generation_config), "stacked"
         else:
             model, mode = self._write_in_place(plan, residents, generation_config), "in_place"
-        return Materialized(model, plan, mode, plan.models[plan.tokenizer_model].path, time.perf_counter() - started)
+        return Materialized(model, plan, mode, self._tokenizer_path(plan), time.perf_counter() - started)
+
+    def _tokenizer_path(self, plan: MergePlan) -> Path:
+        """Where the candidate's tokenizer lives: the tokenizer model's directory, or for a merged
+        vocabulary a folder in this materializer's scratch directory, written once per vocabulary."""
+        vocabulary = plan.vocabulary
+        if vocabulary is None:
+            return plan.models[plan.tokenizer_model].path
+        path = self._tokenizer_dirs.get(vocabulary.key)
+        if path is None:
+            if self._scratch is None:
+                self._scratch = Path(tempfile.mkdtemp(prefix="evomerge-vocabulary-"))
+                weakref.finalize(self, shutil.rmtree, self._scratch, True)
+            path = self._scratch / vocabulary.key
+            if not path.is_dir():
+                partial = self._scratch / f".{vocabulary.key}.partial"
+                partial.mkdir()
+                vocabulary.save(partial)
+                partial.rename(path)
+            self._tokenizer_dirs[vocabulary.key] = path
+        return path
 
     def _write_in_place(
         self, plan: MergePlan, residents: Sequence[ResidentModel], generation_config: Any
@@ -191,7 +218,7 @@ class Materializer:
         model, sink = self._target(plan)
         if generation_config is not None:
             model.generation_config = generation_config
-        source = ResidentSource(plan, residents)
+        source = ResidentSource(plan, residents, self.aligned)
         fields = plan.method.extra.get("delta_cache")
         fused = fields is not None and self.fused.covers(plan) and fused_available(self.kernels, plan.parameters)
         if fused and "sorted_abs" in fields:

@@ -21,6 +21,7 @@ from evomerge.io.checkpoint import CheckpointReader
 from evomerge.merge.jobs import MergePlan, TensorJob, TensorRef
 from evomerge.merge.methods.base import DeltaCache
 from evomerge.merge.methods.sparsify import stable_row_ranks
+from evomerge.merge.vocabulary import AlignedTensors
 
 
 def build_module(config: dict[str, Any], device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
@@ -96,12 +97,15 @@ class ResidentModel:
 class ResidentSource:
     """`merge.TensorSource` over resident models for one plan (plan model index -> resident model)."""
 
-    def __init__(self, plan: MergePlan, residents: Sequence[ResidentModel]):
+    def __init__(self, plan: MergePlan, residents: Sequence[ResidentModel], aligned: AlignedTensors | None = None):
         self.models = list(residents)
         if len(self.models) != len(plan.models):
             raise ValueError("one resident model per plan model is required")
+        self.aligned = aligned if aligned is not None else AlignedTensors()
 
     def get(self, ref: TensorRef) -> torch.Tensor:
+        if ref.vocabulary is not None:  # rows re-indexed to the merged vocabulary, once per worker
+            return self.aligned.get(ref, self.get)
         return self.models[ref.model].tensors[ref.name]
 
 
@@ -112,6 +116,7 @@ class _DeltaKey:
     base: Path
     base_name: str
     input_dtype: torch.dtype | None
+    vocabulary: str | None = None  # the alignment of vocabulary rows (merge.vocabulary), if any
 
 
 class DeltaStore:
@@ -152,7 +157,12 @@ class DeltaStore:
         import time
 
         key = _DeltaKey(
-            source.models[ref.model].path, ref.name, source.models[base.model].path, base.name, plan.input_dtype
+            source.models[ref.model].path,
+            ref.name,
+            source.models[base.model].path,
+            base.name,
+            plan.input_dtype,
+            ref.vocabulary.key if ref.vocabulary is not None else None,
         )
         cache = self._caches.get(key)
         wanted = {f for f in fields if f in ("sorted_abs", "row_ranks", "sorted_order")}

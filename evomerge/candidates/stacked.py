@@ -28,6 +28,8 @@ def layer_input_scales(plan: MergePlan, residents: Sequence[ResidentModel]) -> l
     that can run on the resident tensors as they are; otherwise None."""
     if plan.method.name != "passthrough" or not plan.jobs:
         return None
+    if any(ref.vocabulary is not None for job in plan.jobs for ref in job.inputs):
+        return None  # re-indexed vocabulary rows are not resident tensors: write the candidate in place
     arch = plan.models[0].arch
     if not arch.residual_outputs or plan.models[plan.donor].layer_prefix != arch.layer_prefixes[0]:
         return None  # no scale fold, or a headless checkpoint (GPT-2 `h.N`) unlike the module's names

@@ -26,10 +26,13 @@ from evomerge.merge.recipe import Recipe
 
 @dataclass(frozen=True)
 class TensorRef:
-    """One tensor of one source model: `model` indexes `MergePlan.models`."""
+    """One tensor of one source model: `model` indexes `MergePlan.models`. With `vocabulary` (a
+    `merge.vocabulary.VocabularyGroup`), the tensor with its rows in the output vocabulary's order:
+    sources resolve such refs with `merge.vocabulary.AlignedTensors`."""
 
     model: int
     name: str
+    vocabulary: Any = None
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,9 @@ class MergePlan:
     input_dtype: torch.dtype | None  # recipe `dtype`: inputs are rounded to it before the fp32 math
     out_config: dict[str, Any]
     donor: int  # model whose config and extra files the output inherits
-    tokenizer_model: int  # model whose tokenizer files are copied
+    tokenizer_model: int  # model whose tokenizer files are copied (when `vocabulary` is None)
     layer_sources: list[tuple[int, int]] = field(default_factory=list)  # output layer -> (model, layer)
+    vocabulary: Any = None  # merge.vocabulary.Vocabulary: the merged tokenizer, saved with the model
     prepared: Any = None  # model-level pre-pass result of a data-aware method (`run_plan` fills it)
 
     def generators(self, job: TensorJob, device: torch.device | str = "cpu") -> list[torch.Generator | None]:
@@ -119,6 +123,7 @@ class ModelCatalog:
     def __init__(self, search_dirs: Sequence[Path] = ()):
         self.search_dirs = [Path(d) for d in search_dirs]
         self._infos: dict[Path, ModelInfo] = {}
+        self.vocabularies: dict[Any, Any] = {}  # merged vocabularies, built once per recipe tokenizer setting
         self._located: dict[str, Path] = {}  # a search plans the same references for every candidate
 
     def resolve(self, reference: str, where: str) -> ModelInfo:

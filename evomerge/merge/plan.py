@@ -23,6 +23,7 @@ from evomerge.merge.jobs import MergePlan, ModelCatalog, ModelInfo, TensorJob, T
 from evomerge.merge.methods.base import MergeMethod
 from evomerge.merge.recipe import OutputSlice, Parameters, Recipe, SliceSource, evaluate_setting
 from evomerge.merge.validation import validate_recipe
+from evomerge.merge.vocabulary import Vocabulary, VocabularyGroup, build_vocabulary, vocabulary_group
 
 # -- planning -------------------------------------------------------------------------------------
 
@@ -41,6 +42,7 @@ class _Slice:
     base: int | None  # model index of the base within this slice, if any
     parameters: Parameters | None
     length: int
+    align_base: int | None = None  # the recipe's (or slice's) base_model, even where the method ignores it
 
 
 def plan_merge(recipe: Recipe, catalog: ModelCatalog, *, seed: int | None = None) -> MergePlan:
@@ -119,6 +121,7 @@ def _structure(recipe: Recipe) -> tuple[Any, ...]:
         recipe.dtype,
         recipe.out_dtype,
         recipe.tokenizer_source,
+        recipe.tokenizer.model_dump_json() if recipe.tokenizer is not None else None,
     )
 
 
@@ -144,10 +147,20 @@ def _plan(recipe: Recipe, catalog: ModelCatalog, seed: int | None) -> tuple[Merg
     seed = _seed(recipe, seed)
     planner = _Planner(recipe, method, catalog)
     slices = planner.normalize()
-    jobs = planner.jobs(slices)
     donor = planner.model_index(recipe.base_model) if recipe.base_model else slices[0].sources[0].model
+    referenced = [planner.model_index(reference) for reference in recipe.referenced_models()]
+    vocabulary = build_vocabulary(
+        recipe,
+        planner.models,
+        referenced,
+        donor if recipe.base_model else referenced[0],
+        planner.model_index,
+        cache=catalog.vocabularies,
+    )
+    planner.vocabulary = vocabulary
+    jobs = planner.jobs(slices)
     tokenizer_model = donor
-    if recipe.tokenizer_source not in (None, "base"):
+    if recipe.tokenizer_source not in (None, "base", "union"):
         tokenizer_model = planner.model_index(recipe.tokenizer_source, "tokenizer_source")
     models = tuple(planner.models)
     out_dtype = jobs[0].out_dtype if jobs else torch.float32
@@ -160,6 +173,8 @@ def _plan(recipe: Recipe, catalog: ModelCatalog, seed: int | None) -> tuple[Merg
         dtype_name=dtype_name(out_dtype),
         has_lm_head=has_lm_head,
     )
+    if vocabulary is not None:
+        config["vocab_size"] = vocabulary.size
     plan = MergePlan(
         recipe=recipe.with_seed(seed) if method.random else recipe,
         method=method,
@@ -171,6 +186,7 @@ def _plan(recipe: Recipe, catalog: ModelCatalog, seed: int | None) -> tuple[Merg
         donor=donor,
         tokenizer_model=tokenizer_model,
         layer_sources=layer_sources,
+        vocabulary=vocabulary,
     )
     return plan, planner.origins
 
@@ -188,6 +204,8 @@ class _Planner:
         self.out_dtype = (
             parse_dtype(recipe.out_dtype or recipe.dtype, "out_dtype") if (recipe.out_dtype or recipe.dtype) else None
         )
+        self.input_dtype = parse_dtype(recipe.dtype, "dtype") if recipe.dtype else None
+        self.vocabulary: Vocabulary | None = None
 
     def model_index(self, reference: str, where: str = "base_model") -> int:
         info = self.catalog.resolve(reference, where)
@@ -207,6 +225,7 @@ class _Planner:
     def normalize(self) -> list[_Slice]:
         r = self.recipe
         base = self.model_index(r.base_model) if r.base_model else None
+        top_base = base
         if r.models is not None:
             sources = [
                 _Source(f"models[{i}]", self.model_index(m.model, f"models[{i}].model"), 0, m.parameters)
@@ -226,7 +245,7 @@ class _Planner:
                         f"{self.models[reference].reference!r} has {length}; use slices: with layer_range "
                         "to merge models of different depth"
                     )
-            return [_Slice(sources, base, None, length)]
+            return [_Slice(sources, base, None, length, top_base)]
         slices = []
         for i, s in enumerate(r.slices or []):
             slices.append(self._normalize_slice(i, s, base))
@@ -234,6 +253,7 @@ class _Planner:
 
     def _normalize_slice(self, i: int, s: OutputSlice, top_base: int | None) -> _Slice:
         base = self.model_index(s.base_model, f"slices[{i}].base_model") if s.base_model else top_base
+        align_base = base
         if self.method.base in ("ignored", "input"):
             base = None
         sources = []
@@ -243,7 +263,7 @@ class _Planner:
             self._check_range(where, src, model)
             sources.append(_Source(where, model, src.layer_range[0], src.parameters))
         length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
-        return _Slice(sources, base, s.parameters, length)
+        return _Slice(sources, base, s.parameters, length, align_base)
 
     def _check_range(self, where: str, src: SliceSource, model: int) -> None:
         n = self.models[model].num_layers
@@ -343,7 +363,14 @@ class _Planner:
             input_params.append(self._model_params(src, s, ref.name, t))
             origin.append(k)
         self.origins.append(_JobOrigin(self._slice_index[id(s)], tuple(origin), t))
-        shape = self._common_shape(name, base_ref, inputs, s)
+        group = self._vocabulary_group(name, s, refs) if layer is None else None
+        if group is not None:
+            base_ref = group.ref(base_ref) if base_ref is not None else None
+            inputs = [group.ref(ref) for ref in inputs]
+            first_ref = base_ref or inputs[0]
+            shape = (group.vocabulary.size, *self.models[first_ref.model].shapes[first_ref.name][1:])
+        else:
+            shape = self._common_shape(name, base_ref, inputs, s)
         params = self._global_params(s, name, t)
         self._check_resolved(name, input_params, params)
         first = base_ref or inputs[0]
@@ -359,6 +386,27 @@ class _Planner:
             layer=layer,
         )
 
+    def _vocabulary_group(self, name: str, s: _Slice, refs: list[TensorRef | None]) -> VocabularyGroup | None:
+        """For an embedding / lm_head job of a recipe that merges vocabularies: how its inputs are
+        re-indexed to the output vocabulary (None: nothing to re-index)."""
+        if self.vocabulary is None or not self.models[0].arch.is_vocabulary(name):
+            return None
+        members: dict[int, TensorRef] = {}
+        for ref in refs:
+            if ref is not None:
+                members.setdefault(ref.model, ref)
+        infos = [self.models[m] for m in members]
+        return vocabulary_group(
+            self.vocabulary,
+            name,
+            list(members.values()),
+            [info.path for info in infos],
+            [info.reference for info in infos],
+            self.models[s.align_base].path if s.align_base is not None else None,
+            [self.models[r.model].shapes[r.name] for r in members.values()],
+            self.input_dtype,
+        )
+
     def _common_shape(self, name: str, base: TensorRef | None, inputs: list[TensorRef], s: _Slice) -> tuple[int, ...]:
         refs = ([base] if base else []) + inputs
         shapes = [self.models[r.model].shapes[r.name] for r in refs]
@@ -366,7 +414,8 @@ class _Planner:
             if shape != shapes[0]:
                 info, first = self.models[ref.model], self.models[refs[0].model]
                 what = (
-                    "vocabulary sizes differ; merging different tokenizers is not supported"
+                    "vocabulary sizes differ; add `tokenizer: {source: union}` (or `tokenizer_source: base`) "
+                    "to align their rows by token"
                     if info.arch.is_vocabulary(ref.name)
                     else "shapes must match"
                 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -78,10 +78,56 @@ class OutputSlice(BaseModel):
         return value
 
 
+class ModelTokenSource(BaseModel):
+    """`{kind: model_token, model, token | token_id}`: a row of one model's own vocabulary."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = Field(default=None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_key(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token or token_id")
+        return self
+
+
+class ZeroSource(BaseModel):
+    """`{kind: zero}`: a zero row."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["zero"]
+
+
+class TokenSetting(BaseModel):
+    """Where one token's embedding rows come from (mergekit's `tokenizer.tokens.<token>`): a model
+    (its row for this token), a row of a model by token or id, or zero. Without `force` the rule
+    only fills the rows of models that lack the token."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: ModelTokenSource | ZeroSource | str | None = None
+    force: bool = False
+
+
+class TokenizerConfig(BaseModel):
+    """mergekit's `tokenizer:` block: the output vocabulary (`union` of all models, the `base`
+    model's, or one model's), extra tokens with their row sources, and padding of the row count."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = "union"
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+
 _RECIPE_BLOCKS: dict[str, type[BaseModel]] = {}
 _UNSUPPORTED_KEYS = {
     "modules": "multi-module (vision-language) recipes are not supported; use models: or slices:",
-    "tokenizer": "the tokenizer: block (vocabulary merging) is not supported; use tokenizer_source:",
     "chat_template": "chat_template: is not supported; edit tokenizer_config.json of the output",
 }
 
@@ -106,6 +152,7 @@ class Recipe(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerConfig | None = None
     seed: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
@@ -126,6 +173,12 @@ class Recipe(BaseModel):
                     msg = first["msg"].removeprefix("Value error, ")
                     got = "" if first["type"].startswith("value_error") else f" (got {first.get('input')!r})"
                     raise ValueError(f"{where}: {msg}{got}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _one_tokenizer(self) -> Recipe:
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("tokenizer_source: give either tokenizer_source: or a tokenizer: block, not both")
         return self
 
     @model_validator(mode="after")
@@ -166,6 +219,11 @@ class Recipe(BaseModel):
                 yield s.base_model
             for src in s.sources:
                 yield src.model
+
+    def vocabulary_source(self) -> str | None:
+        """`union`, `base`, a model reference, or None (no vocabulary merging): the tokenizer:
+        block's `source`, else `tokenizer_source`."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
 
     def with_seed(self, seed: int | None) -> Recipe:
         return self.model_copy(update={"seed": seed})

@@ -34,6 +34,7 @@ from evomerge.io.checkpoint import (
 from evomerge.merge.jobs import MergePlan, TensorJob, TensorRef
 from evomerge.merge.methods.base import DeltaCache, MethodCall
 from evomerge.merge.recipe import dump_recipe
+from evomerge.merge.vocabulary import AlignedTensors
 
 RECIPE_FILE = "mergekit_config.yml"
 
@@ -64,8 +65,11 @@ class CheckpointSource:
 
     def __init__(self, plan: MergePlan):
         self._readers = [CheckpointReader(m.path, m.reference) for m in plan.models]
+        self._aligned = AlignedTensors(keep=1)  # the vocabulary group being merged (embeddings, then lm_head)
 
     def get(self, ref: TensorRef) -> torch.Tensor:
+        if ref.vocabulary is not None:
+            return self._aligned.get(ref, self.get).clone()
         return self._readers[ref.model].get(ref.name)
 
     def close(self) -> None:
@@ -317,7 +321,10 @@ class FileSink:
             write_index(directory, self._shards, self._names)
         _write_json(directory / "config.json", self.plan.out_config)
         plan = self.plan
-        copy_files(plan.models[plan.tokenizer_model].path, directory, TOKENIZER_FILES)
+        if plan.vocabulary is not None:
+            plan.vocabulary.save(directory)
+        else:
+            copy_files(plan.models[plan.tokenizer_model].path, directory, TOKENIZER_FILES)
         copy_files(plan.models[plan.donor].path, directory, TAGALONG_FILES)
         (directory / RECIPE_FILE).write_text(dump_recipe(plan.recipe), encoding="utf-8")
         self._tmp.commit()
@@ -349,6 +356,12 @@ def describe_plan(plan: MergePlan, *, examples: int = 4) -> list[str]:
             f"model {i}: {model.reference} -> {model.path} [{model.arch.family}, {model.num_layers} layers]{role}"
         )
     lines.append(f"output: {len(plan.layer_sources)} layers, {len(plan.jobs)} tensors, {plan.total_bytes / 1e6:.1f} MB")
+    if plan.vocabulary is not None:
+        realigned = sum(any(r is not None and r.vocabulary is not None for r in (j.base, *j.inputs)) for j in plan.jobs)
+        lines.append(
+            f"vocabulary: {len(plan.vocabulary.tokens)} tokens, {plan.vocabulary.size} rows; "
+            f"{realigned} tensor(s) re-indexed by token"
+        )
     picks = _example_jobs(plan.jobs, examples)
     for job in picks:
         sources = ", ".join(f"{plan.models[r.model].reference}:{r.name}" for r in job.inputs)

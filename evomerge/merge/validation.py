@@ -20,11 +20,6 @@ def validate_recipe(recipe: Recipe) -> MergeMethod:
         value = getattr(recipe, field)
         if value is not None:
             parse_dtype(value, field)
-    if recipe.tokenizer_source == "union":
-        raise EvomergeError(
-            "tokenizer_source: 'union' (vocabulary merging) is not supported; "
-            "use 'base' or the path of one of the models"
-        )
     for path, params, level in _parameter_blocks(recipe):
         _check_parameters(method, path, params, level)
     _check_layout(method, recipe)

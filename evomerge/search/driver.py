@@ -87,6 +87,8 @@ def space_sha(space: SearchSpace) -> str:
     """Identity of the problem: everything but the budget, which `resume --max-evals` may raise."""
     data = space.config.model_dump(mode="json")
     data["budget"].pop("max_evals", None)
+    if data.get("tokenizer") is None:  # runs from before the tokenizer: block keep their identity
+        data.pop("tokenizer", None)
     return sha256(data)
 
 

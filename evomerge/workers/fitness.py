@@ -128,7 +128,7 @@ class FitnessWorker:
         self._task_sets: dict[tuple[Any, ...], Any] = {}
         self._tokenizers: dict[Path, Any] = {}
         self._prompt_caches: dict[Path, Any] = {}  # tokenizer path -> greedy_lm.PromptCache
-        self._lms: dict[int, tuple[Any, Any]] = {}  # id(model) -> (model, HFLM) for in-place targets
+        self._lms: dict[int, tuple[Any, Any, Path]] = {}  # id(model) -> (model, HFLM, tokenizer) of in-place targets
         if self.tasks:
             self._loaded([t.name for t in self.tasks], split, self.include_paths)
 
@@ -248,8 +248,8 @@ class FitnessWorker:
         from evomerge.scoring.lm_tasks import make_lm
 
         cached = self._lms.get(id(built.model))
-        if cached is not None and cached[0] is built.model:
-            return cached[1]
+        if cached is not None and cached[0] is built.model and cached[2] == built.tokenizer_path:
+            return cached[1]  # (a target is shared by recipes of one output config, whatever their tokenizer)
         from evomerge.scoring.greedy_lm import PromptCache
 
         prompts = self._prompt_caches.setdefault(built.tokenizer_path, PromptCache())
@@ -264,7 +264,7 @@ class FitnessWorker:
         if built.mode == "in_place":
             while len(self._lms) >= self.materializer.max_targets:  # evicted targets free their memory
                 self._lms.pop(next(iter(self._lms)))
-            self._lms[id(built.model)] = (built.model, lm)
+            self._lms[id(built.model)] = (built.model, lm, built.tokenizer_path)
         return lm
 
     def _tokenizer(self, path: Path) -> Any:

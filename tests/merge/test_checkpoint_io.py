@@ -88,17 +88,19 @@ models:
     parameters: {{weight: 0.6, density: 0.5}}
   - model: {llama_zoo["ft2"]}
     parameters: {{weight: 0.4, density: 0.5}}
-tokenizer_source: {llama_zoo["ft2"]}
 """
     out = merge(tmp_path, text, seed=11)
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer_config.json", RECIPE_FILE} <= names
-    assert json.loads((out / "tokenizer_config.json").read_text())["marker"] == "ft2"
+    assert json.loads((out / "tokenizer_config.json").read_text())["marker"] == "base"  # the donor's files
     written = load_recipe(out / RECIPE_FILE)
     assert written.seed == 11 and written.merge_method == "dare_ties"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
-    out2 = merge(tmp_path, text.replace(f"tokenizer_source: {llama_zoo['ft2']}\n", ""), "out2")
-    assert json.loads((out2 / "tokenizer_config.json").read_text())["marker"] == "base"
+    # tokenizer_source builds the output vocabulary from the tokenizers (as mergekit does), so
+    # tokenizer files that do not load are one error line naming the field, and nothing is written
+    with pytest.raises(EvomergeError, match=r"^tokenizer_source: cannot load the tokenizer of .*base"):
+        merge(tmp_path, text + f"tokenizer_source: {llama_zoo['ft2']}\n", "out2")
+    assert not (tmp_path / "out2").exists()
 
 
 class _Interrupt(KeyboardInterrupt):

@@ -57,6 +57,12 @@ def _load_module(info: ModelInfo, device: torch.device | str) -> torch.nn.Module
 def _tokenizer(plan: MergePlan) -> Any:
     from transformers import AutoTokenizer
 
+    refs = [ref for job in plan.jobs for ref in (job.base, *job.inputs) if ref is not None]
+    if any(ref.vocabulary is not None for ref in refs):
+        raise EvomergeError(
+            "tokenizer: data-aware methods feed the same token ids to every source model, but these models' "
+            "vocabularies differ (their rows were re-indexed); merge them with a method without calibration"
+        )
     return AutoTokenizer.from_pretrained(plan.models[plan.tokenizer_model].path, local_files_only=True)
 
 

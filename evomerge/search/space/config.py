@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.errors import EvomergeError
 from evomerge.io.yaml_files import parse_yaml, read_text
+from evomerge.merge.recipe import TokenizerConfig
 
 PS_METHODS = (
     "ties",
@@ -243,6 +244,9 @@ class SpaceConfig(_Strict):
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     ps: PSConfig | None = None
     dfs: DFSConfig | None = None
+    # mergekit's tokenizer: block, copied into every recipe: sources whose vocabularies differ are
+    # aligned by token (evomerge.merge.vocabulary), and exported recipes carry the block.
+    tokenizer: TokenizerConfig | None = None
 
     @field_validator("optimizer", mode="before")
     @classmethod

@@ -9,7 +9,7 @@ from pathlib import Path
 from evomerge.errors import EvomergeError
 from evomerge.merge.jobs import ModelCatalog, ModelInfo
 from evomerge.merge.plan import plan_merge
-from evomerge.merge.recipe import Recipe
+from evomerge.merge.recipe import ModelTokenSource, Recipe, TokenizerConfig
 from evomerge.search.space.config import SpaceConfig, load_space_config
 from evomerge.search.space.dfs import DFSLayout
 from evomerge.search.space.genes import Gene, check_genome
@@ -64,6 +64,8 @@ class SearchSpace:
         update: dict = {"models": [self._absolute(m, f"models[{i}]") for i, m in enumerate(config.models)]}
         if config.base_model:
             update["base_model"] = self._absolute(config.base_model, "base_model")
+        if config.tokenizer is not None:
+            update["tokenizer"] = self._resolved_tokenizer(config.tokenizer)
         update["include_paths"] = [str((self.root / p).resolve()) for p in config.include_paths]
         for i, path in enumerate(update["include_paths"]):
             if not Path(path).is_dir():
@@ -80,6 +82,23 @@ class SearchSpace:
                 anchor = absolute[refs.index(config.dfs.anchor)]
             update["dfs"] = config.dfs.model_copy(update={"models": absolute, "anchor": anchor})
         return config.model_copy(update=update)
+
+    def _resolved_tokenizer(self, tokenizer: TokenizerConfig) -> TokenizerConfig:
+        """The tokenizer: block with absolute model paths (recipes are merged from anywhere)."""
+        update: dict = {}
+        if tokenizer.source not in ("union", "base"):
+            update["source"] = self._absolute(tokenizer.source, "tokenizer.source")
+        tokens = {}
+        for token, setting in (tokenizer.tokens or {}).items():
+            source, where = setting.source, f"tokenizer.tokens.{token}.source"
+            if isinstance(source, str):
+                source = self._absolute(source, where)
+            elif isinstance(source, ModelTokenSource):
+                source = source.model_copy(update={"model": self._absolute(source.model, f"{where}.model")})
+            tokens[token] = setting.model_copy(update={"source": source})
+        if tokenizer.tokens:
+            update["tokens"] = tokens
+        return tokenizer.model_copy(update=update)
 
     # -- the problem ---------------------------------------------------------------------------------
 
@@ -116,9 +135,10 @@ class SearchSpace:
     def decode(self, genome: Sequence[float], seed: int | None = None) -> Recipe:
         """The recipe a genome stands for; `seed` is the DARE/DELLA mask seed (random methods only)."""
         values = check_genome(genome, self.genes)
-        if isinstance(self.layout, PSLayout):
-            return self.layout.decode(values, seed)
-        return self.layout.decode(values)
+        recipe = self.layout.decode(values, seed) if isinstance(self.layout, PSLayout) else self.layout.decode(values)
+        if self.config.tokenizer is not None:
+            recipe = recipe.model_copy(update={"tokenizer": self.config.tokenizer})
+        return recipe
 
     @property
     def source_models(self) -> list[str]:
