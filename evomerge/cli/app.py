@@ -208,6 +208,9 @@ def merge_cmd(
     allow_nonfinite: bool = typer.Option(
         False, "--allow-nonfinite", help="Write tensors holding NaN/inf (refused by default, naming the tensor)."
     ),
+    copy_tokenizer: bool = typer.Option(
+        True, "--copy-tokenizer/--no-copy-tokenizer", help="Write the (merged) tokenizer with the model."
+    ),
 ) -> None:
     from evomerge.io.yaml_files import read_text
 
@@ -235,6 +238,7 @@ def merge_cmd(
         progress=not quiet,
         echo=typer.echo,
         allow_nonfinite=allow_nonfinite,
+        copy_tokenizer=copy_tokenizer,
     )
 
 

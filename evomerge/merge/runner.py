@@ -262,10 +262,18 @@ class FileSink:
     the shard. Nothing appears at `out_dir` until `commit()`.
     """
 
-    def __init__(self, out_dir: Path, *, max_shard_bytes: int = 2_000_000_000, overwrite: bool = False):
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        max_shard_bytes: int = 2_000_000_000,
+        overwrite: bool = False,
+        copy_tokenizer: bool = True,
+    ):
         self.out_dir = Path(out_dir)
         self.max_shard_bytes = max_shard_bytes
         self.overwrite = overwrite
+        self.copy_tokenizer = copy_tokenizer
         self._tmp: AtomicDirectory | None = None
         self._writers: list[StreamingShardWriter] = []
         self._pool: Any = None
@@ -321,7 +329,9 @@ class FileSink:
             write_index(directory, self._shards, self._names)
         _write_json(directory / "config.json", self.plan.out_config)
         plan = self.plan
-        if plan.vocabulary is not None:
+        if not self.copy_tokenizer:
+            pass  # mergekit-yaml --no-copy-tokenizer: weights and config only
+        elif plan.vocabulary is not None:
             plan.vocabulary.save(directory)
         else:
             copy_files(plan.models[plan.tokenizer_model].path, directory, TOKENIZER_FILES)
@@ -400,6 +410,7 @@ def merge_from_file(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     allow_nonfinite: bool = False,
+    copy_tokenizer: bool = True,
 ) -> MergePlan:
     """`evomerge merge`: validate, plan, then stream the merge into OUT_DIR (atomically)."""
     from evomerge.io.checkpoint import check_output_dir, parse_size
@@ -426,7 +437,7 @@ def merge_from_file(
         with _terminate_as_interrupt():
             run_plan(
                 plan,
-                FileSink(out_dir, max_shard_bytes=max_bytes, overwrite=overwrite),
+                FileSink(out_dir, max_shard_bytes=max_bytes, overwrite=overwrite, copy_tokenizer=copy_tokenizer),
                 source,
                 device=device,
                 progress=progress,

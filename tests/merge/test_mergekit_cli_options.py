@@ -72,3 +72,13 @@ def test_a_pickle_checkpoint_is_refused_with_how_to_convert(tmp_path, llama_zoo)
     _assert_clean_failure(
         result, tmp_path / "out", "safetensors only", "save_pretrained(NEW_DIR, safe_serialization=True)"
     )
+
+
+def test_no_copy_tokenizer_writes_weights_and_config_only(tmp_path, llama_zoo):
+    result, out = _run(tmp_path, llama_zoo, GOOD, "--no-copy-tokenizer")
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+    assert not (out / "tokenizer_config.json").exists()
+    (tmp_path / "again").mkdir()
+    result, out = _run(tmp_path / "again", llama_zoo, GOOD, "--copy-tokenizer")
+    assert result.exit_code == 0 and (out / "tokenizer_config.json").exists()
