@@ -21,3 +21,28 @@ class Interrupted(EvomergeError):
 
     exit_code = 130
     label = "interrupted"
+
+
+_OS_FIXES = {
+    "ENOSPC": "free some space (or write somewhere else) and run the command again",
+    "EDQUOT": "free some of your quota (or write somewhere else) and run the command again",
+    "EACCES": "check the permissions of that path, or choose another",
+    "EPERM": "check the permissions of that path, or choose another",
+    "EROFS": "that file system is read-only; choose a writable location",
+    "ENOTDIR": "a component of that path is a file, not a folder; choose another path",
+    "EEXIST": "a component of that path already exists as a file; choose another path",
+    "ENOENT": "check that the path exists",
+    "EIO": "the device reported an I/O error; check the disk",
+}
+
+
+def os_error(exc: OSError, hint: str | None = None) -> EvomergeError:
+    """An operating-system failure (full disk, permissions, read-only file system, a path through a
+    file) as one line naming the path, what happened and what to do; no traceback."""
+    import errno
+
+    name = errno.errorcode.get(exc.errno or 0, "")
+    where = exc.filename if exc.filename is not None else "file system"
+    what = exc.strerror or type(exc).__name__
+    fix = _OS_FIXES.get(name, "check the path and the disk")
+    return EvomergeError(f"{where}: {what}{f' ({name})' if name else ''}; {fix}", hint=hint)

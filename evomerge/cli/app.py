@@ -20,7 +20,7 @@ from typing import Any
 
 import typer
 
-from evomerge.errors import EvomergeError, Interrupted
+from evomerge.errors import EvomergeError, Interrupted, os_error
 from evomerge.merge.method_summaries import METHOD_SUMMARIES
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # rich shows progress; silence the libraries' tqdm bars
@@ -47,8 +47,9 @@ RAY_ADDRESS_HELP = (
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn an EvomergeError into `error: <message>` (and its hint line) on stderr and a non-zero
-    exit, and Ctrl-C into one line and status 130 instead of a traceback."""
+    """Turn an EvomergeError (or an OSError: full disk, permissions) into `error: <message>` (and its
+    hint line) on stderr and a non-zero exit, and Ctrl-C into one line and status 130 instead of a
+    traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -58,6 +59,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             exc: EvomergeError = Interrupted("")
         except EvomergeError as error:
             exc = error
+        except OSError as error:  # full disk, permissions, read-only file system: one line, no traceback
+            exc = os_error(error)
         typer.echo(f"{exc.label}: {exc}" if str(exc) else exc.label, err=True)
         if exc.hint:
             typer.echo(exc.hint, err=True)

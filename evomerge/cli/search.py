@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from evomerge.errors import EvomergeError, Interrupted
+from evomerge.errors import EvomergeError, Interrupted, os_error
 from evomerge.search.run import BEST_FILE, FINAL_FILE, RunDir, atomic_write
 
 
@@ -239,6 +239,8 @@ def _saved_run(run: RunDir, resume: str) -> Iterator[None]:
         if run.exists() and exc.hint is None:
             exc.hint = hint
         raise
+    except OSError as exc:  # a full disk or a permission change mid-run: the journal is still resumable
+        raise os_error(exc, hint if run.exists() else None) from None
     except Exception as exc:  # a bug: keep the traceback, add the way on
         if run.exists():
             exc.add_note(hint)
