@@ -106,10 +106,13 @@ def test_help_shows_flags_as_flags(path):
     assert result.exit_code == 0, result.output
     assert "<bool>" not in result.output
     lines = [line.strip() for line in result.output.splitlines()]
-    flags = [p.opts[0] for p in command.params if getattr(p, "is_flag", False)]
+    flags = [  # an on/off pair shows as `--x / --no-x`
+        " / ".join([p.opts[0], *p.secondary_opts]) for p in command.params if getattr(p, "is_flag", False)
+    ]
     for flag in [*flags, "--help"]:
-        line = next(line for line in lines if line.startswith(flag + " "))
-        assert line[len(flag) :].startswith("  ") and not line[len(flag) :].strip().startswith("<"), line
+        line = next(line for line in lines if line == flag or line.startswith(flag + " "))
+        if line != flag:  # a long flag puts its help on the next line
+            assert line[len(flag) :].startswith("  ") and not line[len(flag) :].strip().startswith("<"), line
 
 
 def test_merge_help_lists_the_registry_methods_without_importing_it():
@@ -301,3 +304,42 @@ shutil.rmtree(temp, ignore_errors=True)
     assert "refused: --workers: 2 workers need 2 GPUs; the cluster has 1\n" in result.stdout
     assert "two exists: False\n" in result.stdout
     assert "workers: ['ray-0']\n" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "tasks,message",
+    [
+        ("[{name: toy_addd}]", "tasks[0].name: unknown lm-eval task 'toy_addd'"),
+        ("[{name: toy_add, metric: accuracy}]", "tasks[0].metric: task toy_add reports exact_match, not 'accuracy'"),
+    ],
+)
+def test_a_bad_task_or_metric_is_one_line_before_the_run_directory_exists(root, tmp_path, tasks, message):
+    text = SPACE.format(max_evals=12, worker="X").replace('worker: {factory: "search_worker:X"}\n', "")
+    path = write_space(
+        tmp_path / "space.yaml", text.replace("[{name: toy_add, weight: 0.5}, {name: toy_rev, weight: 0.5}]", tasks)
+    )
+    for model in ("a", "b", "base"):
+        (tmp_path / "models").mkdir(exist_ok=True)
+        (tmp_path / "models" / model).symlink_to(root / "models" / model)
+    result = CliRunner().invoke(app, ["search", str(path), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert f"error: {message}" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_first_generation_that_fails_the_same_way_everywhere_stops_the_run(root, tmp_path):
+    path = write_space(
+        tmp_path / "space.yaml",
+        SPACE.format(max_evals=12, worker="ToyFitnessWorker").replace(
+            'factory: "search_worker:ToyFitnessWorker"',
+            'factory: "search_worker:ToyFitnessWorker", kwargs: {fail_above: -1}',
+        ),
+    )
+    for model in ("a", "b", "base"):
+        (tmp_path / "models").mkdir(exist_ok=True)
+        (tmp_path / "models" / model).symlink_to(root / "models" / model)
+    result = CliRunner().invoke(app, ["search", str(path), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "error: every candidate of generation 0 failed the same way" in result.output
+    assert "weight above -1" in result.output
+    assert len(search_ids(tmp_path / "run")) == 6  # one generation, not the whole budget

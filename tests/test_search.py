@@ -87,6 +87,7 @@ def test_a_run_writes_journal_run_file_best_final_and_summary(root, tmp_path):
     assert len({r["seed"] for r in search_records}) == 1  # one mask seed per run, stored in each recipe
     # no optimizer state: the journal is what a resume replays, run.json what it checks the space against
     assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".lock",  # the run lock, empty once the run has ended
         "best.yaml",
         "final.yaml",
         "journal.jsonl",

@@ -162,6 +162,8 @@ def run_search(
     read_text(Path(space_path), "search space")  # a missing file is reported before torch is imported
 
     from evomerge.search.space import load_space_config, parse_space
+    from evomerge.search.space.config import DEFAULT_WORKER
+    from evomerge.workers.candidate import FACTORY_ALIASES
 
     config = load_space_config(space_path)
     update: dict[str, Any] = {}
@@ -176,6 +178,10 @@ def run_search(
     config = config.model_copy(update=update)
     root = Path(space_path).resolve().parent
     resume = _resume_command(run, workers, ray_address)
+    if config.worker.factory in (DEFAULT_WORKER, *FACTORY_ALIASES):  # lm-eval tasks: names, metrics, before the run
+        from evomerge.io.tasks import check_tasks
+
+        check_tasks([(t.name, t.metric) for t in config.tasks], [root / p for p in config.include_paths])
     with _evaluation_backend(workers, ray_address) as factory:
         if config.zoo is not None:
             from evomerge.zoo.models import verify_zoo

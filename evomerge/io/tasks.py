@@ -49,6 +49,28 @@ def task_manager(include_paths: Sequence[Path] = ()):
     return TaskManager(include_path=paths, include_defaults=False)
 
 
+def check_tasks(specs: Sequence[tuple[str, str]], include_paths: Sequence[Path] = ()) -> None:
+    """Each (task, metric) of a search space exists and reports that metric, read from the task
+    index alone (no data loaded): checked before a run directory is made, so a typo is one line
+    and not a run whose every candidate fails in the worker."""
+    quiet_offline_env()
+    index = task_manager(include_paths).task_index
+    for i, (name, metric) in enumerate(specs):
+        entry = index.get(name)
+        if entry is None:
+            known = ", ".join(sorted(index)) or "none"
+            raise EvomergeError(
+                f"tasks[{i}].name: unknown lm-eval task {name!r}; known here: {known} "
+                "(add the folder of its YAML to include_paths)"
+            )
+        config = getattr(entry, "cfg", None) or {}
+        reported = [m.get("metric") for m in config.get("metric_list") or [] if isinstance(m, dict)]
+        if reported and metric not in reported:
+            raise EvomergeError(
+                f"tasks[{i}].metric: task {name} reports {', '.join(map(str, reported))}, not {metric!r}"
+            )
+
+
 def build_tasks(names: Sequence[str], split: str = "test", include_paths: Sequence[Path] = ()) -> dict[str, Any]:
     """lm-eval's task dict of the named tasks, each showing `split` (as `eval_docs`), zero-shot.
 

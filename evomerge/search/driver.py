@@ -161,10 +161,23 @@ class Search:
             self._check_replay(items)
             journaled = len(self.records)
             records = race(self, items) if self.cfg.fidelity else self.evaluate(items)
+            if generation == 0:
+                self._stop_if_nothing_can_be_evaluated(records)
             optimizer.tell(genomes, self._told_values(optimizer, records))
             if len(self.records) > journaled:  # a replayed generation leaves pareto.json as it is
                 self.write_pareto()
         self.progress.generation = self.generations
+
+    def _stop_if_nothing_can_be_evaluated(self, records: list[dict[str, Any]]) -> None:
+        """Every candidate of the first generation failing for one and the same reason is a fault of
+        the setup (an unknown metric, a worker that cannot load), not of the genomes: stop, rather
+        than spend the budget on penalties and exit 0."""
+        reasons = {r.get("reason") for r in records}
+        if records and all(r["status"] != "ok" for r in records) and len(reasons) == 1:
+            raise EvomergeError(
+                f"every candidate of generation 0 failed the same way: {reasons.pop()}; "
+                "fix the cause (the space or the worker's environment), then resume"
+            )
 
     def _check_space(self) -> None:
         """run.json names the space the journal was made with; replaying it under another is refused."""
