@@ -155,6 +155,46 @@ print("loaded", [m for m in {HEAVY!r} if m in sys.modules])
     assert list(tmp_path.iterdir()) == []
 
 
+BAD_INPUTS = {
+    "merge": (
+        "merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: .nan, density: 0.5}}]\n",
+        "error: models[0].parameters.weight: must be a finite number (got nan)",
+    ),
+    "merge-method": ("merge_method: tie\nmodels: [{model: a}]\n", "error: merge_method: unknown method 'tie'"),
+    "merge-calibration": (
+        "merge_method: fisher\nmodels: [{model: a}, {model: b}]\ncalibration: {examples: 0}\n",
+        "error: calibration.examples",
+    ),
+    "search": (
+        "models: [a, b]\nbase_model: base\ntasks: [{name: toy_add}]\nps: {method: tiez}\n",
+        "error: ps.method: unknown PS method 'tiez'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_a_bad_recipe_or_space_is_one_line_before_torch_is_imported(case, tmp_path):
+    """Fixing a YAML by trial is quick: validation imports none of the heavy libraries."""
+    text, message = BAD_INPUTS[case]
+    (tmp_path / "input.yaml").write_text(text)
+    args = ["merge", "input.yaml", "out"] if case.startswith("merge") else ["search", "input.yaml", "--run-dir", "r"]
+    code = f"""
+import os, sys
+os.chdir({str(tmp_path)!r})
+import evomerge.cli.app
+try:
+    evomerge.cli.app.app({args!r})
+except SystemExit as exc:
+    print("exit", exc.code)
+print("loaded", [m for m in {HEAVY!r} if m in sys.modules])
+"""
+    result = python(code)
+    assert result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "exit 2\nloaded []" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.yaml"]
+
+
 # -- stopping a search -----------------------------------------------------------------------------
 
 

@@ -215,12 +215,14 @@ def merge_cmd(
         True, "--copy-tokenizer/--no-copy-tokenizer", help="Write the (merged) tokenizer with the model."
     ),
 ) -> None:
-    from evomerge.io.yaml_files import read_text
 
     device, seed, max_shard_size = _mergekit_options(
         device, seed, max_shard_size, cuda, random_seed, out_shard_size, allow_crimes, lazy_unpickle, trust_remote_code
     )
-    read_text(recipe, "recipe")  # a missing file is reported before torch is imported
+    from evomerge.merge.recipe import load_recipe
+    from evomerge.merge.validation import validate_recipe
+
+    validate_recipe(load_recipe(recipe))  # a bad recipe is reported before torch is imported
 
     from evomerge.io.allocator import keep_freed_memory
     from evomerge.merge.runner import merge_from_file

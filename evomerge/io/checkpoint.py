@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.io.dtypes import canonical_dtype
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -33,15 +34,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
-}
-_DTYPE_ALIASES = {
-    "fp32": "float32",
-    "fp16": "float16",
-    "half": "float16",
-    "bf16": "bfloat16",
-    "float": "float32",
-    "fp64": "float64",
-    "double": "float64",
 }
 SAFETENSORS_CODES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -71,10 +63,7 @@ TAGALONG_FILES = ("generation_config.json",)
 
 
 def parse_dtype(name: str, field: str) -> torch.dtype:
-    key = _DTYPE_ALIASES.get(name, name)
-    if key not in DTYPES:
-        raise EvomergeError(f"{field}: unknown dtype {name!r} (use one of {', '.join(DTYPES)})")
-    return DTYPES[key]
+    return DTYPES[canonical_dtype(name, field)]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

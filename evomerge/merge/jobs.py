@@ -18,7 +18,8 @@ from evomerge.errors import EvomergeError
 from evomerge.io.architecture import Architecture, detect_architecture, num_layers
 from evomerge.io.checkpoint import CheckpointReader, read_config
 from evomerge.merge.lora import ADAPTER_CONFIG, merged_model_dir, split_reference
-from evomerge.merge.methods.base import MergeMethod, make_generator
+from evomerge.merge.methods.base import make_generator
+from evomerge.merge.methods.spec import MergeMethod
 from evomerge.merge.recipe import Recipe
 
 # -- what a plan is made of ------------------------------------------------------------------------

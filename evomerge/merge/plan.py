@@ -20,7 +20,7 @@ from evomerge.errors import EvomergeError
 from evomerge.io.architecture import output_config
 from evomerge.io.checkpoint import dtype_name, parse_dtype
 from evomerge.merge.jobs import MergePlan, ModelCatalog, ModelInfo, TensorJob, TensorRef
-from evomerge.merge.methods.base import MergeMethod
+from evomerge.merge.methods.spec import MergeMethod
 from evomerge.merge.recipe import OutputSlice, Parameters, Recipe, SliceSource, evaluate_setting
 from evomerge.merge.validation import validate_recipe
 from evomerge.merge.vocabulary import Vocabulary, VocabularyGroup, build_vocabulary, vocabulary_group

@@ -11,6 +11,7 @@ Later features add top-level blocks (for example `calibration:` for data-aware m
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -126,6 +127,9 @@ class TokenizerConfig(BaseModel):
 
 
 _RECIPE_BLOCKS: dict[str, type[BaseModel]] = {}
+# Blocks defined next to the feature that reads them, imported when a recipe uses one (so a recipe
+# parses the same whether or not that feature's module was imported before).
+_BLOCK_MODULES = {"calibration": "evomerge.merge.data_aware.calibration"}
 _UNSUPPORTED_KEYS = {
     "modules": "multi-module (vision-language) recipes are not supported; use models: or slices:",
     "chat_template": "chat_template: is not supported; edit tokenizer_config.json of the output",
@@ -160,6 +164,8 @@ class Recipe(BaseModel):
         for key, value in list((self.model_extra or {}).items()):
             if key in _UNSUPPORTED_KEYS:
                 raise ValueError(f"{key}: {_UNSUPPORTED_KEYS[key]}")
+            if key not in _RECIPE_BLOCKS and key in _BLOCK_MODULES:
+                importlib.import_module(_BLOCK_MODULES[key])  # registers the block
             block = _RECIPE_BLOCKS.get(key)
             if block is None:
                 known = sorted(set(Recipe.model_fields) | set(_RECIPE_BLOCKS))

@@ -7,9 +7,9 @@ import math
 from collections.abc import Iterator
 
 from evomerge.errors import EvomergeError
-from evomerge.io.checkpoint import parse_dtype
-from evomerge.merge.methods.base import MergeMethod
+from evomerge.io.dtypes import canonical_dtype
 from evomerge.merge.methods.registry import get_method
+from evomerge.merge.methods.spec import MergeMethod
 from evomerge.merge.recipe import FilteredValue, Parameters, Recipe, setting_scalars
 
 
@@ -19,7 +19,7 @@ def validate_recipe(recipe: Recipe) -> MergeMethod:
     for field in ("dtype", "out_dtype"):
         value = getattr(recipe, field)
         if value is not None:
-            parse_dtype(value, field)
+            canonical_dtype(value, field)
     for path, params, level in _parameter_blocks(recipe):
         _check_parameters(method, path, params, level)
     _check_layout(method, recipe)

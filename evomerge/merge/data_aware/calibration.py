@@ -14,13 +14,15 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.recipe import register_recipe_block
+
+if TYPE_CHECKING:  # torch is imported where tokens are made: recipes validate without it
+    import torch
 
 
 class DataSource(BaseModel):
@@ -76,6 +78,8 @@ class TokenBatch:
 
     @property
     def fingerprint(self) -> str:
+        import torch
+
         digest = hashlib.sha256()
         for t in (self.input_ids, self.attention_mask, self.loss_mask):
             digest.update(str(tuple(t.shape)).encode())
@@ -168,6 +172,8 @@ def sample_examples(examples: list[tuple[str, str]], count: int, seed: int) -> l
 
 def tokenize(examples: list[tuple[str, str]], tokenizer: Any, seq_len: int) -> TokenBatch:
     """Prompt + target (+ eos for prompt/target pairs), truncated to `seq_len`, right-padded."""
+    import torch
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = tokenizer.eos_token_id
     rows, targets = [], []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.data_aware.calibration import calibration_of
-from evomerge.merge.methods.base import MergeMethod
+from evomerge.merge.methods.spec import MergeMethod
 from evomerge.merge.recipe import Recipe
 
 

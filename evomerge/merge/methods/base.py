@@ -9,65 +9,11 @@ never sees YAML; the same function serves the file sink (`evomerge merge`) and t
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-
-from evomerge.merge.recipe import as_number
-
-ParamScope = Literal["model", "global"]
-# required: the base is the anchor (task vectors); optional: used as the anchor when set;
-# input: not an anchor, but a `base_model` missing from `models:` is merged as one more input
-# (mergekit adds it to the inputs of every method); ignored: never read.
-BasePolicy = Literal["required", "optional", "input", "ignored"]
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One parameter a method accepts.
-
-    `scope="model"`: one value per (non-base) input, set under a model/source or inherited from
-    slice/top-level `parameters`. `scope="global"`: one value per tensor, set at slice/top level.
-    """
-
-    name: str
-    kind: type  # float, int, bool or str
-    scope: ParamScope
-    default: Any = None
-    required: bool = False
-    low: float | None = None  # inclusive bounds, checked on every value in the recipe
-    high: float | None = None
-    choices: tuple[str, ...] | None = None
-    help: str = ""
-
-    def check(self, value: Any) -> str | None:
-        """Why `value` is invalid for this parameter, or None if it is fine."""
-        if self.kind is bool:
-            return None if isinstance(value, bool) else "expected true or false"
-        if self.kind is str:
-            if not isinstance(value, str):
-                return "expected a string"
-            if self.choices and value not in self.choices:
-                return f"expected one of {', '.join(self.choices)}"
-            return None
-        number = as_number(value)
-        if number is None:
-            return "expected a finite number"
-        if self.kind is int and number != int(number):
-            return "expected a whole number"
-        if self.low is not None and number < self.low:
-            return f"must be >= {self.low:g}"
-        if self.high is not None and number > self.high:
-            return f"must be <= {self.high:g}"
-        return None
-
-    def coerce(self, value: Any) -> Any:
-        if self.kind is int:
-            # a gradient interpolates between whole numbers; round like an iteration count must be
-            return int(round(as_number(value)))  # type: ignore[arg-type]
-        return as_number(value) if self.kind is float else value
 
 
 @dataclass(frozen=True)
@@ -146,35 +92,6 @@ class MethodCall:
         if i >= len(self.generators) or self.generators[i] is None:
             raise RuntimeError(f"{self.tensor_name}: random method called without a generator")
         return self.generators[i]  # type: ignore[return-value]
-
-
-MethodFn = Callable[[MethodCall], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class MergeMethod:
-    """A registry entry: the YAML name, the function and the contract the planner enforces."""
-
-    name: str
-    fn: MethodFn
-    params: tuple[ParamSpec, ...]
-    base: BasePolicy
-    min_inputs: int = 1  # non-base inputs
-    max_inputs: int | None = None
-    random: bool = False
-    defaults_note: str = ""
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    def param(self, name: str) -> ParamSpec | None:
-        return next((p for p in self.params if p.name == name), None)
-
-    @property
-    def model_params(self) -> tuple[ParamSpec, ...]:
-        return tuple(p for p in self.params if p.scope == "model")
-
-    @property
-    def global_params(self) -> tuple[ParamSpec, ...]:
-        return tuple(p for p in self.params if p.scope == "global")
 
 
 def tensor_seed(merge_seed: int, model_index: int, tensor_name: str) -> int:

@@ -12,8 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import evomerge.merge.data_aware.calibration  # noqa: F401  (registers the `calibration:` recipe block)
-from evomerge.merge.methods import alignment, covariance
-from evomerge.merge.methods.base import MergeMethod, ParamSpec
+from evomerge.merge.methods.spec import LazyFn, MergeMethod, ParamSpec
 
 
 def _lazy(attr: str, *args: Any) -> Callable[..., Any]:
@@ -53,7 +52,7 @@ MAX_SWEEPS = ParamSpec(
 DATA_AWARE_METHODS: tuple[MergeMethod, ...] = (
     MergeMethod(
         name="fisher",
-        fn=covariance.fisher,
+        fn=LazyFn("evomerge.merge.methods.covariance", "fisher"),
         base="ignored",
         min_inputs=2,
         params=(
@@ -78,7 +77,7 @@ DATA_AWARE_METHODS: tuple[MergeMethod, ...] = (
     ),
     MergeMethod(
         name="regmean",
-        fn=covariance.regmean,
+        fn=LazyFn("evomerge.merge.methods.covariance", "regmean"),
         base="ignored",
         min_inputs=2,
         params=(
@@ -105,7 +104,7 @@ DATA_AWARE_METHODS: tuple[MergeMethod, ...] = (
     ),
     MergeMethod(
         name="rebasin",
-        fn=alignment.rebasin,
+        fn=LazyFn("evomerge.merge.methods.alignment", "rebasin"),
         base="required",
         min_inputs=1,
         max_inputs=1,
@@ -114,7 +113,7 @@ DATA_AWARE_METHODS: tuple[MergeMethod, ...] = (
     ),
     MergeMethod(
         name="repair",
-        fn=alignment.repair,
+        fn=LazyFn("evomerge.merge.methods.alignment", "repair"),
         base="required",
         min_inputs=1,
         max_inputs=1,

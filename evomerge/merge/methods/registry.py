@@ -8,9 +8,8 @@ any tensor is read. The one-line summaries the CLI help shows are in evomerge/me
 from __future__ import annotations
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.methods import elementwise, fusion, linear, model_stock, slerp, spherical, task_arithmetic
-from evomerge.merge.methods.base import MergeMethod, ParamSpec
 from evomerge.merge.methods.data_aware_methods import DATA_AWARE_METHODS
+from evomerge.merge.methods.spec import LazyFn, MergeMethod, ParamSpec
 
 UNIT = {"low": 0.0, "high": 1.0}
 
@@ -85,13 +84,13 @@ def _task_vector_method(name, fn, *, extra=(), normalize=False, rescale=False, r
 _METHODS: tuple[MergeMethod, ...] = (
     MergeMethod(
         name="linear",
-        fn=linear.linear,
+        fn=LazyFn("evomerge.merge.methods.linear", "linear"),
         base="input",
         params=(ParamSpec("weight", float, "model", required=True, help="weight of this model"), _normalize(True)),
     ),
     MergeMethod(
         name="slerp",
-        fn=slerp.slerp,
+        fn=LazyFn("evomerge.merge.methods.slerp", "slerp"),
         base="required",
         min_inputs=1,
         max_inputs=1,
@@ -99,47 +98,47 @@ _METHODS: tuple[MergeMethod, ...] = (
     ),
     MergeMethod(
         name="task_arithmetic",
-        fn=task_arithmetic.task_arithmetic,
+        fn=LazyFn("evomerge.merge.methods.task_arithmetic", "task_arithmetic"),
         base="required",
         params=(WEIGHT, LAMBDA, _normalize(False), INT8_MASK),
         extra=_delta_cache(),
     ),
     _task_vector_method(
         "ties",
-        task_arithmetic.ties,
+        LazyFn("evomerge.merge.methods.task_arithmetic", "ties"),
         normalize=True,
         consensus=True,
         cache=("sorted_abs",),
     ),
     _task_vector_method(
         "dare_ties",
-        task_arithmetic.dare_ties,
+        LazyFn("evomerge.merge.methods.task_arithmetic", "dare_ties"),
         rescale=True,
         random=True,
         consensus=True,
     ),
     _task_vector_method(
         "dare_linear",
-        task_arithmetic.dare_linear,
+        LazyFn("evomerge.merge.methods.task_arithmetic", "dare_linear"),
         rescale=True,
         random=True,
     ),
     _task_vector_method(
         "breadcrumbs",
-        task_arithmetic.breadcrumbs,
+        LazyFn("evomerge.merge.methods.task_arithmetic", "breadcrumbs"),
         extra=(GAMMA,),
         cache=("sorted_abs",),
     ),
     _task_vector_method(
         "breadcrumbs_ties",
-        task_arithmetic.breadcrumbs_ties,
+        LazyFn("evomerge.merge.methods.task_arithmetic", "breadcrumbs_ties"),
         extra=(GAMMA,),
         consensus=True,
         cache=("sorted_abs",),
     ),
     _task_vector_method(
         "della",
-        task_arithmetic.della,
+        LazyFn("evomerge.merge.methods.task_arithmetic", "della"),
         extra=(EPSILON,),
         normalize=True,
         rescale=True,
@@ -149,7 +148,7 @@ _METHODS: tuple[MergeMethod, ...] = (
     ),
     _task_vector_method(
         "della_linear",
-        task_arithmetic.della_linear,
+        LazyFn("evomerge.merge.methods.task_arithmetic", "della_linear"),
         extra=(EPSILON,),
         rescale=True,
         random=True,
@@ -157,7 +156,7 @@ _METHODS: tuple[MergeMethod, ...] = (
     ),
     MergeMethod(
         name="model_stock",
-        fn=model_stock.model_stock,
+        fn=LazyFn("evomerge.merge.methods.model_stock", "model_stock"),
         base="required",
         min_inputs=2,
         params=(
@@ -169,7 +168,7 @@ _METHODS: tuple[MergeMethod, ...] = (
     ),
     MergeMethod(
         name="passthrough",
-        fn=linear.passthrough,
+        fn=LazyFn("evomerge.merge.methods.linear", "passthrough"),
         base="input",
         min_inputs=1,
         max_inputs=1,
@@ -177,7 +176,7 @@ _METHODS: tuple[MergeMethod, ...] = (
     ),
     MergeMethod(
         name="arcee_fusion",
-        fn=fusion.arcee_fusion,
+        fn=LazyFn("evomerge.merge.methods.fusion", "arcee_fusion"),
         base="required",
         min_inputs=1,
         max_inputs=1,
@@ -186,7 +185,7 @@ _METHODS: tuple[MergeMethod, ...] = (
     ),
     MergeMethod(
         name="sce",
-        fn=elementwise.sce,
+        fn=LazyFn("evomerge.merge.methods.elementwise", "sce"),
         base="required",
         params=(
             ParamSpec(
@@ -202,7 +201,7 @@ _METHODS: tuple[MergeMethod, ...] = (
     ),
     MergeMethod(
         name="nuslerp",
-        fn=spherical.nuslerp,
+        fn=LazyFn("evomerge.merge.methods.spherical", "nuslerp"),
         base="optional",
         min_inputs=2,
         max_inputs=2,
@@ -220,7 +219,7 @@ _METHODS: tuple[MergeMethod, ...] = (
     ),
     MergeMethod(
         name="multislerp",
-        fn=spherical.multislerp,
+        fn=LazyFn("evomerge.merge.methods.spherical", "multislerp"),
         base="optional",
         params=(
             ParamSpec("weight", float, "model", required=True, help="weight of this model on the sphere"),
@@ -230,7 +229,7 @@ _METHODS: tuple[MergeMethod, ...] = (
     ),
     MergeMethod(
         name="karcher",
-        fn=spherical.karcher,
+        fn=LazyFn("evomerge.merge.methods.spherical", "karcher"),
         base="input",
         params=(
             ParamSpec("max_iter", int, "global", default=10, help="iterations of the Karcher mean"),
@@ -239,7 +238,7 @@ _METHODS: tuple[MergeMethod, ...] = (
     ),
     MergeMethod(
         name="nearswap",
-        fn=elementwise.nearswap,
+        fn=LazyFn("evomerge.merge.methods.elementwise", "nearswap"),
         base="required",
         min_inputs=1,
         max_inputs=1,
@@ -251,13 +250,13 @@ _METHODS: tuple[MergeMethod, ...] = (
     ),
     MergeMethod(
         name="ram",
-        fn=elementwise.ram,
+        fn=LazyFn("evomerge.merge.methods.elementwise", "ram"),
         base="required",
         params=(RAM_EPSILON,),
     ),
     MergeMethod(
         name="ramplus_tl",
-        fn=elementwise.ramplus_tl,
+        fn=LazyFn("evomerge.merge.methods.elementwise", "ramplus_tl"),
         base="required",
         params=(
             ParamSpec("r", float, "global", default=0.1, help="strength of the boost of a model's unique entries"),

@@ -1,20 +1,28 @@
-"""Search spaces: PS genes, DFS paths, decoding a genome into an ordinary merge recipe."""
+"""Search spaces: PS genes, DFS paths, decoding a genome into an ordinary merge recipe.
+
+The configuration (`config`) imports without torch, so a bad space is reported at once; the
+decoding side (`space`, `dfs`) loads on first access."""
+
+from typing import Any
 
 from evomerge.search.space.config import SpaceConfig, dump_space_config, load_space_config, parse_space
-from evomerge.search.space.dfs import Step, path_from_recipe, path_to_recipe
-from evomerge.search.space.genes import Gene
-from evomerge.search.space.space import SearchSpace, default_popsize, load_space
 
-__all__ = [
-    "Gene",
-    "SearchSpace",
-    "SpaceConfig",
-    "Step",
-    "default_popsize",
-    "dump_space_config",
-    "load_space",
-    "load_space_config",
-    "parse_space",
-    "path_from_recipe",
-    "path_to_recipe",
-]
+_LAZY = {
+    "Gene": "genes",
+    "SearchSpace": "space",
+    "default_popsize": "space",
+    "load_space": "space",
+    "Step": "dfs",
+    "path_from_recipe": "dfs",
+    "path_to_recipe": "dfs",
+}
+
+__all__ = ["SpaceConfig", "dump_space_config", "load_space_config", "parse_space", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"evomerge.search.space.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
