@@ -413,10 +413,14 @@ class _Planner:
         for ref, shape in zip(refs, shapes, strict=False):
             if shape != shapes[0]:
                 info, first = self.models[ref.model], self.models[refs[0].model]
+                rows_only = len(shape) == 2 and len(shapes[0]) == 2 and shape[1:] == shapes[0][1:]
                 what = (
                     "vocabulary sizes differ; add `tokenizer: {source: union}` (or `tokenizer_source: base`) "
                     "to align their rows by token"
-                    if info.arch.is_vocabulary(ref.name)
+                    if info.arch.is_vocabulary(ref.name) and rows_only
+                    else "the models have different widths (hidden or intermediate sizes), so they are not "
+                    "fine-tunes of one base and cannot be merged tensor by tensor"
+                    if len(shape) == len(shapes[0])
                     else "shapes must match"
                 )
                 raise EvomergeError(

@@ -209,3 +209,12 @@ def test_overwrite_never_replaces_an_input_model(tmp_path, llama_zoo):
         result = CliRunner().invoke(app, ["merge", str(recipe), str(out), "--overwrite", "--quiet"])
         assert result.exit_code == 2 and "OUT_DIR" in result.output and "is where input model" in result.output
     assert (zoo["ft1"] / "model.safetensors").read_bytes() == before
+
+
+def test_a_model_of_another_width_is_not_called_a_vocabulary_mismatch(tmp_path, llama_zoo):
+    from conftest import make_llama
+
+    wide = make_llama(tmp_path / "wide", 5, hidden_size=48, intermediate_size=64)
+    result, out = _run(tmp_path, {**llama_zoo, "ft2": wide}, GOOD)
+    _assert_clean_failure(result, out, "different widths (hidden or intermediate sizes)")
+    assert "vocabulary" not in result.output
