@@ -87,6 +87,8 @@ def space_sha(space: SearchSpace) -> str:
     """Identity of the problem: everything but the budget, which `resume --max-evals` may raise."""
     data = space.config.model_dump(mode="json")
     data["budget"].pop("max_evals", None)
+    if data.get("prompts") is None:  # spaces written before the option existed keep their identity
+        data.pop("prompts", None)
     return sha256(data)
 
 
