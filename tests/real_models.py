@@ -98,7 +98,12 @@ def build_tokenizer(kind: str, out: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    text = corpus() * 4 + ["The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 , . ; ! ?\n\n"]
+    # the facts one per line and as few-shot blocks (blank lines between: BPE learns "\n\n" tokens)
+    text = (
+        corpus() * 4
+        + ["\n".join(corpus())] * 4
+        + ["The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 , . ; ! ?"]
+    )
     if kind == "bpe":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
