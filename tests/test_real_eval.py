@@ -408,3 +408,47 @@ def test_space_prompt_options_reach_the_worker_requests(world: World, tmp_path: 
     with pytest.raises(EvomergeError) as error:
         load_space_config(bad)
     assert "\n" not in str(error.value) and str(error.value).startswith("prompts: fewshot_as_multiturn")
+
+
+def test_the_worker_scores_each_candidate_with_its_own_tokenizer(world: World, tmp_path: Path) -> None:
+    """Two recipes over the same models that differ only in `tokenizer_source` are written into the
+    same resident model; each must still be scored with its own tokenizer (here: its own chat
+    template), whatever the worker scored before."""
+    import shutil
+
+    from evomerge.workers.candidate import Candidate
+    from evomerge.workers.fitness import FitnessWorker
+
+    models = world.family("bpe", "gemma2")
+    shouting = tmp_path / "ft2-shouting"
+    shutil.copytree(models["ft2"], shouting)
+    config_file = shouting / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = config["chat_template"].replace("{{ m['role'] }}", "{{ m['role'] | upper }}")
+    config_file.write_text(json.dumps(config), encoding="utf-8")
+    sources = [str(models["ft1"]), str(shouting)]
+
+    def payload(tokenizer_source: str) -> dict[str, Any]:
+        recipe = {
+            "merge_method": "linear",
+            "models": [{"model": s, "parameters": {"weight": 0.5}} for s in sources],
+            "tokenizer_source": tokenizer_source,
+        }
+        tasks = [{"name": rm.GEN_FEWSHOT_TASK, "metric": "exact_match"}]
+        return {"recipe": recipe, "tasks": tasks, "split": "validation", "prompts": {"apply_chat_template": True}}
+
+    def prompts(worker: FitnessWorker) -> list[str]:
+        loaded = worker._loaded([rm.GEN_FEWSHOT_TASK], "validation", [str(world.tasks)])
+        return [i.args[0] for i in loaded.task_dict["tasks"][rm.GEN_FEWSHOT_TASK].instances]
+
+    worker = FitnessWorker(sources=sources, include_paths=[str(world.tasks)])
+    first = worker.evaluate(Candidate("a", payload(sources[0])))
+    assert first.status == "ok", first.reason
+    assert all("<|im_start|>user" in p for p in prompts(worker))
+    second = worker.evaluate(Candidate("b", payload(sources[1])))
+    assert second.status == "ok", second.reason
+    assert all("<|im_start|>USER" in p and "<|im_start|>user" not in p for p in prompts(worker))
+    fresh = FitnessWorker(sources=sources, include_paths=[str(world.tasks)]).evaluate(
+        Candidate("b", payload(sources[1]))
+    )
+    assert second.metrics == fresh.metrics

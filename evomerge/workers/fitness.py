@@ -137,7 +137,9 @@ class FitnessWorker:
         self._task_sets: dict[tuple[Any, ...], Any] = {}
         self._tokenizers: dict[Path, Any] = {}
         self._prompt_caches: dict[Path, Any] = {}  # tokenizer path -> greedy_lm.PromptCache
-        self._lms: dict[int, tuple[Any, Any]] = {}  # id(model) -> (model, HFLM) for in-place targets
+        # (id(model), tokenizer path) -> (model, HFLM) for in-place targets: one resident model is
+        # written by recipes with different `tokenizer_source`s, each scored with its own tokenizer
+        self._lms: dict[tuple[int, Path], tuple[Any, Any]] = {}
         if self.tasks:
             self._loaded([t.name for t in self.tasks], split, self.include_paths)
 
@@ -262,7 +264,8 @@ class FitnessWorker:
         """An HFLM around the candidate; in-place targets keep theirs (the same object every time)."""
         from evomerge.scoring.lm_tasks import make_lm
 
-        cached = self._lms.get(id(built.model))
+        key = (id(built.model), built.tokenizer_path)
+        cached = self._lms.get(key)
         if cached is not None and cached[0] is built.model:
             return cached[1]
         from evomerge.scoring.greedy_lm import PromptCache
@@ -279,7 +282,7 @@ class FitnessWorker:
         if built.mode == "in_place":
             while len(self._lms) >= self.materializer.max_targets:  # evicted targets free their memory
                 self._lms.pop(next(iter(self._lms)))
-            self._lms[id(built.model)] = (built.model, lm)
+            self._lms[key] = (built.model, lm)
         return lm
 
     def _tokenizer(self, path: Path) -> Any:
