@@ -400,6 +400,9 @@ def test_space_prompt_options_reach_the_worker_requests(world: World, tmp_path: 
     assert result.status == "ok", result.reason
     task = worker._loaded([rm.GEN_TASK, rm.MC_TASK], "validation", [str(world.tasks)]).task_dict["tasks"][rm.GEN_TASK]
     assert all("<|im_start|>system\nAnswer with one word." in i.args[0] for i in task.instances)
+    staged = worker.evaluate(Candidate("s", {**payload, "window": [0, 5], "order_seed": 3}))  # fidelity stages
+    assert staged.status == "ok" and len(task.instances) == 5
+    assert all("<|im_start|>system\nAnswer with one word." in i.args[0] for i in task.instances)
     result = worker.evaluate(Candidate("d", make_payload(recipe, plain.config, "validation", full=True)))
     assert result.status == "ok" and not any("<|im_start|>" in i.args[0] for i in task.instances)
 
