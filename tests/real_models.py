@@ -6,10 +6,13 @@ built on the fly (no weights shipped, no hub), for the evaluation-agreement test
   `bpe` (byte-level BPE, GPT-2/Qwen2 style: bytes mapped to printable characters, no unknown
   token, no BOS added to encodings) and `sentencepiece` (Metaspace pre-tokenizer and Unigram model,
   Llama-2/Gemma style: `▁` marks word starts, a space is prepended to the first word only, BOS
-  prepended by the post-processor). The BPE tokenizer keeps its chat template in
-  tokenizer_config.json, the SentencePiece one in chat_template.jinja (both ways transformers 5
-  reads one); the Gemma-style template writes the BOS text itself and refuses a system turn, so
-  lm-eval's BOS detection and its system-less fallback are exercised.
+  prepended by the post-processor) and `sentencepiece_bpe` (Metaspace and BPE with byte fallback,
+  Llama-2/Gemma's own model type: characters it never saw, the newline among them, become
+  `<0x..>` byte tokens, so a stop string is the decoded text of byte tokens and a window may end
+  inside a UTF-8 character). The BPE tokenizer keeps its chat template in tokenizer_config.json,
+  the others in chat_template.jinja (both ways transformers 5 reads one); the Gemma-style template
+  writes the BOS text itself and refuses a system turn, so lm-eval's BOS detection and its
+  system-less fallback run; the Llama-2-style one closes each assistant turn with the EOS text.
 - Models: tiny random Llama, Qwen2, Gemma2 and Phi3 (`FAMILIES`), optionally trained for a few
   dozen steps on the task text (`train_family`: a base, then two fine-tunes on different halves of
   the facts), so that scores are neither all 0 nor all 1 and merges differ from their sources.
@@ -61,13 +64,18 @@ PAIRS = [
     ("day", "night"),
 ]
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>"]
-TOKENIZERS = ("bpe", "sentencepiece")
+TOKENIZERS = ("bpe", "sentencepiece", "sentencepiece_bpe")
 
 # ChatML (Qwen2 style) for the BPE tokenizer; Gemma style (BOS written by the template, no system
 # role: it raises, and lm-eval then retries without the system message) for the SentencePiece one.
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAMA2 = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}<<SYS>>\n{{ m['content'] }}\n<</SYS>>\n\n"
+    "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %} {{ m['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
 )
 GEMMA = (
     "{{ bos_token }}{% for m in messages %}"
@@ -94,7 +102,7 @@ def corpus(pairs: Sequence[tuple[str, str]] | None = None) -> list[str]:
 
 
 def build_tokenizer(kind: str, out: Path) -> Path:
-    """Train a small tokenizer of `kind` ('bpe' or 'sentencepiece') on the task text; save to `out`."""
+    """Train a small tokenizer of `kind` (one of `TOKENIZERS`) on the task text; save to `out`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -120,13 +128,17 @@ def build_tokenizer(kind: str, out: Path) -> Path:
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
         trainer = trainers.UnigramTrainer(vocab_size=200, special_tokens=SPECIALS, unk_token="<unk>")
         tok.train_from_iterator(text, trainer)
+        template = GEMMA
+    elif kind == "sentencepiece_bpe":
+        tok = _byte_fallback_bpe([line.replace("\n", " ") for line in text])  # no newline: it falls back to bytes
+        template = LLAMA2
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; use one of {', '.join(TOKENIZERS)}")
+    if kind != "bpe":
         bos = tok.token_to_id("<bos>")
         tok.post_processor = processors.TemplateProcessing(
             single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)]
         )
-        template = GEMMA
-    else:
-        raise ValueError(f"unknown tokenizer kind {kind!r}; use one of {', '.join(TOKENIZERS)}")
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<bos>",
@@ -139,6 +151,29 @@ def build_tokenizer(kind: str, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(out, save_jinja_files=kind != "bpe")
     return out
+
+
+def _byte_fallback_bpe(text: Sequence[str]) -> Any:
+    """Metaspace + BPE trained on `text`, then rebuilt with the 256 `<0x..>` byte tokens as ordinary
+    vocabulary entries (not special: decoding with special tokens skipped must keep them) and
+    byte fallback on."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.pre_tokenizer = metaspace
+    trained.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS))
+    vocab = trained.get_vocab()
+    merges = [tuple(pair) for pair in json.loads(trained.to_str())["model"]["merges"]]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    tok.add_special_tokens(SPECIALS)
+    tok.pre_tokenizer = metaspace
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return tok
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -164,9 +199,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma2": ("Gemma2Config", {"head_dim": 8, "sliding_window": 16}),
     "phi3": ("Phi3Config", {}),
 }
-PAIRS_OK = [
-    (kind, family) for family in FAMILIES for kind in TOKENIZERS if (kind, family) != ("sentencepiece", "qwen2")
-]
+PAIRS_OK = [(kind, family) for family in FAMILIES for kind in TOKENIZERS if kind == "bpe" or family != "qwen2"]
 
 
 def build_model(family: str, tokenizer: Any, seed: int) -> torch.nn.Module:

@@ -39,7 +39,8 @@ CHAT = PromptOptions(apply_chat_template=True, system_instruction="Answer with o
 # the Gemma-style template refuses the system turn: lm-eval retries without it (both sides must)
 CHAT_SINGLE_TURN = PromptOptions(apply_chat_template=True, fewshot_as_multiturn=False, system_instruction="Be brief.")
 TASKS = [rm.GEN_TASK, rm.MC_TASK, rm.GEN_FEWSHOT_TASK, rm.MC_FEWSHOT_TASK]
-MARKERS = {"bpe": "<|im_start|>", "sentencepiece": "<start_of_turn>"}
+MARKERS = {"bpe": "<|im_start|>", "sentencepiece": "<start_of_turn>", "sentencepiece_bpe": "[INST]"}
+SCORED_FAMILY = {"bpe": "gemma2", "sentencepiece": "llama", "sentencepiece_bpe": "phi3"}  # one per tokenizer
 
 
 class World:
@@ -102,12 +103,12 @@ def generation_requests(world: World, lm: Any, kind: str) -> list[Instance]:
         for i, r in enumerate(built)
     ]
     long = [
-        Instance("generate_until", r.doc, (r.args[0] * 30, {"until": ["\n"], "max_gen_toks": 5}), 0) for r in built[:3]
+        Instance("generate_until", r.doc, (r.args[0] * 60, {"until": ["\n"], "max_gen_toks": 5}), 0) for r in built[:3]
     ]
     return built + variants + long
 
 
-DEFAULT_PAIRS = {("bpe", "gemma2"), ("sentencepiece", "llama")}  # the rest: -m slow
+DEFAULT_PAIRS = set(SCORED_FAMILY.items())  # the rest: -m slow
 LEAN_CASES = [
     pytest.param(kind, family, id=f"{kind}-{family}", marks=() if (kind, family) in DEFAULT_PAIRS else pytest.mark.slow)
     for kind, family in rm.PAIRS_OK
@@ -234,11 +235,17 @@ def assert_same_per_doc(ours: dict, theirs: dict, names: list[str]) -> None:
 
 @pytest.mark.parametrize(
     ("kind", "options"),
-    [("bpe", PromptOptions()), ("bpe", CHAT), ("sentencepiece", PromptOptions()), ("sentencepiece", CHAT_SINGLE_TURN)],
-    ids=["bpe-plain", "bpe-chat", "sentencepiece-plain", "sentencepiece-chat-single-turn"],
+    [
+        ("bpe", PromptOptions()),
+        ("bpe", CHAT),
+        ("sentencepiece", PromptOptions()),
+        ("sentencepiece", CHAT_SINGLE_TURN),
+        ("sentencepiece_bpe", CHAT),
+    ],
+    ids=["bpe-plain", "bpe-chat", "sentencepiece-plain", "sentencepiece-chat-single-turn", "sentencepiece_bpe-chat"],
 )
 def test_scoring_equals_lm_eval_hf_per_doc(world: World, kind: str, options: PromptOptions, monkeypatch) -> None:
-    model_dir = world.family(kind, "gemma2" if kind == "bpe" else "llama")["ft1"]
+    model_dir = world.family(kind, SCORED_FAMILY[kind])["ft1"]
     model, tokenizer = load_model_and_tokenizer(model_dir)
     loaded = load_tasks(TASKS, split="test", include_paths=[world.tasks])
     lm = make_lm(model, tokenizer, batch_size=64)
@@ -252,8 +259,8 @@ def test_scoring_equals_lm_eval_hf_per_doc(world: World, kind: str, options: Pro
     prompts = [s["arguments"] for s in ours["samples"][rm.GEN_FEWSHOT_TASK]]
     templated = all(MARKERS[kind] in str(p) for p in prompts)
     assert templated == bool(options.apply_chat_template)
-    if options.apply_chat_template and kind == "bpe":  # few-shot examples as turns: 3 user turns each
-        assert all(str(p).count("<|im_start|>user") == 3 for p in prompts)
+    if options.apply_chat_template and kind != "sentencepiece":  # few-shot examples as turns: 3 user turns each
+        assert all(str(p).count("<|im_start|>user" if kind == "bpe" else "[INST]") == 3 for p in prompts)
         assert all("Answer with one word." in str(p) for p in prompts)
     if options.system_instruction and kind == "sentencepiece":  # refused by the template, dropped by lm-eval
         assert not any(options.system_instruction in str(p) for p in prompts)
