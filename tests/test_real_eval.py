@@ -379,12 +379,22 @@ def test_search_export_lm_eval_hf_gives_the_reported_test_score(world: World, tm
     search_export_and_compare(world, "bpe", "gemma2", tmp_path, monkeypatch, prompts=CHAT)
 
 
+SEARCH_CASES = [(kind, family, chat) for family in rm.FAMILIES for chat in (False, True) for kind in ["bpe"]] + [
+    ("sentencepiece", "phi3", True),  # the exported chat_template.jinja (BPE keeps it in tokenizer_config.json)
+    ("sentencepiece_bpe", "gemma2", True),
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", list(rm.FAMILIES))
-@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
-def test_search_export_lm_eval_cli_per_family(world: World, family: str, chat: bool, tmp_path: Path, monkeypatch):
-    """Every family, plain and chat, against the `lm_eval` command line itself."""
-    search_export_and_compare(world, "bpe", family, tmp_path, monkeypatch, prompts=CHAT if chat else None, cli=True)
+@pytest.mark.parametrize(
+    ("kind", "family", "chat"), SEARCH_CASES, ids=[f"{k}-{f}-{'chat' if c else 'plain'}" for k, f, c in SEARCH_CASES]
+)
+def test_search_export_lm_eval_cli_per_family(
+    world: World, kind: str, family: str, chat: bool, tmp_path: Path, monkeypatch
+) -> None:
+    """Every family with the BPE tokenizer, plain and chat, and chat with the two SentencePiece-style
+    tokenizers, against the `lm_eval` command line itself."""
+    search_export_and_compare(world, kind, family, tmp_path, monkeypatch, prompts=CHAT if chat else None, cli=True)
 
 
 def test_space_prompt_options_reach_the_worker_requests(world: World, tmp_path: Path) -> None:
