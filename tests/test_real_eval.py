@@ -475,3 +475,23 @@ def test_the_worker_scores_each_candidate_with_its_own_tokenizer(world: World, t
         Candidate("b", payload(sources[1]))
     )
     assert second.metrics == fresh.metrics
+
+
+def test_lean_decode_steps_aside_when_a_candidate_brings_a_generation_config_it_cannot_follow(world: World) -> None:
+    """The materializer sets each candidate's generation config (its donor's) on a reused model:
+    one with a repetition penalty must go to HF `generate` (and give what HFLM gives), the next
+    plain one back to the lean decode."""
+    model, tokenizer = load_model_and_tokenizer(world.family("bpe", "gemma2")["base"])
+    requests = generation_requests(world, make_lm(model, tokenizer), "bpe")
+    lean = make_lm(model, tokenizer, batch_size=64)
+    plain_config = model.generation_config
+    first = lean.generate_until(requests)
+    penalised = copy.deepcopy(plain_config)
+    penalised.repetition_penalty = 3.0
+    model.generation_config = penalised
+    second = lean.generate_until(requests)
+    assert lean.lean_calls == 1  # answered by HF generate
+    assert second == make_lm(model, tokenizer, batch_size=64, lean=False).generate_until(requests)
+    assert second != first  # the penalty changes outputs: the lean decode would have ignored it
+    model.generation_config = plain_config
+    assert lean.generate_until(requests) == first and lean.lean_calls == 2
