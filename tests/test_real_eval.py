@@ -1,18 +1,21 @@
 """Evaluation on real tokenizers (issue #15, part 3): tiny Llama / Qwen2 / Gemma2 / Phi3 models with
-a byte-level BPE and a SentencePiece-style (Metaspace + Unigram) tokenizer, trained here on the
-fly (tests/real_models.py), scored on local lm-eval tasks of both kinds (generate_until with exact
-match, multiple-choice loglikelihood with acc), zero-shot and 2-shot, with and without a chat
+a byte-level BPE, a Metaspace + Unigram and a Metaspace + byte-fallback BPE tokenizer, trained here
+on the fly (tests/real_models.py), scored on local lm-eval tasks of both kinds (generate_until with
+exact match, multiple-choice loglikelihood with acc), zero-shot and 2-shot, with and without a chat
 template. Everything is compared item by item with lm-eval's own `HFLM`:
 
 - the lean greedy decode answers every request exactly as HFLM's HF `generate` (task prompts, chat
   prompts, stop strings that fall inside multi-character tokens, stops of several tokens, EOS only,
-  left-truncated prompts, batches that pad differently);
+  EOS lists, pad = EOS, left-truncated prompts, batches that pad differently), and steps aside for
+  a candidate whose generation config it cannot follow;
 - `evomerge eval`'s scoring path (our task loading, request/result caches, prompt options) logs
   the same prompts, responses and metrics per doc as `lm_eval.simple_evaluate(model="hf", ...)` on
-  the same model directory;
-- the search's prompt options reach the worker's requests;
-- search -> export -> `evomerge merge` -> HFLM gives the test score summary.json reports, and the
-  in-memory final candidate answers every test doc as HFLM does on the exported directory.
+  the same model directory, bf16 included;
+- the search's prompt options reach the worker's requests, and each candidate is scored with the
+  tokenizer its recipe names;
+- search -> export -> `evomerge merge` -> HFLM (the `lm_eval` command line in the slow matrix) gives
+  the test score summary.json reports, and the in-memory final candidate answers every test doc as
+  HFLM does on the exported directory.
 """
 
 from __future__ import annotations
