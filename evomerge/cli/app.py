@@ -110,9 +110,21 @@ def eval_cmd(
     batch_size: int = typer.Option(64, help="lm-eval batch size."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    apply_chat_template: bool = typer.Option(
+        False, "--apply-chat-template", help="Wrap prompts in the tokenizer's chat template (as lm_eval's option)."
+    ),
+    fewshot_as_multiturn: bool = typer.Option(
+        False,
+        "--fewshot-as-multiturn",
+        help="Few-shot examples as chat turns (on by default with --apply-chat-template, as in lm_eval).",
+    ),
+    single_turn: bool = typer.Option(
+        False, "--no-fewshot-as-multiturn", help="With --apply-chat-template: few-shot examples in one user turn."
+    ),
+    system_instruction: str | None = typer.Option(None, help="A system message before each prompt (as lm_eval)."),
 ) -> None:
     """Score a model directory on lm-eval tasks, offline."""
-    from evomerge.cli.evaluate import run_eval
+    from evomerge.cli.evaluate import prompt_options, run_eval
 
     run_eval(
         model_dir,
@@ -124,6 +136,7 @@ def eval_cmd(
         device=device,
         as_json=as_json,
         subset_seed=subset_seed,
+        prompts=prompt_options(apply_chat_template, fewshot_as_multiturn, single_turn, system_instruction),
     )
 
 

@@ -27,7 +27,8 @@ def check_model_dir(path: Path) -> Path:
 
 
 def load_model_and_tokenizer(path: Path, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
-    """AutoModelForCausalLM + AutoTokenizer from a local folder, never from a hub."""
+    """AutoModelForCausalLM + AutoTokenizer from a local folder, never from a hub. `dtype`: a torch
+    dtype name, or "auto" for the dtype the weights were saved in (what `lm_eval --model hf` uses)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -40,7 +41,9 @@ def load_model_and_tokenizer(path: Path, device: str = "cpu", dtype: str = "floa
     path = check_model_dir(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype="auto" if dtype == "auto" else getattr(torch, dtype)
+        )
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EvomergeError(f"model directory {path} could not be loaded: {first}") from None

@@ -18,6 +18,7 @@ from evomerge.io.paths import tasks_dir
 
 SPLITS = ("train", "validation", "test")
 SPLIT_KEYS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
+FEWSHOT_SEED = 1234  # lm-eval's default --fewshot_random_seed: the sampler seed `simple_evaluate` sets
 
 
 def quiet_offline_env() -> None:
@@ -72,7 +73,9 @@ def check_tasks(specs: Sequence[tuple[str, str]], include_paths: Sequence[Path] 
 
 
 def build_tasks(names: Sequence[str], split: str = "test", include_paths: Sequence[Path] = ()) -> dict[str, Any]:
-    """lm-eval's task dict of the named tasks, each showing `split` (as `eval_docs`), zero-shot.
+    """lm-eval's task dict of the named tasks, each showing `split` (as `eval_docs`), with the
+    few-shot count of its YAML (`num_fewshot`, default 0) and lm-eval's default few-shot seed, as
+    `lm_eval --tasks NAME` runs it.
 
     Relative `data_files` in a task YAML are resolved against the YAML's own folder, so task folders
     work from any working directory (lm-eval itself resolves them against the CWD).
@@ -96,7 +99,9 @@ def build_tasks(names: Sequence[str], split: str = "test", include_paths: Sequen
             merged[key].update(loaded[key])
     for name, task in merged["tasks"].items():
         _select_split(task, name, split)
-        task.set_config(key="num_fewshot", value=0)
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
     return merged
 
 

@@ -86,6 +86,7 @@ class GreedyHFLM(HFLM):
         self.lean_calls = 0  # generate_until calls answered by the lean decode (tests check the path)
         self._forward_args = set(inspect.signature(self.model.forward).parameters)
         self._kwargs_ok: dict[str, bool] = {}
+        self._lean_checked: tuple[Any, bool] | None = None  # (generation config, lean decode applies)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         return super().loglikelihood(requests, disable_tqdm=True)
@@ -160,18 +161,22 @@ class GreedyHFLM(HFLM):
 
     # -- when the lean path applies -------------------------------------------------------------
 
-    @functools.cached_property
+    @property
     def _lean_model_ok(self) -> bool:
-        from transformers import GenerationConfig
+        """Whether the lean decode reproduces `generate` for this model. Decided once per generation
+        config object: the materializer sets each candidate's (its donor's) on a reused model."""
+        config = self.model.generation_config
+        if self._lean_checked is None or self._lean_checked[0] is not config:
+            self._lean_checked = (config, self._model_setup_ok and _plain_generation_config(config))
+        return self._lean_checked[1]
 
+    @functools.cached_property
+    def _model_setup_ok(self) -> bool:
         if self.backend != "causal" or self.batch_size == "auto" or self.think_end_token is not None:
             return False
         if getattr(self, "mixed_precision_dtype", None) is not None or self.model.config.is_encoder_decoder:
             return False
-        if not self._accepts("cache") or not self._accepts("position_ids"):
-            return False
-        config, default = self.model.generation_config, GenerationConfig()
-        return all(getattr(config, name, None) == getattr(default, name, None) for name in _GENERATE_ONLY_FIELDS)
+        return self._accepts("cache") and self._accepts("position_ids")
 
     def _accepts(self, argument: str) -> bool:
         return argument in self._forward_args
@@ -186,6 +191,14 @@ class GreedyHFLM(HFLM):
             greedy = not normalized.get("do_sample") and normalized.get("temperature", 0.0) == 0.0
             self._kwargs_ok[key] = greedy and set(normalized) - {"until", "max_gen_toks"} <= _GREEDY_KWARGS
         return self._kwargs_ok[key]
+
+
+def _plain_generation_config(config: Any) -> bool:
+    """No field that adds a logits processor or changes stopping or caching in `generate`."""
+    from transformers import GenerationConfig
+
+    default = GenerationConfig()
+    return all(getattr(config, name, None) == getattr(default, name, None) for name in _GENERATE_ONLY_FIELDS)
 
 
 def _as_list(token_ids: int | Sequence[int] | None) -> list[int]:

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evomerge.io.tasks import build_tasks
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from evomerge.io.tasks import FEWSHOT_SEED, build_tasks
 
 
 def quiet_lm_eval_logs() -> None:
@@ -27,6 +29,35 @@ def quiet_lm_eval_logs() -> None:
     logger = logging.getLogger("lm_eval")
     if logger.level != logging.ERROR:
         logger.setLevel(logging.ERROR)
+
+
+class PromptOptions(BaseModel):
+    """How lm-eval formats prompts, as `lm_eval --apply_chat_template [NAME] --fewshot_as_multiturn
+    --system_instruction TEXT` sets it: the tokenizer's chat template around each prompt, few-shot
+    examples as alternating user/assistant turns, a system message. `fewshot_as_multiturn` unset
+    follows `apply_chat_template` (lm-eval's CLI default); set without a chat template it is refused,
+    as lm-eval refuses it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    apply_chat_template: bool | str = False  # a string names one of the tokenizer's templates
+    fewshot_as_multiturn: bool | None = None
+    system_instruction: str | None = None
+
+    @model_validator(mode="after")
+    def _multiturn_needs_chat(self) -> PromptOptions:
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("fewshot_as_multiturn: needs apply_chat_template (few-shot turns are chat messages)")
+        return self
+
+    def evaluate_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of lm-eval's `evaluator.evaluate` (and `simple_evaluate`)."""
+        multiturn = bool(self.apply_chat_template) if self.fewshot_as_multiturn is None else self.fewshot_as_multiturn
+        return {
+            "apply_chat_template": self.apply_chat_template,
+            "fewshot_as_multiturn": multiturn,
+            "system_instruction": self.system_instruction,
+        }
 
 
 @dataclass
@@ -59,8 +90,16 @@ def load_tasks(names: Sequence[str], split: str = "test", include_paths: Sequenc
 class RequestCache:
     """Stands in for a task's `build_all_requests`: lm-eval builds the Instances (prompts, targets,
     generation kwargs) once per (docs shown, build arguments); later calls hand back the same
-    Instances with their responses cleared. Building them is pure in the docs, so every candidate
-    would rebuild identical requests (a tenth of a toy evaluation).
+    Instances with their responses cleared. Building them is pure in the docs and the arguments, so
+    every candidate would rebuild identical requests (a tenth of a toy evaluation).
+
+    Two things make a build depend on more than that, and are pinned here:
+    - few-shot examples are drawn from the task's sampler RNG, which lm-eval seeds once per
+      `simple_evaluate` (1234) and which advances with every doc: each build starts from that seed,
+      so a build equals the first build of a fresh `lm_eval` run on the same docs;
+    - with a chat template lm-eval passes the LM's bound `apply_chat_template`, whose repr names the
+      LM object's address (reused after it is freed): the key names the tokenizer instead (its
+      identity, held by the entry, its template and the LM's template arguments).
 
     `docs_key` names the docs the task currently shows (`score_tasks` sets it: the subset's item
     indices, None for the whole split)."""
@@ -71,17 +110,32 @@ class RequestCache:
         self.task = task
         self.build = task.build_all_requests  # lm-eval's bound method
         self.docs_key: tuple[int, ...] | None = None
-        self.built: dict[tuple[Any, str], list[Any]] = {}
+        self.built: dict[tuple[Any, ...], tuple[Any, list[Any]]] = {}  # key -> (tokenizer held, instances)
 
     def __call__(self, **kwargs: Any) -> None:
-        key = (self.docs_key, repr(sorted(kwargs.items())))
-        instances = self.built.get(key)
-        if instances is None:
+        template = kwargs.get("chat_template")
+        lm = getattr(template, "__self__", None)
+        tokenizer = getattr(lm, "tokenizer", None)
+        if template is not None and tokenizer is None:
+            self.task.set_fewshot_seed(FEWSHOT_SEED)
+            self.build(**kwargs)  # a chat template we cannot name: never cached
+            return
+        named = {k: v for k, v in kwargs.items() if k != "chat_template"}
+        chat = (
+            None
+            if template is None
+            else (id(tokenizer), repr(tokenizer.chat_template), repr(getattr(lm, "chat_template_args", None)))
+        )
+        key = (self.docs_key, repr(sorted(named.items())), chat)
+        entry = self.built.get(key)
+        if entry is None or entry[0] is not tokenizer:
+            self.task.set_fewshot_seed(FEWSHOT_SEED)
             self.build(**kwargs)
             if len(self.built) >= self.MAX_ENTRIES:
                 self.built.clear()
-            self.built[key] = self.task._instances
+            self.built[key] = (tokenizer, self.task._instances)
             return
+        instances = entry[1]
         for instance in instances:  # new containers: results logged by earlier calls keep theirs
             instance.resps = []
             instance.filtered_resps = {}
@@ -217,6 +271,11 @@ def make_lm(
 ):
     """An lm-eval LM around an already-built transformers model (no reload per candidate).
 
+    Everything else is HFLM's default, as `lm_eval --model hf` sets it for the same directory: the
+    maximum length is resolved by HFLM from the model config and tokenizer (`n_positions`, then
+    `max_position_embeddings`, ..., then the tokenizer's `model_max_length`, else 2048), BOS as
+    the tokenizer adds it.
+
     `lean=True`: greedy `generate_until` requests are decoded by `greedy_lm.GreedyHFLM`'s own loop
     (same outputs as HFLM, a fraction of the overhead); `lean=False`: HFLM's `generate`. Pass one
     `greedy_lm.PromptCache` per tokenizer to share prompt encodings across candidates."""
@@ -224,12 +283,10 @@ def make_lm(
 
     quiet_lm_eval_logs()
     device = device or str(next(model.parameters()).device)
-    max_length = getattr(model.config, "max_position_embeddings", 2048)
     return GreedyHFLM(
         pretrained=model,
         tokenizer=tokenizer,
         batch_size=batch_size,
-        max_length=max_length,
         device=device,
         lean=lean,
         prompt_cache=prompt_cache,
@@ -237,9 +294,14 @@ def make_lm(
 
 
 def score_tasks(
-    lm: Any, tasks: LoadedTasks, samples: dict[str, list[int]] | None = None, log_samples: bool = False
+    lm: Any,
+    tasks: LoadedTasks,
+    samples: dict[str, list[int]] | None = None,
+    log_samples: bool = False,
+    prompts: PromptOptions | None = None,
 ) -> dict[str, Any]:
-    """Run lm-eval on resident task objects; returns lm-eval's result dict (never reseeds RNGs)."""
+    """Run lm-eval on resident task objects; returns lm-eval's result dict (never reseeds RNGs).
+    `prompts`: chat template, few-shot turns and system instruction, as lm-eval's options."""
     from lm_eval import evaluator
 
     quiet_lm_eval_logs()
@@ -252,6 +314,7 @@ def score_tasks(
             bootstrap_iters=0,
             log_samples=log_samples,
             verbosity="ERROR",
+            **(prompts or PromptOptions()).evaluate_kwargs(),
         )
 
 

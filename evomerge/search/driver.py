@@ -87,8 +87,9 @@ def space_sha(space: SearchSpace) -> str:
     """Identity of the problem: everything but the budget, which `resume --max-evals` may raise."""
     data = space.config.model_dump(mode="json")
     data["budget"].pop("max_evals", None)
-    if data.get("tokenizer") is None:  # runs from before the tokenizer: block keep their identity
-        data.pop("tokenizer", None)
+    for key in ("tokenizer", "prompts"):  # spaces written before these options keep their identity
+        if data.get(key) is None:
+            data.pop(key, None)
     return sha256(data)
 
 

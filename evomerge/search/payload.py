@@ -8,6 +8,7 @@ Payload of one candidate (a plain dict, picklable, JSON-able):
      "tasks": [{"name": "toy_add", "metric": "exact_match", "weight": 0.5, "limit": 100}, ...],
      "subset_seed": 456,         # seeds the fixed item subset of tasks with a `limit`
      "include_paths": ["/abs/folder"],   # extra lm-eval task folders
+     "prompts": {"apply_chat_template": true, ...},   # only when the space sets lm-eval's prompt options
      "window": [0, 50], "order_seed": 789}   # staged evaluation only (see evomerge.search.fidelity)
 
 A worker answers with `EvalResult.success(id, fitness, metrics)`: fitness = sum of weight * metric
@@ -53,12 +54,15 @@ def eval_config(config: SpaceConfig, split: str, full: bool = False) -> dict[str
     tasks = [t.model_dump(mode="json") for t in config.tasks]
     if full:
         tasks = [{**t, "limit": None} for t in tasks]
-    return {
+    out = {
         "split": split,
         "tasks": tasks,
         "subset_seed": derive_seed(config.seed, "data", split),
         "include_paths": list(config.include_paths),
     }
+    if config.prompts is not None:  # only when set: cache keys of runs without it stay as they were
+        out["prompts"] = config.prompts.model_dump(mode="json")
+    return out
 
 
 def make_payload(

@@ -14,7 +14,9 @@ every candidate then costs a materialisation plus the forward passes. Payload of
      "split": "train",         # train | validation | test
      "limit": None,            # default items per task for tasks without their own `limit`
      "subset_seed": 456,       # seeds each task's fixed item subset (see lm_tasks.task_samples)
-     "include_paths": []}      # extra lm-eval task folders
+     "include_paths": [],      # extra lm-eval task folders
+     "prompts": {...}}         # lm-eval's chat template / few-shot turns / system instruction
+                               # (lm_tasks.PromptOptions; else the constructor's `prompts`)
 
 `tasks`, `split` and `include_paths` default to the constructor's. The answer is
 `EvalResult.success(id, fitness, metrics, timings)`: fitness = sum of weight * metric; metrics
@@ -42,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from evomerge.candidates.materialize import Materialized, Materializer
 from evomerge.errors import EvomergeError
 from evomerge.io.allocator import keep_freed_memory
+from evomerge.scoring.lm_tasks import PromptOptions
 from evomerge.workers.candidate import Candidate, EvalResult
 
 
@@ -66,6 +69,7 @@ class FitnessPayload(BaseModel):
     limit: int | None = Field(default=None, ge=1)
     subset_seed: int | None = 0
     include_paths: list[str] | None = None
+    prompts: PromptOptions | None = None
     window: list[int | None] | None = Field(default=None, min_length=2, max_length=2)  # staged evaluation
     order_seed: int = 0
 
@@ -107,6 +111,7 @@ class FitnessWorker:
         torch_threads: int | None = None,
         search_dirs: Sequence[str | Path] = (),
         lean_generate: bool = True,
+        prompts: Mapping[str, Any] | None = None,
     ):
         import torch
 
@@ -124,11 +129,17 @@ class FitnessWorker:
         self.batch_size = batch_size
         self.stderr = stderr
         self.lean_generate = lean_generate
+        try:
+            self.prompts = PromptOptions.model_validate(dict(prompts or {}))
+        except ValidationError as exc:
+            raise EvomergeError(f"prompts: {_first_error(exc)}") from None
         self.materializer = Materializer(list(sources), device=device, search_dirs=[Path(p) for p in search_dirs])
         self._task_sets: dict[tuple[Any, ...], Any] = {}
         self._tokenizers: dict[Path, Any] = {}
         self._prompt_caches: dict[Path, Any] = {}  # tokenizer path -> greedy_lm.PromptCache
-        self._lms: dict[int, tuple[Any, Any, Path]] = {}  # id(model) -> (model, HFLM, tokenizer) of in-place targets
+        # (id(model), tokenizer path) -> (model, HFLM) for in-place targets: one resident model is
+        # written by recipes with different `tokenizer_source`s, each scored with its own tokenizer
+        self._lms: dict[tuple[int, Path], tuple[Any, Any]] = {}
         if self.tasks:
             self._loaded([t.name for t in self.tasks], split, self.include_paths)
 
@@ -182,7 +193,9 @@ class FitnessWorker:
         lm = self._lm(built)
         started = time.perf_counter()
         with ForwardTimer().attached(built.model) as timer:
-            results = score_tasks(lm, loaded, samples=samples, log_samples=self.stderr)
+            results = score_tasks(
+                lm, loaded, samples=samples, log_samples=self.stderr, prompts=payload.prompts or self.prompts
+            )
         return results, time.perf_counter() - started, timer.seconds
 
     def _score_window(
@@ -223,7 +236,11 @@ class FitnessWorker:
             started = time.perf_counter()
             with ForwardTimer().attached(built.model) as timer:
                 results = score_tasks(
-                    lm, subset_tasks(loaded, scored), samples={n: samples[n] for n in scored}, log_samples=True
+                    lm,
+                    subset_tasks(loaded, scored),
+                    samples={n: samples[n] for n in scored},
+                    log_samples=True,
+                    prompts=payload.prompts or self.prompts,
                 )
             timings["eval"], timings["forward"] = time.perf_counter() - started, timer.seconds
             metrics.update(flat_metrics(results))
@@ -247,9 +264,10 @@ class FitnessWorker:
         """An HFLM around the candidate; in-place targets keep theirs (the same object every time)."""
         from evomerge.scoring.lm_tasks import make_lm
 
-        cached = self._lms.get(id(built.model))
-        if cached is not None and cached[0] is built.model and cached[2] == built.tokenizer_path:
-            return cached[1]  # (a target is shared by recipes of one output config, whatever their tokenizer)
+        key = (id(built.model), built.tokenizer_path)
+        cached = self._lms.get(key)
+        if cached is not None and cached[0] is built.model:
+            return cached[1]
         from evomerge.scoring.greedy_lm import PromptCache
 
         prompts = self._prompt_caches.setdefault(built.tokenizer_path, PromptCache())
@@ -264,7 +282,7 @@ class FitnessWorker:
         if built.mode == "in_place":
             while len(self._lms) >= self.materializer.max_targets:  # evicted targets free their memory
                 self._lms.pop(next(iter(self._lms)))
-            self._lms[id(built.model)] = (built.model, lm, built.tokenizer_path)
+            self._lms[key] = (built.model, lm)
         return lm
 
     def _tokenizer(self, path: Path) -> Any:
@@ -332,6 +350,12 @@ def _unknown_metric(loaded: Any, tasks: Sequence[TaskWeight]) -> str | None:
                 f"(its metrics: {', '.join(declared)})"
             )
     return None
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return f"{where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}"
 
 
 def _one_line(exc: BaseException) -> str:

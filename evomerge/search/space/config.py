@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from evomerge.errors import EvomergeError
 from evomerge.io.yaml_files import parse_yaml, read_text
 from evomerge.merge.recipe import TokenizerConfig
+from evomerge.scoring.lm_tasks import PromptOptions
 
 PS_METHODS = (
     "ties",
@@ -234,6 +235,8 @@ class SpaceConfig(_Strict):
     models: list[str] = Field(min_length=1)
     base_model: str | None = None
     tasks: list[TaskSpec] = Field(min_length=1)
+    # lm-eval's prompt options for every task: apply_chat_template, fewshot_as_multiturn, system_instruction
+    prompts: PromptOptions | None = None
     include_paths: list[str] = Field(default_factory=list)
     splits: Splits = Field(default_factory=Splits)
     budget: Budget = Field(default_factory=Budget)
