@@ -383,3 +383,24 @@ def test_a_first_generation_that_fails_the_same_way_everywhere_stops_the_run(roo
     assert "error: every candidate of generation 0 failed the same way" in result.output
     assert "weight above -1" in result.output
     assert len(search_ids(tmp_path / "run")) == 6  # one generation, not the whole budget
+
+
+def test_resume_refuses_sources_that_changed_since_the_run_started(root, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    models = tmp_path / "models"
+    shutil.copytree(root / "models", models)
+    path = write_space(tmp_path / "space.yaml", SPACE.format(max_evals=12, worker="ToyFitnessWorker"))
+    run_dir = tmp_path / "run"
+    run_search(path, run_dir, workers=None, ray_address=None, max_evals=6, seed=None, echo=lambda *_: None)
+    shutil.copytree(models / "a", tmp_path / "a-copy")  # same bytes elsewhere: not a change
+    weights = models / "a" / "model.safetensors"
+    state = load_file(weights)
+    name = sorted(state)[len(state) // 2]
+    state[name] = state[name] + 0.01  # retrained in place
+    save_file(state, weights, metadata={"format": "pt"})
+    result = CliRunner().invoke(app, ["resume", str(run_dir), "--max-evals", "12"])
+    assert result.exit_code == 2
+    assert f"error: {(models / 'a').resolve()}: this source model changed since the run started" in result.output

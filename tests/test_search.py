@@ -96,7 +96,9 @@ def test_a_run_writes_journal_run_file_best_final_and_summary(root, tmp_path):
         "summary.json",
     ]
     space_now = SearchSpace(load_space_config(run_dir / "space.yaml"), root=run_dir)
-    assert json.loads((run_dir / "run.json").read_text()) == {"format": 1, "space_sha": space_sha(space_now)}
+    run_file = json.loads((run_dir / "run.json").read_text())
+    assert run_file["format"] == 1 and run_file["space_sha"] == space_sha(space_now)
+    assert set(run_file["sources"]) == {str((root / "models" / n).resolve()) for n in ("base", "a", "b")}
     # summary.json in the shape; the final's test score is the weighted fitness on test
     assert summary["final"]["recipe"] == "final.yaml"
     test = summary["final"]["test"]

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evomerge.errors import EvomergeError
+from evomerge.io.fingerprint import sampled_fingerprint
 from evomerge.merge.recipe import Recipe, dump_recipe, parse_recipe_text
 from evomerge.scoring.confidence import weighted_ci95
 from evomerge.search.fidelity import items_scored
@@ -81,6 +82,12 @@ class Progress:
     best: float | None = None
     phase: str = "search"
     started: float = field(default_factory=time.monotonic)
+
+
+def source_fingerprints(space: SearchSpace) -> dict[str, str]:
+    """Every model the search reads, by resolved path: what resume checks the models against."""
+    paths = {space.catalog.resolve(ref, "models").path for ref in space.source_models}
+    return {str(path): sampled_fingerprint(path) for path in sorted(paths)}
 
 
 def space_sha(space: SearchSpace) -> str:
@@ -183,15 +190,27 @@ class Search:
     def _check_space(self) -> None:
         """run.json names the space the journal was made with; replaying it under another is refused."""
         sha = space_sha(self.space)
+        sources = source_fingerprints(self.space)
         state = self.run.read_json(RUN_FILE)
         if state is None:  # a new run (or one from before run.json: the replay check still guards it)
-            self.run.write_json(RUN_FILE, {"format": RUN_FORMAT, "space_sha": sha})
-        elif not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
+            self.run.write_json(RUN_FILE, {"format": RUN_FORMAT, "space_sha": sha, "sources": sources})
+            return
+        if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
             raise EvomergeError(f"{self.run.file(RUN_FILE)}: not a run file of format {RUN_FORMAT}")
-        elif state.get("space_sha") != sha:
+        if state.get("space_sha") != sha:
             raise EvomergeError(
                 f"{self.run.space_file}: the search space changed since the run started; "
                 "only budget.max_evals may change on resume"
+            )
+        recorded = state.get("sources")
+        if recorded is None:  # a run from before sources were recorded: record them now
+            self.run.write_json(RUN_FILE, {**state, "sources": sources})
+            return
+        changed = [model for model, print_ in recorded.items() if sources.get(model) != print_]
+        if changed:
+            raise EvomergeError(
+                f"{changed[0]}: this source model changed since the run started (its weights or config differ "
+                f"from what {RUN_FILE} recorded); resume with the original models, or start a new run"
             )
 
     def _check_replay(self, items: list[Item]) -> None:

@@ -2,7 +2,7 @@
 
     runs/NAME/space.yaml        the resolved search space (absolute paths, popsize, seed)
     runs/NAME/journal.jsonl     one JSON object per evaluation, flushed and fsynced per line
-    runs/NAME/run.json          format version and the space's identity (what resume checks)
+    runs/NAME/run.json          format version, the space's identity and the sources' fingerprints (what resume checks)
     runs/NAME/best.yaml         best recipe by search fitness so far
     runs/NAME/final.yaml        the chosen recipe (selection split), at the end
     runs/NAME/summary.json      report-split scores of the final recipe and the sources
