@@ -60,6 +60,10 @@ CASES = {
     ),
     "cma-fidelity": (BASE + "fidelity: {stages: [20, 80]}\n", [(j, f"{i}/s0") for j, i in GEN]),
     "ps+dfs": (PS_DFS, [("ps/journal.jsonl", "g0001-003"), ("dfs/journal.jsonl", "g0000-003")]),
+    "dfs": (
+        PS_DFS.replace("ps: {method: ties}\n", "").replace("models: [models/b]", "models: [models/a, models/b]"),
+        [("journal.jsonl", "g0000-003"), ("journal.jsonl", "g0001-002")],
+    ),
 }
 
 
@@ -142,7 +146,7 @@ def test_sigkill_twice_then_resume_equals_an_uninterrupted_run(tmp_path, case):
     for name in journals(run):
         genomes = journal_genomes(read_journal(run / name))
         assert genomes == journal_genomes(read_journal(reference / name))
-        assert len(genomes) == (12 if case == "ps+dfs" else 24)
+        assert len(genomes) == (12 if "dfs" in case else 24)
     assert (run / "final.yaml").read_text() == (reference / "final.yaml").read_text()
     assert (run / "summary.json").read_text() == (reference / "summary.json").read_text()
     assert len(worker_calls(log)) == 2 * evaluated + 2
@@ -250,3 +254,28 @@ def test_a_second_process_on_a_running_run_is_refused_and_a_killed_holder_is_tak
     ids = [r["eval_id"] for r in records]
     assert len(ids) == len(set(ids)) and sum(r["phase"] == "search" for r in records) == 24
     assert (run / ".lock").read_text() == ""  # released at the end: no holder to report
+
+
+def test_ps_dfs_results_do_not_depend_on_the_run_directory(tmp_path):
+    """The same space and seed at two paths: the same genomes, fitnesses and final recipe (up to
+    the run's own path, which the DFS stage's recipes name as the PS model)."""
+    make_models(tmp_path / "models")
+    path = write_space(tmp_path / "space.yaml", PS_DFS.replace("LOG", str(tmp_path / "worker.log")))
+    runs = [tmp_path / "one", tmp_path / "elsewhere" / "deeper" / "two"]
+    for run in runs:
+        run_search(path, run, workers=1, ray_address=None, max_evals=None, seed=None, echo=lambda *_: None)
+
+    def normalized(run: Path) -> dict[str, list]:
+        out = {}
+        for name in journals(run):
+            records = read_journal(run / name)
+            out[name] = [
+                (r["eval_id"], r["genome"], r["fitness"], r["recipe"].replace(str(run.resolve()), "RUN"))
+                for r in records
+                if r["phase"] == "search"
+            ]
+        return out
+
+    assert normalized(runs[0]) == normalized(runs[1])
+    finals = [(run / "final.yaml").read_text().replace(str(run.resolve()), "RUN") for run in runs]
+    assert finals[0] == finals[1]
