@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from evomerge.candidates.budget import ByteCache
 from evomerge.merge.jobs import MergePlan, TensorJob
 from evomerge.merge.methods.base import DeltaCache
 from evomerge.merge.methods.sparsify import della_ramp, topk_count, uniform_like
@@ -144,28 +144,37 @@ def _kernel(
 
 
 class DrawStore:
-    """Uniform draws per (generator seed, shape, device), least recently used dropped first once
-    `max_bytes` is exceeded. They are exactly what `uniform_like` returns for that generator."""
+    """Uniform draws per (generator seed, shape, device), kept in a `ByteCache` (alone: up to
+    `max_bytes`). They are exactly what `uniform_like` returns for that generator; a draw that
+    does not fit is returned without being kept."""
 
-    def __init__(self, max_bytes: int = DEFAULT_DRAW_CACHE_BYTES):
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self._draws: OrderedDict[tuple[int, tuple[int, ...], str], torch.Tensor] = OrderedDict()
+    KIND = "draw"
+
+    def __init__(self, max_bytes: int = DEFAULT_DRAW_CACHE_BYTES, cache: ByteCache | None = None):
+        self.cache = cache if cache is not None else ByteCache(limits={self.KIND: max_bytes})
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.kind_bytes(self.KIND)
+
+    def _key(self, generator: torch.Generator, like: torch.Tensor) -> tuple:
+        return (self.KIND, generator.initial_seed(), tuple(like.shape), str(like.device))
+
+    def keys(
+        self, generators: Sequence[torch.Generator | None], shape: Sequence[int], device: torch.device
+    ) -> list[tuple[tuple, int]]:
+        """(cache key, bytes) of the fp32 draws of `generators` for a tensor of `shape` on `device`,
+        for a `ByteCache.reserve` together with the task vectors they are used with."""
+        like = torch.empty(tuple(shape), device="meta")
+        size = like.numel() * 4
+        return [((self.KIND, g.initial_seed(), tuple(like.shape), str(device)), size) for g in generators if g]
 
     def get(self, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-        key = (generator.initial_seed(), tuple(like.shape), str(like.device))
-        draws = self._draws.get(key)
-        if draws is not None:
-            self._draws.move_to_end(key)
-            return draws
-        draws = uniform_like(like, generator)
-        size = draws.numel() * draws.element_size()
-        if size <= self.max_bytes:
-            self._draws[key] = draws
-            self.nbytes += size
-            while self.nbytes > self.max_bytes:
-                _, dropped = self._draws.popitem(last=False)
-                self.nbytes -= dropped.numel() * dropped.element_size()
+        key = self._key(generator, like)
+        draws = self.cache.get(key)
+        if draws is None:
+            draws = uniform_like(like, generator)
+            self.cache.put(key, draws, draws.numel() * draws.element_size())
         return draws
 
 
@@ -196,7 +205,8 @@ class FusedTaskVectors:
     def covers(plan: MergePlan) -> bool:
         return plan.method.name in _METHODS and plan.prepared is None
 
-    def _kernel(self) -> Callable[..., None]:
+    def kernel(self) -> Callable[..., None]:
+        """The compiled `_kernel` (compiled on first use)."""
         if self._compiled is None:
             import torch._dynamo
 
@@ -235,29 +245,49 @@ class FusedTaskVectors:
         packed = torch.tensor(values, dtype=torch.float32, device=device)
         flags = (consensus, normalize, rescale, values[-2] != 1.0, normalize and consensus is None, plan.input_dtype)
         try:
-            self._kernel()(target, base, deltas, draws, ranks, packed, sparsifier, *flags)
-        except Exception as exc:  # compilation fails before anything is written
+            self.kernel()(target, base, deltas, draws, ranks, packed, sparsifier, *flags)
+        except Exception:  # compilation fails before anything is written
             if self.fused_jobs:
                 raise
-            log.warning("fused merge kernels unavailable, using eager methods: %s", str(exc).splitlines()[0])
-            self.disabled = True
+            self.disable_after_failure()
             self.eager_jobs += 1
             return False
         if any(t is not None for t in scalars.tied):
-            # The kept entries tied at a cut, recomputed by the same function (eager) and written over.
-            at = torch.unique(torch.cat([t for t in scalars.tied if t is not None])).to(device)
-            masked = []
-            for delta, cut, tied in zip(deltas, scalars.cuts, scalars.tied, strict=True):
-                picked = delta.reshape(-1)[at]
-                keep = picked.abs() >= cut
-                if tied is not None:
-                    keep |= torch.isin(at, tied.to(device))
-                masked.append(picked * keep.to(torch.float32))
-            patch = torch.empty(at.numel(), dtype=target.dtype, device=device)
-            _kernel(patch, base.reshape(-1)[at], masked, [], [], packed, "none", *flags)
-            target.view(-1)[at] = patch
+            patch_tied(target, base, lambda i, at: deltas[i].reshape(-1)[at], scalars, packed, flags)
         self.fused_jobs += 1
         return True
+
+    def disable_after_failure(self) -> None:
+        """The kernel cannot be compiled here (no C++ compiler, ...): eager from now on, said once."""
+        import sys
+
+        log.warning("fused merge kernels unavailable, using eager methods: %s", str(sys.exc_info()[1]).splitlines()[0])
+        self.disabled = True
+
+
+def patch_tied(
+    target: torch.Tensor,
+    base: torch.Tensor,
+    delta_at: Callable[[int, torch.Tensor], torch.Tensor],
+    scalars: _Scalars,
+    packed: torch.Tensor,
+    flags: tuple,
+) -> None:
+    """Recompute the entries of `target` where kept magnitudes tie at a top-k cut (the kernel kept
+    only those strictly above it) with the same function, eager, and write them over.
+    `delta_at(i, flat_indices)` gives input i's task vector at those entries."""
+    device = target.device
+    at = torch.unique(torch.cat([t for t in scalars.tied if t is not None])).to(device)
+    masked = []
+    for i, (cut, tied) in enumerate(zip(scalars.cuts, scalars.tied, strict=True)):
+        picked = delta_at(i, at)
+        keep = picked.abs() >= cut
+        if tied is not None:
+            keep |= torch.isin(at, tied.to(device))
+        masked.append(picked * keep.to(torch.float32))
+    patch = torch.empty(at.numel(), dtype=target.dtype, device=device)
+    _kernel(patch, base.reshape(-1)[at], masked, [], [], packed, "none", *flags)
+    target.view(-1)[at] = patch
 
 
 def job_flags(job: TensorJob, has_consensus: bool) -> tuple[str | None, bool, bool]:
@@ -281,15 +311,35 @@ def packed_scalars(job: TensorJob, scalars: _Scalars, consensus: str | None, nor
 
 
 def _scalars(job: TensorJob, caches: Sequence[DeltaCache] | None, sparsifier: str) -> _Scalars | None:
-    """The kernel's per-input scalars, or None where the eager method must run."""
+    """The kernel's per-input scalars from resident task-vector caches, or None where the eager
+    method must run."""
     if caches is None or job.base is None or len(caches) != len(job.inputs):
         return None
+
+    def cut(i: int, density: float) -> tuple[float, torch.Tensor | None] | None:
+        cache = caches[i]
+        if cache.sorted_abs is None or cache.sorted_order is None:
+            return None
+        return _topk_cut(cache.sorted_abs, cache.sorted_order, density)
+
+    return job_scalars(job, caches[0].delta, sparsifier, cut, all(c.row_ranks is not None for c in caches))
+
+
+def job_scalars(
+    job: TensorJob,
+    like: torch.Tensor,
+    sparsifier: str,
+    topk_cut: Callable[[int, float], tuple[float, torch.Tensor | None] | None],
+    have_ranks: bool,
+) -> _Scalars | None:
+    """Per-input scalars of one job (`like`: any tensor of the job's shape, meta is enough);
+    `topk_cut(i, density)` gives input i's magnitude cut and tied indices (see `_topk_cut`)."""
     rescale = bool(job.params.get("rescale", False))
     if rescale and (sparsifier in ("magnitude", "rank") or job.params.get("rescale_norm", "inverse") != "inverse"):
         return None  # L1 rescaling needs whole-tensor norms first
     keep_all = {"none": 0.0, "magnitude": float("-inf"), "rank": -1.0, "bernoulli": 1.0, "della": 1.0}[sparsifier]
     scalars = _Scalars([], [], [], [])
-    for cache, p in zip(caches, job.input_params, strict=True):
+    for i, p in enumerate(job.input_params):
         weight = float(p["weight"])
         density = float(p.get("density", 1.0))
         cut, tied, slope, factor = keep_all, None, 0.0, weight
@@ -298,18 +348,19 @@ def _scalars(job: TensorJob, caches: Sequence[DeltaCache] | None, sparsifier: st
         elif density <= 0:
             return None  # eager returns exact zeros; the kernel would give -0.0 for negative entries
         elif sparsifier == "magnitude":
-            if cache.sorted_abs is None or cache.sorted_order is None:
+            found = topk_cut(i, density)
+            if found is None:
                 return None
-            cut, tied = _topk_cut(cache.sorted_abs, cache.sorted_order, density)
+            cut, tied = found
         elif sparsifier == "rank":  # keep the stable ranks n - k .. n - 1
-            n = cache.delta.numel()
+            n = like.numel()
             cut = float(n - topk_count(density, n) - 1)
         elif sparsifier == "bernoulli":
             cut = density
             factor = weight / density if rescale else weight
         else:
-            ramp = della_ramp(cache.delta, density, float(p.get("epsilon", 0.15)))
-            if ramp is None or cache.row_ranks is None:
+            ramp = della_ramp(like, density, float(p.get("epsilon", 0.15)))
+            if ramp is None or not have_ranks:
                 return None  # eager uses a constant probability tensor here
             cut, slope = ramp
         scalars.cuts.append(cut)
