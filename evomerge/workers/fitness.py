@@ -3,7 +3,8 @@
 Built once per executor slot (in process or in a Ray actor) as
 
     FitnessWorker(sources=[model dirs], tasks=[{"name", "metric", "weight", "limit"}],
-                  include_paths=[...], split="train", device="cpu", batch_size=64)
+                  include_paths=[...], split="train", device="cpu", batch_size=64,
+                  memory_budget="40GB", cache="budgeted")   # optional: docs/memory.md
 
 It loads the sources once (`Materializer`) and the lm-eval task objects once per (tasks, split);
 every candidate then costs a materialisation plus the forward passes. Payload of a candidate:
@@ -107,6 +108,9 @@ class FitnessWorker:
         torch_threads: int | None = None,
         search_dirs: Sequence[str | Path] = (),
         lean_generate: bool = True,
+        memory_budget: int | str | None = None,
+        cache: str | None = None,
+        mmap: bool = True,
     ):
         import torch
 
@@ -124,7 +128,14 @@ class FitnessWorker:
         self.batch_size = batch_size
         self.stderr = stderr
         self.lean_generate = lean_generate
-        self.materializer = Materializer(list(sources), device=device, search_dirs=[Path(p) for p in search_dirs])
+        self.materializer = Materializer(
+            list(sources),
+            device=device,
+            search_dirs=[Path(p) for p in search_dirs],
+            memory_budget=memory_budget,
+            cache=cache,  # type: ignore[arg-type]
+            mmap=mmap,
+        )
         self._task_sets: dict[tuple[Any, ...], Any] = {}
         self._tokenizers: dict[Path, Any] = {}
         self._prompt_caches: dict[Path, Any] = {}  # tokenizer path -> greedy_lm.PromptCache
