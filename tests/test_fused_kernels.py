@@ -78,10 +78,12 @@ def test_every_fused_method_equals_the_file_merge_bit_for_bit(mini_zoo: Path, tm
 def test_the_topk_cut_keeps_what_the_eager_top_k_keeps_with_many_ties(density: float) -> None:
     delta = torch.randint(-4, 5, (37, 29)).float() / 8  # nine magnitudes: every cut falls inside a tie
     values, order = delta.abs().reshape(-1).sort(stable=True)
-    cut, tied = _topk_cut(values, order.to(torch.int32), density)
+    cut, tied, value, start = _topk_cut(values, order.to(torch.int32), density)
     kept = delta.abs() >= cut
     if tied is not None:
         kept.view(-1)[tied] = True
+    index = torch.arange(delta.numel()).view(delta.shape)  # the index form (magnitude_index) keeps the same
+    assert torch.equal(kept, (delta.abs() > value) | ((delta.abs() == value) & (index >= start)))
     expected = magnitude_topk(delta.clone(), density) != 0
     nonzero = delta != 0  # zero entries are "kept" or not without changing the merge
     assert torch.equal(kept & nonzero, expected)

@@ -26,8 +26,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -82,7 +82,9 @@ def _kernel(
     a 0/1 factor (same values; the sign of a zero may differ; about 7% faster). `scalars` (fp32, packed by
     `FusedTaskVectors.write`) holds per input a cut, a slope, a factor and a weight, then lambda
     (used when `scaled`) and the divisor (when `divided`); each may also be one value per entry
-    (flat.py). Kept entries: magnitude |d| >= cut (or none: `deltas` are already masked); rank: stable
+    (flat.py). Kept entries: magnitude |d| >= cut (or none: `deltas` are already masked);
+    magnitude_index |d| > cut, or |d| == cut at a flat index >= `ranks[i]` (a 0-d int64: where many
+    equal magnitudes straddle a top-k cut, the kept ones are the last by index); rank: stable
     magnitude rank > cut (`ranks` as fp32); bernoulli u < cut; della u < q = cut + slope * rank (then
     divided by q when `rescale`). Factors multiply the kept entries (the weight, or weight / density)."""
     n = len(deltas)
@@ -93,6 +95,11 @@ def _kernel(
             weighted.append(delta * factors[i])
         elif sparsifier == "magnitude":
             weighted.append(torch.where(delta.abs() >= cuts[i], delta * factors[i], 0.0))
+        elif sparsifier == "magnitude_index":  # ties at the cut: those from flat index ranks[i] on
+            magnitude = delta.abs()
+            index = torch.arange(delta.numel(), device=delta.device).view(delta.shape)
+            keep = (magnitude > cuts[i]) | ((magnitude == cuts[i]) & (index >= ranks[i]))
+            weighted.append(torch.where(keep, delta * factors[i], 0.0))
         elif sparsifier == "rank":  # ranks and cuts are integers in fp32: the clamp is a 0/1 factor
             keep = (ranks[i] - cuts[i]).clamp(0.0, 1.0)
             weighted.append(delta * (keep * factors[i]))
@@ -186,6 +193,27 @@ class _Scalars:
     slopes: list[float]
     factors: list[float]
     tied: list[torch.Tensor | None]  # flat indices of kept entries equal to a magnitude cut
+    values: list[float] = field(default_factory=list)  # magnitude: the cut value v itself
+    starts: list[int] = field(default_factory=list)  # magnitude: first flat index of a kept |d| == v
+
+    def by_index(self) -> _Scalars:
+        """The same cut as `magnitude_index` takes it: |d| > v, or == v from index `starts[i]`."""
+        return replace(self, cuts=list(self.values), tied=[None] * len(self.tied))
+
+
+class TopkCut(NamedTuple):
+    """A magnitude top-k of one input: keep |d| >= `cut` plus the flat indices `tied`, or
+    equivalently |d| > `value`, and |d| == `value` from flat index `start` on. The streamed
+    selection (stream.py) does not list the tied entries (`tied` None, `cut` = `value`): only the
+    index form is exact there."""
+
+    cut: float
+    tied: torch.Tensor | None
+    value: float
+    start: int
+
+
+TIE_PATCH_MAX = 1 << 14  # more kept tied entries than this (bf16 deltas): an index compare instead
 
 
 class FusedTaskVectors:
@@ -200,6 +228,7 @@ class FusedTaskVectors:
         self.disabled = False  # set when the kernel cannot be compiled here (no C++ compiler, ...)
         self.fused_jobs = 0
         self.eager_jobs = 0
+        self.index_jobs = 0  # TIES jobs whose ties at the cut were kept by an index compare
 
     @staticmethod
     def covers(plan: MergePlan) -> bool:
@@ -240,6 +269,11 @@ class FusedTaskVectors:
         if sparsifier in ("bernoulli", "della"):
             draws = [self.draws.get(g, d) for g, d in zip(plan.generators(job, device), deltas, strict=True)]
         ranks = [c.row_ranks for c in caches] if sparsifier == "della" else []
+        tied = sum(t.numel() for t in scalars.tied if t is not None)
+        if tied > max(TIE_PATCH_MAX, deltas[0].numel() // 100):  # bf16 deltas: patching would be slow
+            sparsifier, scalars = "magnitude_index", scalars.by_index()
+            ranks = [torch.tensor(start, device=device) for start in scalars.starts]
+            self.index_jobs += 1
         consensus, normalize, rescale = job_flags(job, has_consensus)
         values = packed_scalars(job, scalars, consensus, normalize)
         packed = torch.tensor(values, dtype=torch.float32, device=device)
@@ -316,7 +350,7 @@ def _scalars(job: TensorJob, caches: Sequence[DeltaCache] | None, sparsifier: st
     if caches is None or job.base is None or len(caches) != len(job.inputs):
         return None
 
-    def cut(i: int, density: float) -> tuple[float, torch.Tensor | None] | None:
+    def cut(i: int, density: float) -> TopkCut | None:
         cache = caches[i]
         if cache.sorted_abs is None or cache.sorted_order is None:
             return None
@@ -329,11 +363,11 @@ def job_scalars(
     job: TensorJob,
     like: torch.Tensor,
     sparsifier: str,
-    topk_cut: Callable[[int, float], tuple[float, torch.Tensor | None] | None],
+    topk_cut: Callable[[int, float], TopkCut | None],
     have_ranks: bool,
 ) -> _Scalars | None:
     """Per-input scalars of one job (`like`: any tensor of the job's shape, meta is enough);
-    `topk_cut(i, density)` gives input i's magnitude cut and tied indices (see `_topk_cut`)."""
+    `topk_cut(i, density)` gives input i's magnitude cut (see `_topk_cut`)."""
     rescale = bool(job.params.get("rescale", False))
     if rescale and (sparsifier in ("magnitude", "rank") or job.params.get("rescale_norm", "inverse") != "inverse"):
         return None  # L1 rescaling needs whole-tensor norms first
@@ -343,6 +377,7 @@ def job_scalars(
         weight = float(p["weight"])
         density = float(p.get("density", 1.0))
         cut, tied, slope, factor = keep_all, None, 0.0, weight
+        value, start = keep_all, 0
         if sparsifier == "none" or density >= 1:
             pass  # every sparsifier keeps everything at density 1, without rescaling
         elif density <= 0:
@@ -351,7 +386,7 @@ def job_scalars(
             found = topk_cut(i, density)
             if found is None:
                 return None
-            cut, tied = found
+            cut, tied, value, start = found
         elif sparsifier == "rank":  # keep the stable ranks n - k .. n - 1
             n = like.numel()
             cut = float(n - topk_count(density, n) - 1)
@@ -365,28 +400,29 @@ def job_scalars(
             cut, slope = ramp
         scalars.cuts.append(cut)
         scalars.tied.append(tied)
+        scalars.values.append(value)
+        scalars.starts.append(start)
         scalars.slopes.append(slope)
         scalars.factors.append(factor)
     return scalars
 
 
-def _topk_cut(
-    sorted_abs: torch.Tensor, sorted_order: torch.Tensor, density: float
-) -> tuple[float, torch.Tensor | None]:
-    """(c, tied): the `topk_count(density, n)` largest |delta| by stable rank are those with
-    |delta| >= c, plus the entries at the flat indices `tied` (None when no equal magnitudes
-    straddle the cut). A stable sort orders ties by index, so the kept tied entries are the sorted
-    positions from n - k to the last one equal to the cut value v; then c is just above v."""
+def _topk_cut(sorted_abs: torch.Tensor, sorted_order: torch.Tensor, density: float) -> TopkCut:
+    """The `topk_count(density, n)` largest |delta| by stable rank: those with |delta| >= c, plus
+    the entries at the flat indices `tied` (None when no equal magnitudes straddle the cut). A
+    stable sort orders ties by index, so the kept tied entries are the sorted positions from n - k
+    to the last one equal to the cut value v (ascending flat indices); then c is just above v."""
     n = sorted_abs.numel()
     k = topk_count(density, n)
     if k >= n:
-        return float("-inf"), None
+        return TopkCut(float("-inf"), None, float("-inf"), 0)
     value = sorted_abs[n - k]
     if float(value) == 0.0 or float(sorted_abs[n - k - 1]) != float(value):
-        return float(value), None  # no tie, or tied zeros (a zero entry changes nothing when kept)
+        return TopkCut(float(value), None, float(value), 0)  # no tie, or tied zeros (kept zeros change nothing)
     last = int(torch.searchsorted(sorted_abs, value, right=True))
     above = torch.nextafter(value, torch.tensor(float("inf"), dtype=value.dtype))
-    return float(above), sorted_order[n - k : last].to(torch.int64)
+    tied = sorted_order[n - k : last].to(torch.int64)
+    return TopkCut(float(above), tied, float(value), int(tied[0]))
 
 
 def fused_available(mode: KernelMode, parameters: int) -> bool:

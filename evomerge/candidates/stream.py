@@ -10,9 +10,12 @@ sources and the candidate is a few chunks, whatever the source dtype, and the va
 cached path's (tested bit for bit against `evomerge merge` for every fused method).
 
 What the cached path looks up is computed per candidate:
-- TIES top-k: the cut value is found by a radix selection over the float bits of |delta| (two
-  counting passes of 16 bits each), then, where equal magnitudes straddle the cut, a third pass
-  collects the kept tied entries (the last ones by index: a stable sort's rule);
+- TIES top-k: the cut value is selected in one pass among the entries inside a bracket taken from
+  a strided sample, or where the bracket misses (or many magnitudes are equal, as in bf16
+  deltas) by a radix selection over the float bits of |delta| (two counting passes of 16 bits).
+  Where equal magnitudes straddle the cut, the kept ones are the last by index (a stable sort's
+  rule): a pass from the end finds the first kept one, and the kernel compares flat indices
+  (`magnitude_index`), so no list of tied entries is ever built;
 - DARE/DELLA draws: the generator's own PCG64 stream, advanced to the chunk's first entry, so a
   chunk gets exactly its slice of `uniform_like` (on accelerators, torch's generator: drawn per
   tensor, since its stream cannot be advanced);
@@ -28,16 +31,17 @@ import torch
 from evomerge.candidates.fused import (
     _METHODS,
     FusedTaskVectors,
+    TopkCut,
     _kernel,
     job_flags,
     job_scalars,
     packed_scalars,
-    patch_tied,
 )
 from evomerge.merge.jobs import MergePlan, TensorJob
 from evomerge.merge.methods.sparsify import stable_row_ranks, topk_count, uniform_like
 
-CHUNK_ENTRIES = 1 << 20  # 4 MB of fp32 per temporary: the chunk's working set stays in cache
+CHUNK_ENTRIES = 1 << 20  # CPU: 4 MB of fp32 per temporary, the chunk's working set stays in cache
+DEVICE_CHUNK_ENTRIES = 1 << 24  # accelerators: 64 MB per temporary, few kernel launches per tensor
 
 DeltaChunk = Callable[[int, int], torch.Tensor]  # (start, stop) of the flat tensor -> fp32 task vector
 
@@ -45,10 +49,11 @@ DeltaChunk = Callable[[int, int], torch.Tensor]  # (start, stop) of the flat ten
 class StreamedTaskVectors:
     """Writes task-vector jobs into resident parameters chunk by chunk, with no cached data."""
 
-    def __init__(self, fused: FusedTaskVectors, chunk_entries: int = CHUNK_ENTRIES):
+    def __init__(self, fused: FusedTaskVectors, chunk_entries: int | None = None):
         self.fused = fused
-        self.chunk_entries = chunk_entries
+        self.chunk_entries = chunk_entries  # None: CHUNK_ENTRIES on CPU, DEVICE_CHUNK_ENTRIES elsewhere
         self.jobs = 0  # jobs streamed here (tests check the path ran)
+        self.bracket = True  # TIES cuts: sampled bracket first (tests switch it off for the radix path)
 
     def write(self, plan: MergePlan, job: TensorJob, source, target: torch.Tensor, *, compiled: bool) -> bool:
         """Compute `job` into `target`; False when the eager method must run (see `job_scalars`)."""
@@ -67,16 +72,20 @@ class StreamedTaskVectors:
 
         shape = tuple(job.shape)
         row = n // shape[0] if len(shape) >= 2 and shape[0] else n  # `sparsify._as_rows`
+        chunk = self.chunk_entries or (CHUNK_ENTRIES if target.device.type == "cpu" else DEVICE_CHUNK_ENTRIES)
         # DELLA ranks within rows: its chunks are whole rows (one row when a row is longer)
-        step = max(1, self.chunk_entries // row) * row if sparsifier == "della" else self.chunk_entries
+        step = max(1, chunk // row) * row if sparsifier == "della" else chunk
         like = torch.empty(shape, device="meta")
 
-        def cut(i: int, density: float) -> tuple[float, torch.Tensor | None]:
-            return streamed_topk_cut(delta(i), n, density, step)
+        def cut(i: int, density: float) -> TopkCut:
+            at = (lambda idx: _fp32(inputs[i][idx], dtype) - _fp32(base[idx], dtype)) if self.bracket else None
+            return streamed_topk_cut(delta(i), n, density, step, at)
 
         scalars = job_scalars(job, like, sparsifier, cut, True)
         if scalars is None:
             return False
+        if sparsifier == "magnitude":  # the tied entries are not listed: an index compare keeps them
+            sparsifier, scalars = "magnitude_index", scalars.by_index()
         consensus, normalize, rescale = job_flags(job, has_consensus)
         values = packed_scalars(job, scalars, consensus, normalize)
         device = target.device
@@ -96,7 +105,11 @@ class StreamedTaskVectors:
                 draws = [d[a:b] for d in whole_draws]
             elif generators:
                 draws = [uniform_range(g, a, b) for g in generators]
-            ranks = [stable_row_ranks(d.view(-1, row).abs()).view(-1) for d in deltas] if sparsifier == "della" else []
+            ranks: list[torch.Tensor] = []
+            if sparsifier == "della":
+                ranks = [stable_row_ranks(d.view(-1, row).abs()).view(-1) for d in deltas]
+            elif sparsifier == "magnitude_index":
+                ranks = [torch.tensor(start - a, device=device) for start in scalars.starts]
             try:
                 kernel(out[a:b], base[a:b], deltas, draws, ranks, packed, sparsifier, *flags)
             except Exception:
@@ -105,15 +118,6 @@ class StreamedTaskVectors:
                 self.fused.disable_after_failure()  # logs once; later chunks and jobs run eager
                 kernel = _kernel
                 kernel(out[a:b], base[a:b], deltas, draws, ranks, packed, sparsifier, *flags)
-        if any(t is not None for t in scalars.tied):
-            patch_tied(
-                target,
-                base,
-                lambda i, at: _fp32(inputs[i][at], dtype) - _fp32(base[at], dtype),
-                scalars,
-                packed,
-                flags,
-            )
         self.jobs += 1
         return True
 
@@ -144,40 +148,107 @@ def _chunks(delta: DeltaChunk, n: int, step: int, *, reverse: bool = False) -> I
         yield a, delta(a, min(n, a + step)).abs()
 
 
-def streamed_topk_cut(delta: DeltaChunk, n: int, density: float, step: int) -> tuple[float, torch.Tensor | None]:
-    """`fused._topk_cut` without a sorted copy: the value v of stable ascending rank n - k of |delta|
-    by radix selection on its float bits (non-negative floats order as their int32 bits), then,
-    when equal magnitudes straddle the cut, the kept tied entries: the last ones by index."""
+def streamed_topk_cut(
+    delta: DeltaChunk,
+    n: int,
+    density: float,
+    step: int,
+    delta_at: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> TopkCut:
+    """`fused._topk_cut` without a sorted copy of |delta|, in its index form: the cut value v and
+    the first flat index from which entries equal to v are kept (the last ones by index, a stable
+    sort's rule). Memory: a few chunks, whatever the number of ties.
+
+    With `delta_at` (the task vector at given flat indices), v is selected in one pass among the
+    entries inside a bracket from a strided sample (`_bracketed_value`); when the bracket misses
+    or holds too much (many equal magnitudes), or without `delta_at`, by a radix selection over the
+    float bits (`_radix_value`, two passes). Where ties straddle the cut, one more pass from the end
+    finds the first kept tied entry (`_first_kept_tied`)."""
     k = topk_count(density, n)
     if k >= n:
-        return float("-inf"), None
+        return TopkCut(float("-inf"), None, float("-inf"), 0)
     rank = n - k
-    high = torch.zeros(1 << 15, dtype=torch.int64)
-    for _, magnitude in _chunks(delta, n, step):
-        high += torch.bincount((magnitude.view(torch.int32) >> 16).cpu(), minlength=1 << 15)
-    below_high = high.cumsum(0)
-    top = int(torch.searchsorted(below_high, rank, right=True))  # first bucket with more than `rank` below it
-    below = int(below_high[top - 1]) if top else 0
-    low = torch.zeros(1 << 16, dtype=torch.int64)
-    for _, magnitude in _chunks(delta, n, step):
-        bits = magnitude.view(torch.int32)
-        low += torch.bincount((bits[(bits >> 16) == top] & 0xFFFF).cpu(), minlength=1 << 16)
-    below_low = low.cumsum(0)
-    bottom = int(torch.searchsorted(below_low, rank - below, right=True))
-    less = below + (int(below_low[bottom - 1]) if bottom else 0)
-    equal = int(low[bottom])
-    value = torch.tensor([(top << 16) | bottom], dtype=torch.int32).view(torch.float32)
-    if float(value) == 0.0 or less == rank:
-        return float(value), None  # no tie at the cut, or tied zeros (a kept zero changes nothing)
+    found = _bracketed_value(delta, delta_at, n, rank, step) if delta_at is not None else None
+    value, less, equal = found if found is not None else _radix_value(delta, n, rank, step)
+    if value == 0.0 or less == rank:
+        return TopkCut(value, None, value, 0)  # no tie at the cut, or tied zeros (a kept zero changes nothing)
     need = less + equal - rank  # kept tied entries: the last `need` equal to the value, by index
-    found: list[torch.Tensor] = []
-    count = 0
+    return TopkCut(value, None, value, _first_kept_tied(delta, n, step, value, need))
+
+
+SAMPLE = 1 << 16
+
+
+def _bracketed_value(
+    delta: DeltaChunk, delta_at: Callable[[torch.Tensor], torch.Tensor], n: int, rank: int, step: int
+) -> tuple[float, int, int] | None:
+    """(v, entries below v, entries equal to v) as `sparsify._kth_by_sampling` finds v: a bracket
+    [low, high] around the rank from a strided sample (about 12 standard deviations of the sample
+    quantile wide, ~5% of the entries), one pass counting what lies below it and keeping the
+    values inside, then a selection among those. None when the bracket misses the rank or holds
+    more than 1/12 of the entries (heavy ties: the radix selection's memory does not grow)."""
+    probe = delta(0, 1)
+    positions = torch.arange(0, n, max(1, n // SAMPLE), device=probe.device)
+    sample = delta_at(positions).abs().sort().values
+    m = sample.numel()
+    centre = rank / max(1, n - 1) * (m - 1)
+    spread = 6.0 * m**0.5 + 2
+    low = sample[max(0, int(centre - spread))]
+    high = sample[min(m - 1, int(centre + spread) + 1)]
+    limit = n // 12 + SAMPLE
+    below = torch.zeros((), dtype=torch.int64, device=probe.device)
+    values: list[torch.Tensor] = []
+    held = 0
+    for _, magnitude in _chunks(delta, n, step):
+        below += (magnitude < low).sum()
+        values.append(magnitude[(magnitude >= low) & (magnitude <= high)])
+        held += values[-1].numel()
+        if held > limit:
+            return None
+    inside = torch.cat(values)
+    offset = rank - int(below)
+    if not 0 <= offset < inside.numel():
+        return None
+    value = torch.kthvalue(inside, offset + 1).values
+    less = int(below) + int((inside < value).sum())
+    return float(value), less, int((inside == value).sum())
+
+
+def _radix_value(delta: DeltaChunk, n: int, rank: int, step: int) -> tuple[float, int, int]:
+    """(v, entries below v, entries equal to v) for the value v of ascending rank `rank` of
+    |delta|, by radix selection on the float bits (non-negative floats order as their int32 bits):
+    a pass counting the high 16 bits, a pass counting the low 16 bits inside the right bucket."""
+    high: torch.Tensor | None = None  # counts per high 16 bits (the sign bit is 0), on the chunks' device
+    for _, magnitude in _chunks(delta, n, step):
+        counts = torch.bincount((magnitude.view(torch.int32) >> 16).reshape(-1), minlength=1 << 15)
+        high = counts if high is None else high.add_(counts)
+    assert high is not None
+    below_high = high.cumsum(0).cpu()
+    top = int(torch.searchsorted(below_high, torch.tensor(rank), right=True))  # first bucket past `rank`
+    below = int(below_high[top - 1]) if top else 0
+    low: torch.Tensor | None = None
+    for _, magnitude in _chunks(delta, n, step):
+        bits = magnitude.view(torch.int32).reshape(-1)
+        counts = torch.bincount(bits[(bits >> 16) == top] & 0xFFFF, minlength=1 << 16)
+        low = counts if low is None else low.add_(counts)
+    assert low is not None
+    below_low = low.cumsum(0).cpu()
+    bottom = int(torch.searchsorted(below_low, torch.tensor(rank - below), right=True))
+    less = below + (int(below_low[bottom - 1]) if bottom else 0)
+    equal = int(below_low[bottom]) - (int(below_low[bottom - 1]) if bottom else 0)
+    value = torch.tensor([(top << 16) | bottom], dtype=torch.int32).view(torch.float32)
+    return float(value), less, equal
+
+
+def _first_kept_tied(delta: DeltaChunk, n: int, step: int, value: float, need: int) -> int:
+    """The flat index of the `need`-th entry equal to `value` counted from the end: a pass from
+    the last chunk that counts, then lists only the chunk where the count is reached."""
+    seen = 0
     for a, magnitude in _chunks(delta, n, step, reverse=True):
-        where = (magnitude == value.to(magnitude.device)).nonzero().flatten().cpu() + a
-        found.insert(0, where)
-        count += where.numel()
-        if count >= need:
-            break
-    tied = torch.cat(found)[-need:]
-    above = torch.nextafter(value, torch.tensor([float("inf")]))
-    return float(above), tied
+        equal = magnitude.reshape(-1) == value
+        count = int(equal.sum())
+        if seen + count >= need:
+            where = equal.nonzero().flatten()
+            return a + int(where[where.numel() - (need - seen)])
+        seen += count
+    raise AssertionError("fewer tied entries than counted")
