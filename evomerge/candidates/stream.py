@@ -10,12 +10,11 @@ sources and the candidate is a few chunks, whatever the source dtype, and the va
 cached path's (tested bit for bit against `evomerge merge` for every fused method).
 
 What the cached path looks up is computed per candidate:
-- TIES top-k: the cut value is selected in one pass among the entries inside a bracket taken from
-  a strided sample, or where the bracket misses (or many magnitudes are equal, as in bf16
-  deltas) by a radix selection over the float bits of |delta| (two counting passes of 16 bits).
-  Where equal magnitudes straddle the cut, the kept ones are the last by index (a stable sort's
-  rule): a pass from the end finds the first kept one, and the kernel compares flat indices
-  (`magnitude_index`), so no list of tied entries is ever built;
+- TIES top-k: the cut value comes from a radix selection over the float bits of |delta| (two
+  counting passes of 16 bits each). Where equal magnitudes straddle the cut (bf16 task vectors
+  tie by the million), the kept ones are the last by index (a stable sort's rule): a pass from
+  the end finds the first kept one, and the kernel compares flat indices (`magnitude_index`), so
+  no list of tied entries is ever built;
 - DARE/DELLA draws: the generator's own PCG64 stream, advanced to the chunk's first entry, so a
   chunk gets exactly its slice of `uniform_like` (on accelerators, torch's generator: drawn per
   tensor, since its stream cannot be advanced);
@@ -44,6 +43,7 @@ CHUNK_ENTRIES = 1 << 20  # CPU: 4 MB of fp32 per temporary, the chunk's working 
 DEVICE_CHUNK_ENTRIES = 1 << 24  # accelerators: 64 MB per temporary, few kernel launches per tensor
 
 DeltaChunk = Callable[[int, int], torch.Tensor]  # (start, stop) of the flat tensor -> fp32 task vector
+MagnitudeChunk = DeltaChunk  # (start, stop) -> |task vector| in fp32
 
 
 class StreamedTaskVectors:
@@ -53,7 +53,7 @@ class StreamedTaskVectors:
         self.fused = fused
         self.chunk_entries = chunk_entries  # None: CHUNK_ENTRIES on CPU, DEVICE_CHUNK_ENTRIES elsewhere
         self.jobs = 0  # jobs streamed here (tests check the path ran)
-        self.bracket = True  # TIES cuts: sampled bracket first (tests switch it off for the radix path)
+        self._magnitude: Callable[..., torch.Tensor] | None = None
 
     def write(self, plan: MergePlan, job: TensorJob, source, target: torch.Tensor, *, compiled: bool) -> bool:
         """Compute `job` into `target`; False when the eager method must run (see `job_scalars`)."""
@@ -77,9 +77,10 @@ class StreamedTaskVectors:
         step = max(1, chunk // row) * row if sparsifier == "della" else chunk
         like = torch.empty(shape, device="meta")
 
+        magnitude_of = self._compiled_magnitude() if compiled and not self.fused.disabled else _magnitude
+
         def cut(i: int, density: float) -> TopkCut:
-            at = (lambda idx: _fp32(inputs[i][idx], dtype) - _fp32(base[idx], dtype)) if self.bracket else None
-            return streamed_topk_cut(delta(i), n, density, step, at)
+            return streamed_topk_cut(lambda a, b: magnitude_of(inputs[i][a:b], base[a:b], dtype), n, density, step)
 
         scalars = job_scalars(job, like, sparsifier, cut, True)
         if scalars is None:
@@ -121,6 +122,22 @@ class StreamedTaskVectors:
         self.jobs += 1
         return True
 
+    def _compiled_magnitude(self) -> Callable[..., torch.Tensor]:
+        """`_magnitude` compiled: one loop instead of four passes over each chunk (the cut's
+        counting passes read every task vector twice per candidate). Same values: conversions,
+        one fp32 subtraction, abs."""
+        if self._magnitude is None:
+            self._magnitude = torch.compile(
+                _magnitude, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True}
+            )
+        return self._magnitude
+
+
+def _magnitude(tensor: torch.Tensor, base: torch.Tensor, input_dtype: torch.dtype | None) -> torch.Tensor:
+    """|task vector| of a chunk, in fp32: the methods' arithmetic (round to the recipe's dtype,
+    upcast, subtract)."""
+    return (_fp32(tensor, input_dtype) - _fp32(base, input_dtype)).abs()
+
 
 def _fp32(tensor: torch.Tensor, input_dtype: torch.dtype | None) -> torch.Tensor:
     if input_dtype is not None:
@@ -142,93 +159,47 @@ def uniform_range(generator: torch.Generator, start: int, stop: int) -> torch.Te
     return out[skip:]
 
 
-def _chunks(delta: DeltaChunk, n: int, step: int, *, reverse: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
-    starts = range(0, n, step)
-    for a in reversed(starts) if reverse else starts:
-        yield a, delta(a, min(n, a + step)).abs()
+def _chunks(magnitude: MagnitudeChunk, n: int, step: int) -> Iterator[torch.Tensor]:
+    for a in range(0, n, step):
+        yield magnitude(a, min(n, a + step))
 
 
-def streamed_topk_cut(
-    delta: DeltaChunk,
-    n: int,
-    density: float,
-    step: int,
-    delta_at: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> TopkCut:
+def streamed_topk_cut(magnitude: MagnitudeChunk, n: int, density: float, step: int) -> TopkCut:
     """`fused._topk_cut` without a sorted copy of |delta|, in its index form: the cut value v and
     the first flat index from which entries equal to v are kept (the last ones by index, a stable
-    sort's rule). Memory: a few chunks, whatever the number of ties.
+    sort's rule). v comes from a radix selection over the float bits (`_radix_value`, two counting
+    passes); where ties straddle the cut, one more pass from the end finds the first kept tied
+    entry (`_first_kept_tied`). Memory: a few chunks, whatever the number of ties.
 
-    With `delta_at` (the task vector at given flat indices), v is selected in one pass among the
-    entries inside a bracket from a strided sample (`_bracketed_value`); when the bracket misses
-    or holds too much (many equal magnitudes), or without `delta_at`, by a radix selection over the
-    float bits (`_radix_value`, two passes). Where ties straddle the cut, one more pass from the end
-    finds the first kept tied entry (`_first_kept_tied`)."""
+    Tried and dropped: a bracket from a strided sample (as `sparsify._kth_by_sampling`), one pass
+    keeping the values inside it: eager, its compares and compaction cost 2-3x the two counting
+    passes on fp32 task vectors, and bf16 ones tie so much that the bracket holds too many."""
     k = topk_count(density, n)
     if k >= n:
         return TopkCut(float("-inf"), None, float("-inf"), 0)
     rank = n - k
-    found = _bracketed_value(delta, delta_at, n, rank, step) if delta_at is not None else None
-    value, less, equal = found if found is not None else _radix_value(delta, n, rank, step)
+    value, less, equal = _radix_value(magnitude, n, rank, step)
     if value == 0.0 or less == rank:
         return TopkCut(value, None, value, 0)  # no tie at the cut, or tied zeros (a kept zero changes nothing)
     need = less + equal - rank  # kept tied entries: the last `need` equal to the value, by index
-    return TopkCut(value, None, value, _first_kept_tied(delta, n, step, value, need))
+    return TopkCut(value, None, value, _first_kept_tied(magnitude, n, step, value, need))
 
 
-SAMPLE = 1 << 16
-
-
-def _bracketed_value(
-    delta: DeltaChunk, delta_at: Callable[[torch.Tensor], torch.Tensor], n: int, rank: int, step: int
-) -> tuple[float, int, int] | None:
-    """(v, entries below v, entries equal to v) as `sparsify._kth_by_sampling` finds v: a bracket
-    [low, high] around the rank from a strided sample (about 12 standard deviations of the sample
-    quantile wide, ~5% of the entries), one pass counting what lies below it and keeping the
-    values inside, then a selection among those. None when the bracket misses the rank or holds
-    more than 1/12 of the entries (heavy ties: the radix selection's memory does not grow)."""
-    probe = delta(0, 1)
-    positions = torch.arange(0, n, max(1, n // SAMPLE), device=probe.device)
-    sample = delta_at(positions).abs().sort().values
-    m = sample.numel()
-    centre = rank / max(1, n - 1) * (m - 1)
-    spread = 6.0 * m**0.5 + 2
-    low = sample[max(0, int(centre - spread))]
-    high = sample[min(m - 1, int(centre + spread) + 1)]
-    limit = n // 12 + SAMPLE
-    below = torch.zeros((), dtype=torch.int64, device=probe.device)
-    values: list[torch.Tensor] = []
-    held = 0
-    for _, magnitude in _chunks(delta, n, step):
-        below += (magnitude < low).sum()
-        values.append(magnitude[(magnitude >= low) & (magnitude <= high)])
-        held += values[-1].numel()
-        if held > limit:
-            return None
-    inside = torch.cat(values)
-    offset = rank - int(below)
-    if not 0 <= offset < inside.numel():
-        return None
-    value = torch.kthvalue(inside, offset + 1).values
-    less = int(below) + int((inside < value).sum())
-    return float(value), less, int((inside == value).sum())
-
-
-def _radix_value(delta: DeltaChunk, n: int, rank: int, step: int) -> tuple[float, int, int]:
+def _radix_value(magnitude: MagnitudeChunk, n: int, rank: int, step: int) -> tuple[float, int, int]:
     """(v, entries below v, entries equal to v) for the value v of ascending rank `rank` of
     |delta|, by radix selection on the float bits (non-negative floats order as their int32 bits):
     a pass counting the high 16 bits, a pass counting the low 16 bits inside the right bucket."""
     high: torch.Tensor | None = None  # counts per high 16 bits (the sign bit is 0), on the chunks' device
-    for _, magnitude in _chunks(delta, n, step):
-        counts = torch.bincount((magnitude.view(torch.int32) >> 16).reshape(-1), minlength=1 << 15)
+    for chunk in _chunks(magnitude, n, step):
+        counts = torch.bincount((chunk.view(torch.int32) >> 16).reshape(-1), minlength=1 << 15)
         high = counts if high is None else high.add_(counts)
     assert high is not None
     below_high = high.cumsum(0).cpu()
     top = int(torch.searchsorted(below_high, torch.tensor(rank), right=True))  # first bucket past `rank`
     below = int(below_high[top - 1]) if top else 0
     low: torch.Tensor | None = None
-    for _, magnitude in _chunks(delta, n, step):
-        bits = magnitude.view(torch.int32).reshape(-1)
+    for chunk in _chunks(magnitude, n, step):
+        bits = chunk.view(torch.int32).reshape(-1)
         counts = torch.bincount(bits[(bits >> 16) == top] & 0xFFFF, minlength=1 << 16)
         low = counts if low is None else low.add_(counts)
     assert low is not None
@@ -240,12 +211,12 @@ def _radix_value(delta: DeltaChunk, n: int, rank: int, step: int) -> tuple[float
     return float(value), less, equal
 
 
-def _first_kept_tied(delta: DeltaChunk, n: int, step: int, value: float, need: int) -> int:
+def _first_kept_tied(magnitude: MagnitudeChunk, n: int, step: int, value: float, need: int) -> int:
     """The flat index of the `need`-th entry equal to `value` counted from the end: a pass from
-    the last chunk that counts, then lists only the chunk where the count is reached."""
+    the last chunk that counts until it is reached."""
     seen = 0
-    for a, magnitude in _chunks(delta, n, step, reverse=True):
-        equal = magnitude.reshape(-1) == value
+    for a in reversed(range(0, n, step)):
+        equal = magnitude(a, min(n, a + step)).reshape(-1) == value
         count = int(equal.sum())
         if seen + count >= need:
             where = equal.nonzero().flatten()
