@@ -83,7 +83,7 @@ def _kernel(
     `FusedTaskVectors.write`) holds per input a cut, a slope, a factor and a weight, then lambda
     (used when `scaled`) and the divisor (when `divided`); each may also be one value per entry
     (flat.py). Kept entries: magnitude |d| >= cut (or none: `deltas` are already masked);
-    magnitude_index |d| > cut, or |d| == cut at a flat index >= `ranks[i]` (a 0-d int64: where many
+    magnitude_index |d| > cut, or |d| == cut at a flat index >= `ranks[i]` (0-d, int32 or int64: where many
     equal magnitudes straddle a top-k cut, the kept ones are the last by index); rank: stable
     magnitude rank > cut (`ranks` as fp32); bernoulli u < cut; della u < q = cut + slope * rank (then
     divided by q when `rescale`). Factors multiply the kept entries (the weight, or weight / density)."""
@@ -97,7 +97,7 @@ def _kernel(
             weighted.append(torch.where(delta.abs() >= cuts[i], delta * factors[i], 0.0))
         elif sparsifier == "magnitude_index":  # ties at the cut: those from flat index ranks[i] on
             magnitude = delta.abs()
-            index = torch.arange(delta.numel(), device=delta.device).view(delta.shape)
+            index = torch.arange(delta.numel(), dtype=ranks[i].dtype, device=delta.device).view(delta.shape)
             keep = (magnitude > cuts[i]) | ((magnitude == cuts[i]) & (index >= ranks[i]))
             weighted.append(torch.where(keep, delta * factors[i], 0.0))
         elif sparsifier == "rank":  # ranks and cuts are integers in fp32: the clamp is a 0/1 factor
@@ -272,7 +272,7 @@ class FusedTaskVectors:
         tied = sum(t.numel() for t in scalars.tied if t is not None)
         if tied > max(TIE_PATCH_MAX, deltas[0].numel() // 100):  # bf16 deltas: patching would be slow
             sparsifier, scalars = "magnitude_index", scalars.by_index()
-            ranks = [torch.tensor(start, device=device) for start in scalars.starts]
+            ranks = [index_scalar(start, deltas[0].numel(), device) for start in scalars.starts]
             self.index_jobs += 1
         consensus, normalize, rescale = job_flags(job, has_consensus)
         values = packed_scalars(job, scalars, consensus, normalize)
@@ -322,6 +322,12 @@ def patch_tied(
     patch = torch.empty(at.numel(), dtype=target.dtype, device=device)
     _kernel(patch, base.reshape(-1)[at], masked, [], [], packed, "none", *flags)
     target.view(-1)[at] = patch
+
+
+def index_scalar(start: int, numel: int, device: torch.device) -> torch.Tensor:
+    """A flat-index threshold for `magnitude_index`: int32 where the indices fit (a cheaper compare)."""
+    dtype = torch.int32 if numel < 2**31 - 1 and -(2**31) <= start < 2**31 - 1 else torch.int64
+    return torch.tensor(start, dtype=dtype, device=device)
 
 
 def job_flags(job: TensorJob, has_consensus: bool) -> tuple[str | None, bool, bool]:

@@ -32,6 +32,7 @@ from evomerge.candidates.fused import (
     FusedTaskVectors,
     TopkCut,
     _kernel,
+    index_scalar,
     job_flags,
     job_scalars,
     packed_scalars,
@@ -110,7 +111,7 @@ class StreamedTaskVectors:
             if sparsifier == "della":
                 ranks = [stable_row_ranks(d.view(-1, row).abs()).view(-1) for d in deltas]
             elif sparsifier == "magnitude_index":
-                ranks = [torch.tensor(start - a, device=device) for start in scalars.starts]
+                ranks = [index_scalar(start - a, b - a, device) for start in scalars.starts]
             try:
                 kernel(out[a:b], base[a:b], deltas, draws, ranks, packed, sparsifier, *flags)
             except Exception:
