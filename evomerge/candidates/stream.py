@@ -40,7 +40,7 @@ from evomerge.candidates.fused import (
 from evomerge.merge.jobs import MergePlan, TensorJob
 from evomerge.merge.methods.sparsify import stable_row_ranks, topk_count, uniform_like
 
-CHUNK_ENTRIES = 1 << 20  # CPU: 4 MB of fp32 per temporary, the chunk's working set stays in cache
+CHUNK_ENTRIES = 1 << 18  # CPU: 1 MB of fp32 per temporary (as fast as 1 << 20 at 100M, a quarter of the memory)
 DEVICE_CHUNK_ENTRIES = 1 << 24  # accelerators: 64 MB per temporary, few kernel launches per tensor
 
 DeltaChunk = Callable[[int, int], torch.Tensor]  # (start, stop) of the flat tensor -> fp32 task vector
