@@ -124,6 +124,24 @@ def test_streamed_jobs_through_the_compiled_kernel_equal_the_file_merge(
     assert (materializer.fused.fused_jobs > 0) == (mode == "budgeted")
 
 
+def test_without_a_compiler_streamed_jobs_run_eager_with_the_same_bits(
+    zoo_and_merges, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    zoo, recipes, merges = zoo_and_merges
+
+    def no_compiler(*args, **kwargs):
+        def fails(*a, **k):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+        return fails
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    materializer = Materializer([zoo / n for n in NAMES], kernels="compiled", cache="minimal")
+    for label in ("ties", "dare_ties"):
+        assert_same_state(materializer.apply(recipes[label], seed=SEED).model, merges[label], label)
+    assert materializer.fused.disabled and materializer.stream.jobs > 0
+
+
 def test_many_ties_at_the_cut_are_kept_by_index_with_the_same_bits(
     zoo_and_merges, monkeypatch: pytest.MonkeyPatch
 ) -> None:

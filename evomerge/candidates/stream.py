@@ -81,7 +81,15 @@ class StreamedTaskVectors:
         magnitude_of = self._compiled_magnitude() if compiled and not self.fused.disabled else _magnitude
 
         def cut(i: int, density: float) -> TopkCut:
-            return streamed_topk_cut(lambda a, b: magnitude_of(inputs[i][a:b], base[a:b], dtype), n, density, step)
+            nonlocal magnitude_of
+            try:
+                return streamed_topk_cut(lambda a, b: magnitude_of(inputs[i][a:b], base[a:b], dtype), n, density, step)
+            except Exception:  # compilation fails before anything is computed
+                if magnitude_of is _magnitude or self.jobs or self.fused.fused_jobs:
+                    raise
+                self.fused.disable_after_failure()  # logs once; eager from now on
+                magnitude_of = _magnitude
+                return streamed_topk_cut(lambda a, b: _magnitude(inputs[i][a:b], base[a:b], dtype), n, density, step)
 
         scalars = job_scalars(job, like, sparsifier, cut, True)
         if scalars is None:
@@ -93,11 +101,11 @@ class StreamedTaskVectors:
         device = target.device
         packed = torch.tensor(values, dtype=torch.float32, device=device)
         flags = (consensus, normalize, rescale, values[-2] != 1.0, normalize and consensus is None, dtype)
-        kernel = self.fused.kernel() if compiled and not self.fused.disabled else _kernel
+        kernel = self.fused.kernel() if compiled and not self.fused.disabled else _kernel  # after `cut`: may be off
         generators = plan.generators(job, device) if sparsifier in ("bernoulli", "della") else []
         whole_draws = None
         if generators and device.type != "cpu":  # torch's device generators cannot skip ahead
-            whole_draws = [uniform_like(torch.empty(n, device=device), g) for g in generators]
+            whole_draws = [uniform_like(torch.empty(shape, device=device), g).reshape(-1) for g in generators]
         out = target.view(-1)
         for a in range(0, n, step):
             b = min(n, a + step)
