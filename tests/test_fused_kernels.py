@@ -78,10 +78,12 @@ def test_every_fused_method_equals_the_file_merge_bit_for_bit(mini_zoo: Path, tm
 def test_the_topk_cut_keeps_what_the_eager_top_k_keeps_with_many_ties(density: float) -> None:
     delta = torch.randint(-4, 5, (37, 29)).float() / 8  # nine magnitudes: every cut falls inside a tie
     values, order = delta.abs().reshape(-1).sort(stable=True)
-    cut, tied = _topk_cut(values, order.to(torch.int32), density)
+    cut, tied, value, start = _topk_cut(values, order.to(torch.int32), density)
     kept = delta.abs() >= cut
     if tied is not None:
         kept.view(-1)[tied] = True
+    index = torch.arange(delta.numel()).view(delta.shape)  # the index form (magnitude_index) keeps the same
+    assert torch.equal(kept, (delta.abs() > value) | ((delta.abs() == value) & (index >= start)))
     expected = magnitude_topk(delta.clone(), density) != 0
     nonzero = delta != 0  # zero entries are "kept" or not without changing the merge
     assert torch.equal(kept & nonzero, expected)
@@ -105,15 +107,24 @@ def test_the_rank_cut_of_the_flat_path_keeps_what_the_eager_top_k_keeps_with_man
 
 
 def test_the_draw_store_returns_the_generator_draws_and_stays_within_its_budget() -> None:
+    """Within one candidate nothing in use is evicted (a cyclic scan would thrash an LRU): a draw
+    that does not fit is returned uncached; entries idle for a whole candidate make room."""
     like = torch.zeros(100, 10)
     store = DrawStore(max_bytes=2 * like.numel() * 4)
     generators = [make_generator(3, i, "w") for i in range(3)]
     draws = [store.get(g, like) for g in generators]
     for generator, drawn in zip(generators, draws, strict=True):
         assert torch.equal(drawn, uniform_like(like, make_generator(3, generators.index(generator), "w")))
-    assert store.nbytes == 2 * like.numel() * 4  # the oldest was dropped
-    assert store.get(make_generator(3, 2, "w"), like) is draws[2]  # still cached
+    assert store.nbytes == 2 * like.numel() * 4  # the third did not fit
+    assert store.get(make_generator(3, 1, "w"), like) is draws[1]  # still cached
+    assert store.get(make_generator(3, 2, "w"), like) is not draws[2]  # drawn again, equal
     assert not torch.equal(draws[0], draws[1])
+    store.cache.tick()
+    store.cache.tick()
+    assert store.get(make_generator(3, 1, "w"), like) is draws[1]  # used in this candidate
+    kept = store.get(make_generator(3, 2, "w"), like)  # evicts draws[0], idle for a candidate
+    assert store.get(make_generator(3, 2, "w"), like) is kept
+    assert store.nbytes == 2 * like.numel() * 4
 
 
 def test_an_unknown_kernel_mode_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from evomerge.cli.app import app
 from evomerge.cli.search import run_export, run_resume, run_search
 from evomerge.errors import EvomergeError
-from evomerge.search.driver import journal_genomes, space_sha
+from evomerge.search.driver import journal_genomes
+from evomerge.search.identity import space_sha
 from evomerge.search.run import read_journal
 from evomerge.search.space import SearchSpace, load_space_config
 

@@ -10,8 +10,9 @@ per scalar row the method reads) and one uncompiled call of fused.py's `_kernel`
 vector: the eager methods' operations in the same order, so the same values (tested against
 `evomerge merge`). The TIES top-k is `rank >= n - k` per entry, exact with equal magnitudes too.
 
-Memory per layout: about (2 + 3 x inputs) fp32 values per parameter (base, output, task vectors,
-ranks or draws, scalar rows); at most `MAX_LAYOUTS` are kept.
+Memory per layout: at most (6 + 8 x inputs) fp32 values per parameter (base, output, task vectors,
+ranks, the scalar rows, draws of two mask seeds; `layout_bytes`); at most `MAX_LAYOUTS` are kept,
+within the worker's cache budget (candidates/budget.py; `cache: minimal` never builds one).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from evomerge.candidates.budget import ByteCache
 from evomerge.candidates.fused import _METHODS, _kernel, _scalars, job_flags, packed_scalars
 from evomerge.merge.jobs import MergePlan, TensorJob
 from evomerge.merge.methods.base import DeltaCache
@@ -52,11 +54,20 @@ class _Layout:
     draws: OrderedDict[int, list[torch.Tensor]] = field(default_factory=OrderedDict)  # mask seed -> draws
 
 
+def layout_bytes(parameters: int, inputs: int) -> int:
+    """Upper bound of one layout's bytes: base, output, task vectors, ranks, the scalar table
+    (4 rows per input + 2), the segment index (int64) and the draws of two mask seeds."""
+    return 4 * parameters * (1 + 1 + inputs + inputs + 4 * inputs + 2 + 2 + 2 * inputs)
+
+
 class FlatTaskVectors:
     """Computes every job of a task-vector plan at once into a flat buffer (`compute`)."""
 
-    def __init__(self) -> None:
-        self._layouts: OrderedDict[tuple, _Layout] = OrderedDict()
+    KIND = "flat"
+
+    def __init__(self, cache: ByteCache | None = None) -> None:
+        self.cache = cache if cache is not None else ByteCache()
+        self._layouts: OrderedDict[tuple, None] = OrderedDict()  # keys of the layouts kept in `cache`
         self.candidates = 0  # candidates computed here (tests check that the path ran)
 
     def compute(self, plan: MergePlan, caches: Caches, source) -> dict[str, torch.Tensor] | None:
@@ -127,7 +138,7 @@ class FlatTaskVectors:
             sparsifier,
             jobs[0].out_dtype,
         )
-        layout = self._layouts.get(key)
+        layout = self.cache.get((self.KIND, key))
         if layout is not None:
             self._layouts.move_to_end(key)
             return layout
@@ -135,6 +146,8 @@ class FlatTaskVectors:
         if len({job.out_dtype for job in jobs}) != 1 or max(sizes) >= EXACT_FP32_INTEGERS:
             return None
         inputs = len(jobs[0].inputs)
+        if not self.cache.reserve([((self.KIND, key), layout_bytes(sum(sizes), inputs))]):
+            return None  # over the cache budget: the per-tensor path
         spans, offset = [], 0
         for size in sizes:
             spans.append((offset, size))
@@ -162,8 +175,9 @@ class FlatTaskVectors:
             table=torch.empty(4 * inputs + 2, offset, device=device),
         )
         while len(self._layouts) >= MAX_LAYOUTS:
-            self._layouts.popitem(last=False)
-        self._layouts[key] = layout
+            self.cache.drop((self.KIND, self._layouts.popitem(last=False)[0]))
+        self.cache.put((self.KIND, key), layout, layout_bytes(offset, inputs))
+        self._layouts[key] = None
         return layout
 
     @staticmethod

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Literal, NamedTuple
 
 import torch
 
+from evomerge.candidates.budget import ByteCache
 from evomerge.merge.jobs import MergePlan, TensorJob
 from evomerge.merge.methods.base import DeltaCache
 from evomerge.merge.methods.sparsify import della_ramp, topk_count, uniform_like
@@ -82,7 +82,9 @@ def _kernel(
     a 0/1 factor (same values; the sign of a zero may differ; about 7% faster). `scalars` (fp32, packed by
     `FusedTaskVectors.write`) holds per input a cut, a slope, a factor and a weight, then lambda
     (used when `scaled`) and the divisor (when `divided`); each may also be one value per entry
-    (flat.py). Kept entries: magnitude |d| >= cut (or none: `deltas` are already masked); rank: stable
+    (flat.py). Kept entries: magnitude |d| >= cut (or none: `deltas` are already masked);
+    magnitude_index |d| > cut, or |d| == cut at a flat index >= `ranks[i]` (0-d, int32 or int64: where many
+    equal magnitudes straddle a top-k cut, the kept ones are the last by index); rank: stable
     magnitude rank > cut (`ranks` as fp32); bernoulli u < cut; della u < q = cut + slope * rank (then
     divided by q when `rescale`). Factors multiply the kept entries (the weight, or weight / density)."""
     n = len(deltas)
@@ -93,6 +95,11 @@ def _kernel(
             weighted.append(delta * factors[i])
         elif sparsifier == "magnitude":
             weighted.append(torch.where(delta.abs() >= cuts[i], delta * factors[i], 0.0))
+        elif sparsifier == "magnitude_index":  # ties at the cut: those from flat index ranks[i] on
+            magnitude = delta.abs()
+            index = torch.arange(delta.numel(), dtype=ranks[i].dtype, device=delta.device).view(delta.shape)
+            keep = (magnitude > cuts[i]) | ((magnitude == cuts[i]) & (index >= ranks[i]))
+            weighted.append(torch.where(keep, delta * factors[i], 0.0))
         elif sparsifier == "rank":  # ranks and cuts are integers in fp32: the clamp is a 0/1 factor
             keep = (ranks[i] - cuts[i]).clamp(0.0, 1.0)
             weighted.append(delta * (keep * factors[i]))
@@ -144,28 +151,37 @@ def _kernel(
 
 
 class DrawStore:
-    """Uniform draws per (generator seed, shape, device), least recently used dropped first once
-    `max_bytes` is exceeded. They are exactly what `uniform_like` returns for that generator."""
+    """Uniform draws per (generator seed, shape, device), kept in a `ByteCache` (alone: up to
+    `max_bytes`). They are exactly what `uniform_like` returns for that generator; a draw that
+    does not fit is returned without being kept."""
 
-    def __init__(self, max_bytes: int = DEFAULT_DRAW_CACHE_BYTES):
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self._draws: OrderedDict[tuple[int, tuple[int, ...], str], torch.Tensor] = OrderedDict()
+    KIND = "draw"
+
+    def __init__(self, max_bytes: int = DEFAULT_DRAW_CACHE_BYTES, cache: ByteCache | None = None):
+        self.cache = cache if cache is not None else ByteCache(limits={self.KIND: max_bytes})
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.kind_bytes(self.KIND)
+
+    def _key(self, generator: torch.Generator, like: torch.Tensor) -> tuple:
+        return (self.KIND, generator.initial_seed(), tuple(like.shape), str(like.device))
+
+    def keys(
+        self, generators: Sequence[torch.Generator | None], shape: Sequence[int], device: torch.device
+    ) -> list[tuple[tuple, int]]:
+        """(cache key, bytes) of the fp32 draws of `generators` for a tensor of `shape` on `device`,
+        for a `ByteCache.reserve` together with the task vectors they are used with."""
+        like = torch.empty(tuple(shape), device="meta")
+        size = like.numel() * 4
+        return [((self.KIND, g.initial_seed(), tuple(like.shape), str(device)), size) for g in generators if g]
 
     def get(self, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-        key = (generator.initial_seed(), tuple(like.shape), str(like.device))
-        draws = self._draws.get(key)
-        if draws is not None:
-            self._draws.move_to_end(key)
-            return draws
-        draws = uniform_like(like, generator)
-        size = draws.numel() * draws.element_size()
-        if size <= self.max_bytes:
-            self._draws[key] = draws
-            self.nbytes += size
-            while self.nbytes > self.max_bytes:
-                _, dropped = self._draws.popitem(last=False)
-                self.nbytes -= dropped.numel() * dropped.element_size()
+        key = self._key(generator, like)
+        draws = self.cache.get(key)
+        if draws is None:
+            draws = uniform_like(like, generator)
+            self.cache.put(key, draws, draws.numel() * draws.element_size())
         return draws
 
 
@@ -177,6 +193,27 @@ class _Scalars:
     slopes: list[float]
     factors: list[float]
     tied: list[torch.Tensor | None]  # flat indices of kept entries equal to a magnitude cut
+    values: list[float] = field(default_factory=list)  # magnitude: the cut value v itself
+    starts: list[int] = field(default_factory=list)  # magnitude: first flat index of a kept |d| == v
+
+    def by_index(self) -> _Scalars:
+        """The same cut as `magnitude_index` takes it: |d| > v, or == v from index `starts[i]`."""
+        return replace(self, cuts=list(self.values), tied=[None] * len(self.tied))
+
+
+class TopkCut(NamedTuple):
+    """A magnitude top-k of one input: keep |d| >= `cut` plus the flat indices `tied`, or
+    equivalently |d| > `value`, and |d| == `value` from flat index `start` on. The streamed
+    selection (stream.py) does not list the tied entries (`tied` None, `cut` = `value`): only the
+    index form is exact there."""
+
+    cut: float
+    tied: torch.Tensor | None
+    value: float
+    start: int
+
+
+TIE_PATCH_MAX = 1 << 14  # more kept tied entries than this (bf16 deltas): an index compare instead
 
 
 class FusedTaskVectors:
@@ -191,12 +228,14 @@ class FusedTaskVectors:
         self.disabled = False  # set when the kernel cannot be compiled here (no C++ compiler, ...)
         self.fused_jobs = 0
         self.eager_jobs = 0
+        self.index_jobs = 0  # TIES jobs whose ties at the cut were kept by an index compare
 
     @staticmethod
     def covers(plan: MergePlan) -> bool:
         return plan.method.name in _METHODS and plan.prepared is None
 
-    def _kernel(self) -> Callable[..., None]:
+    def kernel(self) -> Callable[..., None]:
+        """The compiled `_kernel` (compiled on first use)."""
         if self._compiled is None:
             import torch._dynamo
 
@@ -230,34 +269,65 @@ class FusedTaskVectors:
         if sparsifier in ("bernoulli", "della"):
             draws = [self.draws.get(g, d) for g, d in zip(plan.generators(job, device), deltas, strict=True)]
         ranks = [c.row_ranks for c in caches] if sparsifier == "della" else []
+        tied = sum(t.numel() for t in scalars.tied if t is not None)
+        if tied > max(TIE_PATCH_MAX, deltas[0].numel() // 100):  # bf16 deltas: patching would be slow
+            sparsifier, scalars = "magnitude_index", scalars.by_index()
+            ranks = [index_scalar(start, deltas[0].numel(), device) for start in scalars.starts]
+            self.index_jobs += 1
         consensus, normalize, rescale = job_flags(job, has_consensus)
         values = packed_scalars(job, scalars, consensus, normalize)
         packed = torch.tensor(values, dtype=torch.float32, device=device)
         flags = (consensus, normalize, rescale, values[-2] != 1.0, normalize and consensus is None, plan.input_dtype)
         try:
-            self._kernel()(target, base, deltas, draws, ranks, packed, sparsifier, *flags)
-        except Exception as exc:  # compilation fails before anything is written
+            self.kernel()(target, base, deltas, draws, ranks, packed, sparsifier, *flags)
+        except Exception:  # compilation fails before anything is written
             if self.fused_jobs:
                 raise
-            log.warning("fused merge kernels unavailable, using eager methods: %s", str(exc).splitlines()[0])
-            self.disabled = True
+            self.disable_after_failure()
             self.eager_jobs += 1
             return False
         if any(t is not None for t in scalars.tied):
-            # The kept entries tied at a cut, recomputed by the same function (eager) and written over.
-            at = torch.unique(torch.cat([t for t in scalars.tied if t is not None])).to(device)
-            masked = []
-            for delta, cut, tied in zip(deltas, scalars.cuts, scalars.tied, strict=True):
-                picked = delta.reshape(-1)[at]
-                keep = picked.abs() >= cut
-                if tied is not None:
-                    keep |= torch.isin(at, tied.to(device))
-                masked.append(picked * keep.to(torch.float32))
-            patch = torch.empty(at.numel(), dtype=target.dtype, device=device)
-            _kernel(patch, base.reshape(-1)[at], masked, [], [], packed, "none", *flags)
-            target.view(-1)[at] = patch
+            patch_tied(target, base, lambda i, at: deltas[i].reshape(-1)[at], scalars, packed, flags)
         self.fused_jobs += 1
         return True
+
+    def disable_after_failure(self) -> None:
+        """The kernel cannot be compiled here (no C++ compiler, ...): eager from now on, said once."""
+        import sys
+
+        log.warning("fused merge kernels unavailable, using eager methods: %s", str(sys.exc_info()[1]).splitlines()[0])
+        self.disabled = True
+
+
+def patch_tied(
+    target: torch.Tensor,
+    base: torch.Tensor,
+    delta_at: Callable[[int, torch.Tensor], torch.Tensor],
+    scalars: _Scalars,
+    packed: torch.Tensor,
+    flags: tuple,
+) -> None:
+    """Recompute the entries of `target` where kept magnitudes tie at a top-k cut (the kernel kept
+    only those strictly above it) with the same function, eager, and write them over.
+    `delta_at(i, flat_indices)` gives input i's task vector at those entries."""
+    device = target.device
+    at = torch.unique(torch.cat([t for t in scalars.tied if t is not None])).to(device)
+    masked = []
+    for i, (cut, tied) in enumerate(zip(scalars.cuts, scalars.tied, strict=True)):
+        picked = delta_at(i, at)
+        keep = picked.abs() >= cut
+        if tied is not None:
+            keep |= torch.isin(at, tied.to(device))
+        masked.append(picked * keep.to(torch.float32))
+    patch = torch.empty(at.numel(), dtype=target.dtype, device=device)
+    _kernel(patch, base.reshape(-1)[at], masked, [], [], packed, "none", *flags)
+    target.view(-1)[at] = patch
+
+
+def index_scalar(start: int, numel: int, device: torch.device) -> torch.Tensor:
+    """A flat-index threshold for `magnitude_index`: int32 where the indices fit (a cheaper compare)."""
+    dtype = torch.int32 if numel < 2**31 - 1 and -(2**31) <= start < 2**31 - 1 else torch.int64
+    return torch.tensor(start, dtype=dtype, device=device)
 
 
 def job_flags(job: TensorJob, has_consensus: bool) -> tuple[str | None, bool, bool]:
@@ -281,61 +351,84 @@ def packed_scalars(job: TensorJob, scalars: _Scalars, consensus: str | None, nor
 
 
 def _scalars(job: TensorJob, caches: Sequence[DeltaCache] | None, sparsifier: str) -> _Scalars | None:
-    """The kernel's per-input scalars, or None where the eager method must run."""
+    """The kernel's per-input scalars from resident task-vector caches, or None where the eager
+    method must run."""
     if caches is None or job.base is None or len(caches) != len(job.inputs):
         return None
+
+    def cut(i: int, density: float) -> TopkCut | None:
+        cache = caches[i]
+        if cache.sorted_abs is None or cache.sorted_order is None:
+            return None
+        return _topk_cut(cache.sorted_abs, cache.sorted_order, density)
+
+    return job_scalars(job, caches[0].delta, sparsifier, cut, all(c.row_ranks is not None for c in caches))
+
+
+def job_scalars(
+    job: TensorJob,
+    like: torch.Tensor,
+    sparsifier: str,
+    topk_cut: Callable[[int, float], TopkCut | None],
+    have_ranks: bool,
+) -> _Scalars | None:
+    """Per-input scalars of one job (`like`: any tensor of the job's shape, meta is enough);
+    `topk_cut(i, density)` gives input i's magnitude cut (see `_topk_cut`)."""
     rescale = bool(job.params.get("rescale", False))
     if rescale and (sparsifier in ("magnitude", "rank") or job.params.get("rescale_norm", "l1") != "inverse"):
         return None  # L1 rescaling needs whole-tensor norms first
     keep_all = {"none": 0.0, "magnitude": float("-inf"), "rank": -1.0, "bernoulli": 1.0, "della": 1.0}[sparsifier]
     scalars = _Scalars([], [], [], [])
-    for cache, p in zip(caches, job.input_params, strict=True):
+    for i, p in enumerate(job.input_params):
         weight = float(p["weight"])
         density = float(p.get("density", 1.0))
         cut, tied, slope, factor = keep_all, None, 0.0, weight
+        value, start = keep_all, 0
         if sparsifier == "none" or density >= 1:
             pass  # every sparsifier keeps everything at density 1, without rescaling
         elif density <= 0:
             return None  # eager returns exact zeros; the kernel would give -0.0 for negative entries
         elif sparsifier == "magnitude":
-            if cache.sorted_abs is None or cache.sorted_order is None:
+            found = topk_cut(i, density)
+            if found is None:
                 return None
-            cut, tied = _topk_cut(cache.sorted_abs, cache.sorted_order, density)
+            cut, tied, value, start = found
         elif sparsifier == "rank":  # keep the stable ranks n - k .. n - 1
-            n = cache.delta.numel()
+            n = like.numel()
             cut = float(n - topk_count(density, n) - 1)
         elif sparsifier == "bernoulli":
             cut = density
             factor = weight / density if rescale else weight
         else:
-            ramp = della_ramp(cache.delta, density, float(p.get("epsilon", 0.15)))
-            if ramp is None or cache.row_ranks is None:
+            ramp = della_ramp(like, density, float(p.get("epsilon", 0.15)))
+            if ramp is None or not have_ranks:
                 return None  # eager uses a constant probability tensor here
             cut, slope = ramp
         scalars.cuts.append(cut)
         scalars.tied.append(tied)
+        scalars.values.append(value)
+        scalars.starts.append(start)
         scalars.slopes.append(slope)
         scalars.factors.append(factor)
     return scalars
 
 
-def _topk_cut(
-    sorted_abs: torch.Tensor, sorted_order: torch.Tensor, density: float
-) -> tuple[float, torch.Tensor | None]:
-    """(c, tied): the `topk_count(density, n)` largest |delta| by stable rank are those with
-    |delta| >= c, plus the entries at the flat indices `tied` (None when no equal magnitudes
-    straddle the cut). A stable sort orders ties by index, so the kept tied entries are the sorted
-    positions from n - k to the last one equal to the cut value v; then c is just above v."""
+def _topk_cut(sorted_abs: torch.Tensor, sorted_order: torch.Tensor, density: float) -> TopkCut:
+    """The `topk_count(density, n)` largest |delta| by stable rank: those with |delta| >= c, plus
+    the entries at the flat indices `tied` (None when no equal magnitudes straddle the cut). A
+    stable sort orders ties by index, so the kept tied entries are the sorted positions from n - k
+    to the last one equal to the cut value v (ascending flat indices); then c is just above v."""
     n = sorted_abs.numel()
     k = topk_count(density, n)
     if k >= n:
-        return float("-inf"), None
+        return TopkCut(float("-inf"), None, float("-inf"), 0)
     value = sorted_abs[n - k]
     if float(value) == 0.0 or float(sorted_abs[n - k - 1]) != float(value):
-        return float(value), None  # no tie, or tied zeros (a zero entry changes nothing when kept)
+        return TopkCut(float(value), None, float(value), 0)  # no tie, or tied zeros (kept zeros change nothing)
     last = int(torch.searchsorted(sorted_abs, value, right=True))
     above = torch.nextafter(value, torch.tensor(float("inf"), dtype=value.dtype, device=value.device))
-    return float(above), sorted_order[n - k : last].to(torch.int64)
+    tied = sorted_order[n - k : last].to(torch.int64)
+    return TopkCut(float(above), tied, float(value), int(tied[0]))
 
 
 def fused_available(mode: KernelMode, parameters: int) -> bool:

@@ -21,6 +21,7 @@ Layer-stacking (DFS) recipes that are folded layer paths are not copied at all: 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -33,11 +34,21 @@ from typing import Any
 
 import torch
 
+from evomerge.candidates.budget import MIN_WORKSPACE_BYTES, ByteCache, CacheMode, cache_mode, gb, parse_budget
 from evomerge.candidates.flat import MAX_PARAMETERS as FLAT_MAX_PARAMETERS
 from evomerge.candidates.flat import FlatTaskVectors
-from evomerge.candidates.fused import DrawStore, FusedTaskVectors, KernelMode, fused_available, kernel_mode
+from evomerge.candidates.fused import (
+    DEFAULT_DRAW_CACHE_BYTES,
+    DrawStore,
+    FusedTaskVectors,
+    KernelMode,
+    fused_available,
+    kernel_mode,
+)
 from evomerge.candidates.resident import DeltaStore, ResidentModel, ResidentSource, build_module
 from evomerge.candidates.stacked import build_stacked, layer_input_scales
+from evomerge.candidates.stream import StreamedTaskVectors
+from evomerge.errors import EvomergeError
 from evomerge.merge.jobs import MergePlan, ModelCatalog, TensorJob
 from evomerge.merge.plan import PlanCache
 from evomerge.merge.recipe import Recipe, parse_recipe
@@ -134,7 +145,14 @@ class Materializer:
     `$EVOMERGE_KERNELS`) runs the compiled per-tensor kernels (fused.py) for models of at least 20M
     parameters, one flat eager pass over all tensors (flat.py) for plans of at most 400K, and the
     method functions tensor by tensor in between; `compiled` always compiles; `eager` runs the
-    method functions tensor by tensor, exactly as `evomerge merge` does."""
+    method functions tensor by tensor, exactly as `evomerge merge` does.
+
+    Memory (budget.py, docs/memory.md): `cache` is `full` (every cache kept; mask draws up to
+    `draw_cache_bytes`), `budgeted` (caches share what `memory_budget` leaves after sources,
+    candidate targets and a workspace reserve; the rest is streamed per candidate, stream.py) or
+    `minimal` (no caches). `memory_budget` alone means `budgeted`; a budget below the sources plus
+    one candidate is refused. `mmap` maps CPU sources from their files (shared between workers)
+    instead of copying them. Every mode gives the same candidate, bit for bit."""
 
     def __init__(
         self,
@@ -145,14 +163,26 @@ class Materializer:
         max_targets: int = 2,
         kernels: KernelMode | None = None,
         draw_cache_bytes: int | None = None,
+        cache: CacheMode | None = None,
+        memory_budget: int | str | None = None,
+        mmap: bool = True,
     ):
         self.device = torch.device(device)
         self.catalog = ModelCatalog([Path(d) for d in search_dirs])
         self.plans = PlanCache(self.catalog)
-        self.deltas = DeltaStore()
+        self.memory_budget = parse_budget(memory_budget)
+        self.cache_mode = cache_mode(cache, self.memory_budget)
+        self.mmap = mmap
+        if self.cache_mode == "full":
+            limits = {DrawStore.KIND: draw_cache_bytes if draw_cache_bytes is not None else DEFAULT_DRAW_CACHE_BYTES}
+            self.pool = ByteCache(None, limits)
+        else:  # budgeted: sized once sources and targets are known (`_size_pool`)
+            self.pool = ByteCache(0)
+        self.deltas = DeltaStore(self.pool)
         self.kernels = kernel_mode(kernels)
-        self.fused = FusedTaskVectors(DrawStore(draw_cache_bytes) if draw_cache_bytes is not None else None)
-        self.flat = FlatTaskVectors()
+        self.fused = FusedTaskVectors(DrawStore(cache=self.pool))
+        self.flat = FlatTaskVectors(self.pool)
+        self.stream = StreamedTaskVectors(self.fused)
         self.max_targets = max_targets
         self._residents: dict[Path, ResidentModel] = {}
         self._targets: OrderedDict[str, tuple[torch.nn.Module, ModuleSink]] = OrderedDict()
@@ -162,17 +192,43 @@ class Materializer:
         self._scratch: Path | None = None
         for i, model in enumerate(models):
             self.resident(str(model), f"models[{i}]")
+        if self._residents:
+            self._check_budget(max(m.nbytes for m in self._residents.values()))
 
     def resident(self, reference: str, where: str = "model") -> ResidentModel:
         path = self.catalog.resolve(reference, where).path
         model = self._residents.get(path)
         if model is None:
-            model = self._residents[path] = ResidentModel.load(path, self.device)
+            model = self._residents[path] = ResidentModel.load(path, self.device, mmap=self.mmap)
         return model
 
     @property
     def resident_bytes(self) -> int:
         return sum(m.nbytes for m in self._residents.values())
+
+    @property
+    def target_bytes(self) -> int:
+        return sum(_module_bytes(model) for model, _ in self._targets.values())
+
+    def _check_budget(self, candidate_bytes: int) -> None:
+        """Refuse a budget that cannot hold the sources plus one candidate (one line, the field)."""
+        if self.memory_budget is None:
+            return
+        needed = self.resident_bytes + candidate_bytes
+        if needed > self.memory_budget:
+            raise EvomergeError(
+                f"memory_budget: {gb(self.memory_budget)} cannot hold the sources ({gb(self.resident_bytes)}) "
+                f"plus one candidate ({gb(candidate_bytes)}); give at least {gb(needed)}"
+            )
+
+    def _size_pool(self, plan: MergePlan) -> None:
+        """Under `budgeted`, caches get the budget minus sources, targets and the workspace reserve
+        (`workspace_bytes`); entries over a shrunk budget are dropped, oldest first."""
+        if self.cache_mode != "budgeted":
+            return
+        assert self.memory_budget is not None
+        left = self.memory_budget - self.resident_bytes - self.target_bytes - workspace_bytes(plan)
+        self.pool.resize(max(0, left))
 
     def plan(self, recipe: Recipe | Mapping[str, Any], seed: int | None = None) -> MergePlan:
         if not isinstance(recipe, Recipe):
@@ -183,6 +239,7 @@ class Materializer:
         """Plan `recipe` (validation errors are `EvomergeError`s naming the field) and build it."""
         started = time.perf_counter()
         plan = self.plan(recipe, seed)
+        self.pool.tick()
         residents = [self._residents.get(m.path) or self.resident(str(m.path)) for m in plan.models]
         generation_config = self._generation_config(plan.models[plan.donor].path)
         scales = layer_input_scales(plan, residents)
@@ -216,17 +273,33 @@ class Materializer:
         self, plan: MergePlan, residents: Sequence[ResidentModel], generation_config: Any
     ) -> torch.nn.Module:
         model, sink = self._target(plan)
+        self._size_pool(plan)
         if generation_config is not None:
             model.generation_config = generation_config
         source = ResidentSource(plan, residents, self.aligned)
         fields = plan.method.extra.get("delta_cache")
-        fused = fields is not None and self.fused.covers(plan) and fused_available(self.kernels, plan.parameters)
+        fusable = fields is not None and self.fused.covers(plan)
+        fused = fusable and fused_available(self.kernels, plan.parameters)
+        # Jobs whose caches do not fit are streamed (no cached data); `eager` runs the methods.
+        streamed = fusable and self.kernels != "eager" and self.cache_mode != "full"
         if fused and "sorted_abs" in fields:
             fields = (*fields, "sorted_order")  # the kernel's top-k cut needs the index order of ties
-        caches = (lambda job: self.deltas.caches(plan, job, source, fields)) if fields is not None else None
+        random = plan.method.random
+
+        def caches(job: TensorJob) -> list | None:
+            if job.base is None:
+                return None
+            draws = []
+            if fused and random and self.cache_mode != "full":  # the kernel's draws share the budget
+                draws = self.fused.draws.keys(plan.generators(job, self.device), job.shape, self.device)
+            return self.deltas.caches(plan, job, source, fields, also=draws)
+
+        if fields is None:
+            caches = None  # type: ignore[assignment]
         direct = None
         flat = None
-        if caches is not None and self.kernels == "auto" and not fused and plan.parameters <= FLAT_MAX_PARAMETERS:
+        small = plan.parameters <= FLAT_MAX_PARAMETERS and self.cache_mode != "minimal"
+        if caches is not None and self.kernels == "auto" and not fused and small:
             flat = self.flat.compute(plan, caches, source)
         if flat is not None:
 
@@ -235,12 +308,16 @@ class Materializer:
                 sink.written_directly(job)
                 return True
 
-        elif fused:
+        elif fused or streamed:
 
             def direct(job: TensorJob) -> bool:
-                if job.base is None or not self.fused.write(
-                    plan, job, caches(job), source.get(job.base), sink.target(job)
-                ):
+                if job.base is None:
+                    return False
+                job_caches = caches(job)  # type: ignore[misc]
+                if job_caches is not None:
+                    if not fused or not self.fused.write(plan, job, job_caches, source.get(job.base), sink.target(job)):
+                        return False  # the method runs with the cached task vectors
+                elif not streamed or not self.stream.write(plan, job, source, sink.target(job), compiled=fused):
                     return False
                 sink.written_directly(job)
                 return True
@@ -257,9 +334,18 @@ class Materializer:
         key = json.dumps(plan.out_config, sort_keys=True, default=str)
         entry = self._targets.get(key)
         if entry is None:
-            while len(self._targets) >= self.max_targets:
+            dtype = dtypes.pop()
+            new_bytes = plan.total_bytes
+            self._check_budget(new_bytes)
+            while self._targets and (
+                len(self._targets) >= self.max_targets
+                or (
+                    self.memory_budget is not None
+                    and self.resident_bytes + self.target_bytes + new_bytes > self.memory_budget
+                )
+            ):
                 self._targets.popitem(last=False)
-            model = build_module(plan.out_config, self.device, dtypes.pop())
+            model = build_module(plan.out_config, self.device, dtype)
             entry = self._targets[key] = (model, ModuleSink(model))
         self._targets.move_to_end(key)
         return entry
@@ -274,3 +360,16 @@ class Materializer:
                 config = GenerationConfig.from_pretrained(path)
             self._generation_configs[path] = config
         return self._generation_configs[path]
+
+
+def workspace_bytes(plan: MergePlan) -> int:
+    """Memory a budget keeps free for the tensor being merged: building one tensor's cache (its
+    fp32 task vector, |delta| and a stable sort's int64 order) or an eager method's temporaries
+    take about three fp32 copies of the largest tensor; streamed jobs need a few chunks."""
+    largest = max((math.prod(job.shape) for job in plan.jobs), default=0)
+    return max(MIN_WORKSPACE_BYTES, 3 * 4 * largest)
+
+
+def _module_bytes(model: torch.nn.Module) -> int:
+    tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -9,6 +9,7 @@ the first time a recipe needs them and then reused by every later candidate (`De
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from evomerge.candidates.budget import ByteCache
 from evomerge.io.architecture import detect_architecture
 from evomerge.io.checkpoint import CheckpointReader
 from evomerge.merge.jobs import MergePlan, TensorJob, TensorRef
@@ -56,10 +58,24 @@ class ResidentModel:
         self._module: torch.nn.Module | None = None
 
     @classmethod
-    def load(cls, path: Path, device: torch.device | str) -> ResidentModel:
+    def load(cls, path: Path, device: torch.device | str, *, mmap: bool = True) -> ResidentModel:
+        """Read the checkpoint onto `device`. On CPU with `mmap` the tensors are views of the
+        safetensors files mapped copy-on-write (`safe_open`): workers on one node that load the
+        same sources share those pages (the page cache), and a tensor not read costs nothing."""
         reader = CheckpointReader(path, str(path))
         try:
-            tensors = {name: reader.get(name).to(device) for name in reader.names()}
+            if mmap and torch.device(device).type == "cpu":
+                from safetensors import safe_open
+
+                files: dict[Path, Any] = {}
+                tensors = {}
+                for name in reader.names():
+                    shard = reader.shard_path(name)
+                    if shard not in files:
+                        files[shard] = safe_open(str(shard), framework="pt")
+                    tensors[name] = files[shard].get_tensor(name)
+            else:
+                tensors = {name: reader.get(name).to(device) for name in reader.names()}
         finally:
             reader.close()
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -125,47 +141,67 @@ class DeltaStore:
     The arithmetic is exactly what a method does on loaded inputs (round to the recipe's `dtype`
     if any, upcast to fp32, subtract), so cached and uncached merges are bit-identical. Which
     fields are built follows the method's declaration (`extra["delta_cache"]` in the registry).
+    Entries live in a `ByteCache`; under a budget a job whose entries do not fit gets None (its
+    inputs are then read and merged per candidate, or streamed by the fused path).
     """
 
-    def __init__(self) -> None:
-        self._caches: dict[_DeltaKey, DeltaCache] = {}
+    KIND = "delta"
+
+    def __init__(self, cache: ByteCache | None = None) -> None:
+        self.cache = cache if cache is not None else ByteCache()
         self.build_seconds = 0.0
 
     def __len__(self) -> int:
-        return len(self._caches)
+        return self.cache.kind_count(self.KIND)
 
     @property
     def nbytes(self) -> int:
-        total = 0
-        for cache in self._caches.values():
-            for tensor in (cache.delta, cache.sorted_abs, cache.row_ranks, cache.sorted_order):
-                if tensor is not None:
-                    total += tensor.numel() * tensor.element_size()
-        return total
+        return self.cache.kind_bytes(self.KIND)
 
     def caches(
-        self, plan: MergePlan, job: TensorJob, source: ResidentSource, fields: Sequence[str]
+        self,
+        plan: MergePlan,
+        job: TensorJob,
+        source: ResidentSource,
+        fields: Sequence[str],
+        also: Sequence[tuple[Any, int]] = (),
     ) -> list[DeltaCache] | None:
-        """One cache per input of `job`, or None when the job has no base (nothing to cache)."""
+        """One cache per input of `job`, or None when the job has no base (nothing to cache) or
+        its entries do not fit in the cache's budget together with the entries `also` (the job's
+        mask draws: keys and bytes), for which room is then made too."""
         if job.base is None:
             return None
-        return [self._get(plan, job.base, ref, source, fields) for ref in job.inputs]
+        base = job.base
+        wanted = {f for f in fields if f in ("sorted_abs", "row_ranks", "sorted_order")}
+        keys = [self._key(plan, base, ref, source) for ref in job.inputs]
+        sizes = []
+        for key in keys:
+            cached = self.cache.get(key)
+            present = set() if cached is None else {f for f in _FIELDS if getattr(cached, f) is not None}
+            sizes.append((key, _cache_bytes(math.prod(job.shape), present | wanted | {"delta"})))
+        if not self.cache.reserve([*sizes, *also]):
+            return None
+        return [self._get(plan, key, base, ref, source, wanted) for key, ref in zip(keys, job.inputs, strict=True)]
+
+    def _key(self, plan: MergePlan, base: TensorRef, ref: TensorRef, source: ResidentSource) -> tuple:
+        return (
+            self.KIND,
+            _DeltaKey(
+                source.models[ref.model].path,
+                ref.name,
+                source.models[base.model].path,
+                base.name,
+                plan.input_dtype,
+                ref.vocabulary.key if ref.vocabulary is not None else None,
+            ),
+        )
 
     def _get(
-        self, plan: MergePlan, base: TensorRef, ref: TensorRef, source: ResidentSource, fields: Sequence[str]
+        self, plan: MergePlan, key: tuple, base: TensorRef, ref: TensorRef, source: ResidentSource, wanted: set[str]
     ) -> DeltaCache:
         import time
 
-        key = _DeltaKey(
-            source.models[ref.model].path,
-            ref.name,
-            source.models[base.model].path,
-            base.name,
-            plan.input_dtype,
-            ref.vocabulary.key if ref.vocabulary is not None else None,
-        )
-        cache = self._caches.get(key)
-        wanted = {f for f in fields if f in ("sorted_abs", "row_ranks", "sorted_order")}
+        cache = self.cache.get(key)
         if cache is not None and all(getattr(cache, f) is not None for f in wanted):
             return cache
         started = time.perf_counter()
@@ -181,9 +217,28 @@ class DeltaStore:
         if "row_ranks" in wanted and cache.row_ranks is None:
             # int32 halves the memory; ranks are converted to fp32 before use, so values are equal.
             cache = replace(cache, row_ranks=stable_row_ranks(cache.delta.abs()).to(torch.int32))
-        self._caches[key] = cache
+        self.cache.put(key, cache, _nbytes(cache))  # room was reserved by `caches`
         self.build_seconds += time.perf_counter() - started
         return cache
+
+
+_FIELDS = ("delta", "sorted_abs", "row_ranks", "sorted_order")
+
+
+def _cache_bytes(numel: int, fields: set[str]) -> int:
+    """Bytes of a `DeltaCache` with these fields (as `_get` builds them)."""
+    if "sorted_order" in fields:
+        fields = fields | {"sorted_abs"}  # one stable sort gives both
+    per = {"delta": 4, "sorted_abs": 4, "row_ranks": 4, "sorted_order": 4 if numel < 2**31 else 8}
+    return numel * sum(per[f] for f in fields)
+
+
+def _nbytes(cache: DeltaCache) -> int:
+    return sum(
+        t.numel() * t.element_size()
+        for t in (cache.delta, cache.sorted_abs, cache.row_ranks, cache.sorted_order)
+        if t is not None
+    )
 
 
 def _fp32(tensor: torch.Tensor, plan: MergePlan) -> torch.Tensor:

@@ -70,17 +70,17 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, field: str = "--max-shard-size") -> int:
     """Bytes from '2GB', '500MB', '1.5GiB', '1000000' (decimal units; *iB are binary)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(text))
     if not match:
-        raise EvomergeError(f"--max-shard-size: cannot parse {text!r}; use e.g. 2GB, 500MB or a byte count")
+        raise EvomergeError(f"{field}: cannot parse {text!r}; use e.g. 2GB, 500MB or a byte count")
     number, unit, binary = match.groups()
     base = 1024 if binary else 1000
     power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit.lower()]
     size = int(float(number) * base**power)
     if size <= 0:
-        raise EvomergeError(f"--max-shard-size: must be positive (got {text!r})")
+        raise EvomergeError(f"{field}: must be positive (got {text!r})")
     return size
 
 
@@ -119,6 +119,10 @@ class CheckpointReader:
             return shard, header.entries[name], header.data_start
         except KeyError:
             raise EvomergeError(f"{self.where}: {name} is listed in the index but missing from {shard}") from None
+
+    def shard_path(self, name: str) -> Path:
+        """The safetensors file that holds `name`."""
+        return self.dir / self._shard_of[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entry(name)[1]["shape"])

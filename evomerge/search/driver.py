@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.io.fingerprint import sampled_fingerprint
 from evomerge.merge.recipe import Recipe, dump_recipe, parse_recipe_text
 from evomerge.scoring.confidence import weighted_ci95
 from evomerge.search.fidelity import items_scored
+from evomerge.search.identity import check_run_identity
 from evomerge.search.objectives import PARETO_FILE, Objectives
 from evomerge.search.optimizers import make_optimizer
 from evomerge.search.payload import cache_key, derive_seed, make_payload, recipe_sha, sha256, source_recipe
@@ -40,8 +40,6 @@ from evomerge.search.run import (
     BEST_FILE,
     FINAL_FILE,
     JOURNAL_FILE,
-    RUN_FILE,
-    RUN_FORMAT,
     SPACE_FILE,
     SUMMARY_FILE,
     RunDir,
@@ -82,22 +80,6 @@ class Progress:
     best: float | None = None
     phase: str = "search"
     started: float = field(default_factory=time.monotonic)
-
-
-def source_fingerprints(space: SearchSpace) -> dict[str, str]:
-    """Every model the search reads, by resolved path: what resume checks the models against."""
-    paths = {space.catalog.resolve(ref, "models").path for ref in space.source_models}
-    return {str(path): sampled_fingerprint(path) for path in sorted(paths)}
-
-
-def space_sha(space: SearchSpace) -> str:
-    """Identity of the problem: everything but the budget, which `resume --max-evals` may raise."""
-    data = space.config.model_dump(mode="json")
-    data["budget"].pop("max_evals", None)
-    for key in ("tokenizer", "prompts"):  # spaces written before these options keep their identity
-        if data.get(key) is None:
-            data.pop(key, None)
-    return sha256(data)
 
 
 def worker_spec(space: SearchSpace) -> WorkerSpec:
@@ -188,30 +170,7 @@ class Search:
             )
 
     def _check_space(self) -> None:
-        """run.json names the space the journal was made with; replaying it under another is refused."""
-        sha = space_sha(self.space)
-        sources = source_fingerprints(self.space)
-        state = self.run.read_json(RUN_FILE)
-        if state is None:  # a new run (or one from before run.json: the replay check still guards it)
-            self.run.write_json(RUN_FILE, {"format": RUN_FORMAT, "space_sha": sha, "sources": sources})
-            return
-        if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
-            raise EvomergeError(f"{self.run.file(RUN_FILE)}: not a run file of format {RUN_FORMAT}")
-        if state.get("space_sha") != sha:
-            raise EvomergeError(
-                f"{self.run.space_file}: the search space changed since the run started; "
-                "only budget.max_evals may change on resume"
-            )
-        recorded = state.get("sources")
-        if recorded is None:  # a run from before sources were recorded: record them now
-            self.run.write_json(RUN_FILE, {**state, "sources": sources})
-            return
-        changed = [model for model, print_ in recorded.items() if sources.get(model) != print_]
-        if changed:
-            raise EvomergeError(
-                f"{changed[0]}: this source model changed since the run started (its weights or config differ "
-                f"from what {RUN_FILE} recorded); resume with the original models, or start a new run"
-            )
+        check_run_identity(self.run, self.space)
 
     def _check_replay(self, items: list[Item]) -> None:
         """A journaled candidate must be re-asked bit for bit, or its journaled fitness would be told

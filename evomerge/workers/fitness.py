@@ -3,7 +3,8 @@
 Built once per executor slot (in process or in a Ray actor) as
 
     FitnessWorker(sources=[model dirs], tasks=[{"name", "metric", "weight", "limit"}],
-                  include_paths=[...], split="train", device="cpu", batch_size=64)
+                  include_paths=[...], split="train", device="cpu", batch_size=64,
+                  memory_budget="40GB", cache="budgeted")   # optional: docs/memory.md
 
 It loads the sources once (`Materializer`) and the lm-eval task objects once per (tasks, split);
 every candidate then costs a materialisation plus the forward passes. Payload of a candidate:
@@ -112,6 +113,9 @@ class FitnessWorker:
         search_dirs: Sequence[str | Path] = (),
         lean_generate: bool = True,
         prompts: Mapping[str, Any] | None = None,
+        memory_budget: int | str | None = None,
+        cache: str | None = None,
+        mmap: bool = True,
     ):
         import torch
 
@@ -133,7 +137,14 @@ class FitnessWorker:
             self.prompts = PromptOptions.model_validate(dict(prompts or {}))
         except ValidationError as exc:
             raise EvomergeError(f"prompts: {_first_error(exc)}") from None
-        self.materializer = Materializer(list(sources), device=device, search_dirs=[Path(p) for p in search_dirs])
+        self.materializer = Materializer(
+            list(sources),
+            device=device,
+            search_dirs=[Path(p) for p in search_dirs],
+            memory_budget=memory_budget,
+            cache=cache,  # type: ignore[arg-type]
+            mmap=mmap,
+        )
         self._task_sets: dict[tuple[Any, ...], Any] = {}
         self._tokenizers: dict[Path, Any] = {}
         self._prompt_caches: dict[Path, Any] = {}  # tokenizer path -> greedy_lm.PromptCache

@@ -140,6 +140,19 @@ class WorkerConfig(_Strict):
     penalty: float = 0.0  # fitness of a failed evaluation
     timeout: float | None = Field(default=None, gt=0)  # seconds per candidate
 
+    @field_validator("kwargs")
+    @classmethod
+    def _memory_settings(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """`memory_budget` and `cache` (docs/memory.md) fail when the space loads, not in a worker."""
+        from evomerge.candidates.budget import cache_mode, parse_budget
+
+        try:
+            budget = parse_budget(kwargs.get("memory_budget"), "memory_budget")
+            cache_mode(kwargs.get("cache"), budget)
+        except EvomergeError as exc:
+            raise ValueError(str(exc)) from None
+        return kwargs
+
 
 Bounds = tuple[float, float]
 
