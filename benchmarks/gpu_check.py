@@ -394,6 +394,45 @@ def check_memory(materializer: Any, device: str, candidate_bytes: int) -> dict:
     return figures
 
 
+def check_minimal(paths: dict, args: argparse.Namespace, clock: Clock, deadline: float) -> dict:
+    """`cache: minimal` (no caches; every task-vector tensor streamed into the live model): the time
+    per candidate and the peak memory against sources + one candidate (docs/memory.md)."""
+    import gc
+
+    import torch
+
+    from evomerge.candidates.materialize import Materializer
+
+    gc.collect()
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    materializer = Materializer(list(paths.values()), device=args.device, cache="minimal")
+    figures: dict[str, Any] = {"methods": {}}
+    for method in ("ties", "dare_ties"):
+        if time.perf_counter() > deadline:
+            figures["methods"][method] = {"skipped": "deadline"}
+            continue
+        materializer.apply(big_recipe(method, paths, 0), seed=1)  # compiles the streamed kernels
+        times = []
+        for i in range(1, args.timed + 1):
+            started = clock()
+            materializer.apply(big_recipe(method, paths, i), seed=1)
+            times.append(clock() - started)
+        figures["methods"][method] = {"materialize_seconds": statistics.median(times), "materialize_all": times}
+    sources = materializer.resident_bytes
+    candidate = materializer.resident(str(paths["base"])).nbytes
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    figures.update(
+        sources_gb=sources / 1e9,
+        candidate_gb=candidate / 1e9,
+        peak_gb=peak / 1e9,
+        peak_over_sources_plus_candidate=peak / (sources + candidate),
+    )
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -404,7 +443,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--deadline", type=float, default=420.0, help="seconds; later sections are skipped")
-    parser.add_argument("--sections", default="equality,materialize,search,memory")
+    parser.add_argument("--sections", default="equality,materialize,search,memory,minimal")
     parser.add_argument("--work", type=Path, default=None, help="where the models are built")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/)")
     args = parser.parse_args()
@@ -503,6 +542,10 @@ def main() -> None:
             candidate_bytes = materializer.resident(str(paths["base"])).nbytes
             save("memory", check_memory(materializer, args.device, candidate_bytes))
             print(f"memory: {report['memory']}")
+        if "minimal" in sections:
+            del materializer
+            save("minimal", check_minimal(paths, args, clock, deadline))
+            print(f"minimal cache mode: {report['minimal']}")
     save("complete", True)
     print(f"written: {out}")
 
