@@ -404,3 +404,18 @@ def test_resume_refuses_sources_that_changed_since_the_run_started(root, tmp_pat
     result = CliRunner().invoke(app, ["resume", str(run_dir), "--max-evals", "12"])
     assert result.exit_code == 2
     assert f"error: {(models / 'a').resolve()}: this source model changed since the run started" in result.output
+
+
+def test_bad_optimizer_options_fail_before_the_run_directory_exists(root, tmp_path):
+    text = (
+        SPACE.format(max_evals=12, worker="ToyFitnessWorker") + "optimizer: {name: cma, options: {bogus_option: 1}}\n"
+    )
+    path = write_space(tmp_path / "space.yaml", text)
+    for model in ("a", "b", "base"):
+        (tmp_path / "models").mkdir(exist_ok=True)
+        (tmp_path / "models" / model).symlink_to(root / "models" / model)
+    result = CliRunner().invoke(app, ["search", str(path), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "error: optimizer.options: pycma rejected the options: bogus_option" in result.output
+    assert "Valid options are" not in result.output and len(result.output.splitlines()) <= 2
+    assert not (tmp_path / "run").exists()

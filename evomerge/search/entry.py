@@ -49,6 +49,7 @@ def new_search(
         with run_lock(run.path, "search"):
             return run_staged(run, config, executor_factory, display, new=True)
     space = SearchSpace(config, root=root)
+    check_optimizer(space)
     run.create()
     with run_lock(run.path, "search"):
         start_run(space, run)
@@ -96,12 +97,21 @@ def resolve_staged(config: SpaceConfig, root: Path) -> SpaceConfig:
     if config.dfs is not None and config.dfs.anchor is not None:
         raise EvomergeError("dfs.anchor: in a PS+DFS space the PS result is the anchor; remove dfs.anchor")
     ps_space = SearchSpace(config.model_copy(update={"dfs": None}), root=root)
+    check_optimizer(ps_space)
     catalog = ModelCatalog([Path(root).resolve()])
     assert config.dfs is not None
     dfs_models = [str(catalog.resolve(m, f"dfs.models[{i}]").path) for i, m in enumerate(config.dfs.models or [])]
     resolved = ps_space.config.model_copy(update={"dfs": config.dfs.model_copy(update={"models": dfs_models or None})})
     budget = resolved.budget.model_copy(update={"popsize": config.budget.popsize})  # per stage when unset
     return resolved.model_copy(update={"budget": budget})
+
+
+def check_optimizer(space: SearchSpace) -> None:
+    """Build the optimizer once, without files, so that bad optimizer options fail before the run
+    directory exists (afterwards they would leave a half-made run that blocks the retry)."""
+    from evomerge.search.optimizers import make_optimizer
+
+    make_optimizer(space, 0)
 
 
 def dfs_stage_config(config: SpaceConfig, ps_model: Path) -> SpaceConfig:

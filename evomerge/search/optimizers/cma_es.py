@@ -58,7 +58,8 @@ class CMAOptimizer(AskTellOptimizer):
         try:
             self.es = cma.CMAEvolutionStrategy(list(x0), float(sigma0), opts)
         except (ValueError, TypeError) as exc:
-            raise EvomergeError(f"optimizer.options: pycma rejected the options: {exc}") from None
+            reason = " ".join(str(exc).split("Valid options are")[0].split())  # pycma appends all ~80 names
+            raise EvomergeError(f"optimizer.options: pycma rejected the options: {reason}") from None
         self._told = 0
 
     def ask(self) -> list[list[float]]:
