@@ -22,7 +22,7 @@ import yaml
 
 hypothesis = pytest.importorskip("hypothesis")
 from fuzz_inputs import Schema, edited, one_line, yaml_text  # noqa: E402
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import HealthCheck, event, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from search_worker import make_models  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
@@ -163,12 +163,14 @@ def check_space_text(text: str | bytes, root: Path, seed: int) -> str:
         if config.kind == "ps+dfs":
             config = resolve_staged(config, root).model_copy(update={"dfs": None})
         space = SearchSpace(config, root=root)
+        event("bound")
         for genome in _genomes(space, rng):
             try:
                 plan_merge(space.decode(genome, seed=rng.randrange(2**32)), space.catalog)
             except EvomergeError as error:
                 one_line(error)
     except EvomergeError as error:
+        event("one-line error")
         return one_line(error)
     return "ok"
 
@@ -198,7 +200,7 @@ def test_fuzzed_spaces_end_in_success_or_one_line(root, text, seed):
 
 
 @pytest.mark.slow
-@settings(max_examples=600, **FUZZ)
+@settings(max_examples=1500, **FUZZ)
 @given(text=yaml_text(edited(BASES, SCHEMA, max_edits=5)), seed=SEEDS)
 def test_fuzzed_spaces_many(root, text, seed):
     check_space_text(text, root, seed)
@@ -224,6 +226,7 @@ def _cli_search(root: Path, scratch: Path, text: str | bytes, seed: int) -> None
     (work / "space.yaml").write_bytes(text if isinstance(text, bytes) else text.encode())
     run = work / "run"
     result = CliRunner().invoke(app, ["search", str(work / "space.yaml"), "--run-dir", str(run), "--max-evals", "1"])
+    event(f"exit {result.exit_code}")
     assert result.exit_code in (0, 2), (result.output, result.exception)
     assert "Traceback" not in result.output, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
@@ -257,7 +260,7 @@ def test_fuzzed_spaces_through_the_cli(root, scratch, text, seed):
 
 
 @pytest.mark.slow
-@settings(max_examples=60, **FUZZ)
+@settings(max_examples=200, **FUZZ)
 @given(text=yaml_text(edited(BASES, SCHEMA, max_edits=5)), seed=SEEDS)
 def test_fuzzed_spaces_through_the_cli_many(root, scratch, text, seed):
     _cli_search(root, scratch, text, seed)

@@ -19,7 +19,7 @@ import yaml
 
 hypothesis = pytest.importorskip("hypothesis")
 from fuzz_inputs import Schema, edited, one_line, yaml_text  # noqa: E402
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import HealthCheck, event, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -188,7 +188,8 @@ def scratch() -> Iterator[Path]:
 
 def check_recipe_text(text: str, model_dirs: list[Path], out: Path | None) -> str:
     """Parse, validate and plan `text` (and merge it into `out` when given): "ok", or the one-line
-    error. Any other exception propagates: that is the bug the fuzzer looks for."""
+    error ("planned", "merged" or the message). Any other exception propagates: that is the bug the
+    fuzzer looks for."""
     try:
         recipe = loads_recipe(text)
         method = validate_recipe(recipe)
@@ -201,14 +202,16 @@ def check_recipe_text(text: str, model_dirs: list[Path], out: Path | None) -> st
                 source.close()
             assert (out / "merged" / "config.json").is_file()
             shutil.rmtree(out / "merged")
+            return "merged"
     except EvomergeError as error:
         return one_line(error)
-    return "ok"
+    return "planned"
 
 
 def _fuzz_recipes(model_dirs: list[Path], scratch: Path, text: str, merge: bool) -> None:
     work = Path(tempfile.mkdtemp(dir=scratch))
     outcome = check_recipe_text(text, model_dirs, work if merge else None)
+    event(outcome if outcome in ("planned", "merged") else "one-line error")
     assert not (work / "merged").exists(), outcome  # a failed merge leaves nothing behind
     assert not [p for p in work.iterdir() if p.name.startswith(".merged.")], outcome
 
@@ -236,7 +239,7 @@ def test_fuzzed_recipes_end_in_success_or_one_line(model_dirs, scratch, text, me
 
 
 @pytest.mark.slow
-@settings(max_examples=600, **FUZZ)
+@settings(max_examples=1500, **FUZZ)
 @given(text=yaml_text(edited(BASES, SCHEMA, max_edits=5)), merge=MERGE_SOME)
 def test_fuzzed_recipes_many(model_dirs, scratch, text, merge):
     _fuzz_recipes(model_dirs, scratch, text, merge)
@@ -253,6 +256,7 @@ def _cli_merge(zoo: dict[str, Path], model_dirs: list[Path], scratch: Path, text
     (scratch / "recipe.yml").write_bytes(text if isinstance(text, bytes) else text.encode())
     out = scratch / "out"
     result = CliRunner().invoke(app, ["merge", str(scratch / "recipe.yml"), str(out), "--quiet"])
+    event(f"exit {result.exit_code}")
     if result.exit_code == 0:
         assert (out / "config.json").is_file(), result.output
         return
@@ -271,7 +275,7 @@ def test_fuzzed_recipes_through_the_cli(llama_zoo, model_dirs, scratch, text):
 
 
 @pytest.mark.slow
-@settings(max_examples=60, **FUZZ)
+@settings(max_examples=200, **FUZZ)
 @given(text=yaml_text(edited(BASES, SCHEMA, max_edits=5)))
 def test_fuzzed_recipes_through_the_cli_many(llama_zoo, model_dirs, scratch, text):
     _cli_merge(llama_zoo, model_dirs, scratch, text)
@@ -338,7 +342,8 @@ def crafted(llama_zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 def _fuzz_config(llama_zoo, crafted: Path, scratch: Path, config: Any, recipe: str, merge: bool) -> None:
     (crafted / "crafted" / "config.json").write_text(json.dumps(config), encoding="utf-8")
     work = Path(tempfile.mkdtemp(dir=scratch))
-    check_recipe_text(recipe, [llama_zoo["base"].parent, crafted], work if merge else None)
+    outcome = check_recipe_text(recipe, [llama_zoo["base"].parent, crafted], work if merge else None)
+    event(outcome if outcome in ("planned", "merged") else "one-line error")
     assert not (work / "merged").exists()
 
 
@@ -355,7 +360,7 @@ def test_fuzzed_model_configs_end_in_success_or_one_line(llama_zoo, crafted, scr
 
 
 @pytest.mark.slow
-@settings(max_examples=300, **FUZZ)
+@settings(max_examples=500, **FUZZ)
 @given(
     config=edited([LLAMA_CONFIG], CONFIG_SCHEMA, max_edits=5), recipe=st.sampled_from(CONFIG_RECIPES), merge=MERGE_SOME
 )
