@@ -217,6 +217,7 @@ def _fuzz_recipes(model_dirs: list[Path], scratch: Path, text: str, merge: bool)
 
 
 FUZZ = dict(
+    database=None,  # derandomized: the same examples every run, nothing saved
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
