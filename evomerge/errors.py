@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
 
 class EvomergeError(Exception):
     """An error caused by user input; the CLI prints `error: <message>` on one line and exits non-zero.
@@ -14,6 +17,17 @@ class EvomergeError(Exception):
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(" ".join(message.split()))
         self.hint = hint
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 80, 80, 40
+_SHOWN.maxlist, _SHOWN.maxtuple, _SHOWN.maxdict, _SHOWN.maxlevel = 6, 6, 4, 3
+
+
+def shown(value: Any) -> str:
+    """`repr(value)` cut short (long strings, huge numbers, big or deep lists elided with ...), so an
+    error quotes what the user wrote without printing a megabyte of it."""
+    return _SHOWN.repr(value)
 
 
 class Interrupted(EvomergeError):

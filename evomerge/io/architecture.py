@@ -123,7 +123,13 @@ def known_architectures() -> dict[str, Architecture]:
 def detect_architecture(config: Mapping[str, Any], where: str) -> Architecture:
     """The family of a model from its config.json, or a one-line error that says how to add it."""
     archs = known_architectures().values()
-    for cls in config.get("architectures") or []:
+    listed = config.get("architectures")
+    if listed is not None and (not isinstance(listed, list) or not all(isinstance(c, str) for c in listed)):
+        raise EvomergeError(
+            f"{where}: config.json architectures must be a list of class names, e.g. [LlamaForCausalLM] "
+            f"(got {listed!r})"
+        )
+    for cls in listed or []:
         for arch in archs:
             if cls in arch.architectures:
                 return arch
@@ -143,8 +149,10 @@ def detect_architecture(config: Mapping[str, Any], where: str) -> Architecture:
 
 def num_layers(config: Mapping[str, Any], arch: Architecture, where: str) -> int:
     value = config.get(arch.num_layers_key)
-    if not isinstance(value, int):
+    if not isinstance(value, int) or isinstance(value, bool):
         raise EvomergeError(f"{where}: config.json has no integer {arch.num_layers_key}")
+    if value < 1:
+        raise EvomergeError(f"{where}: config.json {arch.num_layers_key} must be >= 1 (got {value})")
     return value
 
 

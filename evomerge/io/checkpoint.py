@@ -183,11 +183,20 @@ def read_config(model_dir: Path, where: str) -> dict[str, Any]:
     if not Path(model_dir).is_dir():
         raise EvomergeError(f"{where}: {model_dir} is not a directory")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise EvomergeError(f"{where}: {model_dir} has no config.json") from None
+    except UnicodeDecodeError:
+        raise EvomergeError(f"{where}: {path} is not UTF-8 text; is it a model's config.json?") from None
     except json.JSONDecodeError as exc:
         raise EvomergeError(f"{where}: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except OSError as exc:  # a folder named config.json, no permission
+        raise EvomergeError(f"{where}: cannot read {path}: {exc.strerror}") from None
+    if not isinstance(config, dict):
+        raise EvomergeError(
+            f"{where}: {path} holds a JSON {type(config).__name__}, not an object; is it a model's config.json?"
+        )
+    return config
 
 
 def _tensor_locations(model_dir: Path, where: str) -> dict[str, str]:

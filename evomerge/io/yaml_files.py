@@ -16,6 +16,8 @@ def read_text(path: Path, what: str) -> str:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise EvomergeError(f"{what}: {path} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise EvomergeError(f"{what}: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except OSError as exc:
         raise EvomergeError(f"{what}: cannot read {path}: {exc.strerror}") from None
 

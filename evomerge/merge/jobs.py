@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, shown
 from evomerge.io.architecture import Architecture, detect_architecture, num_layers
 from evomerge.io.checkpoint import CheckpointReader, read_config
 from evomerge.merge.lora import ADAPTER_CONFIG, merged_model_dir, split_reference
@@ -75,7 +75,7 @@ class ModelInfo:
     def from_reader(cls, reference: str, reader: CheckpointReader, where: str) -> ModelInfo:
         arch = detect_architecture(reader.config, where)
         names = reader.names()
-        return cls(
+        info = cls(
             reference=reference,
             path=reader.dir,
             config=reader.config,
@@ -84,6 +84,12 @@ class ModelInfo:
             shapes={n: reader.shape(n) for n in names},
             dtypes={n: reader.dtype(n) for n in names},
         )
+        if info.num_layers > len(info.layers):  # a crafted or mismatched config.json
+            raise EvomergeError(
+                f"{where}: config.json of {reference!r} says {arch.num_layers_key}: {shown(info.num_layers)} but "
+                f"its weights hold {len(info.layers)} layers; fix config.json"
+            )
+        return info
 
 
 @dataclass
@@ -151,13 +157,13 @@ class ModelCatalog:
         return info
 
     def _locate(self, reference: str, where: str) -> Path:
-        found = self._find(reference, "config.json")
+        found = self._find(reference, "config.json", where)
         if found is not None:
             return found
         lora = split_reference(reference)
         if lora is not None:
             base, adapter = lora
-            adapter_dir = self._find(adapter, ADAPTER_CONFIG)
+            adapter_dir = self._find(adapter, ADAPTER_CONFIG, where)
             if adapter_dir is None:
                 raise EvomergeError(
                     f"{where}: {reference!r} names LoRA adapter {adapter!r}, but no {ADAPTER_CONFIG} was found there"
@@ -165,15 +171,24 @@ class ModelCatalog:
             return merged_model_dir(self._locate(base, where), adapter_dir, where)
         hint = (
             "; evomerge reads local model directories only (no hub downloads)"
-            if "/" in reference and not Path(reference).expanduser().is_absolute()
+            if "/" in reference and not self._options(reference)[0].is_absolute()
             else ""
         )
         looked = ", ".join(str(o) for o in self._options(reference))
         raise EvomergeError(f"{where}: model {reference!r} not found (looked for config.json in {looked}){hint}")
 
     def _options(self, reference: str) -> list[Path]:
-        candidate = Path(reference).expanduser()
+        candidate = Path(reference)
+        try:
+            candidate = candidate.expanduser()
+        except RuntimeError:  # `~name` of no known user: a relative path like any other
+            pass
         return [candidate] if candidate.is_absolute() else [candidate] + [d / candidate for d in self.search_dirs]
 
-    def _find(self, reference: str, marker: str) -> Path | None:
-        return next((o.resolve() for o in self._options(reference) if (o / marker).is_file()), None)
+    def _find(self, reference: str, marker: str, where: str) -> Path | None:
+        try:
+            return next((o.resolve() for o in self._options(reference) if (o / marker).is_file()), None)
+        except OSError as exc:  # a name too long for the file system, a folder that cannot be read
+            raise EvomergeError(
+                f"{where}: cannot look for model {shown(reference)}: {exc.strerror}; check the path"
+            ) from None

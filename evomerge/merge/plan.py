@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, shown
 from evomerge.io.architecture import output_config
 from evomerge.io.checkpoint import dtype_name, parse_dtype
 from evomerge.merge.jobs import MergePlan, ModelCatalog, ModelInfo, TensorJob, TensorRef
@@ -269,7 +269,7 @@ class _Planner:
         n = self.models[model].num_layers
         if src.layer_range[1] > n:
             raise EvomergeError(
-                f"{where}.layer_range: {list(src.layer_range)} reaches past the last layer of "
+                f"{where}.layer_range: {shown(list(src.layer_range))} reaches past the last layer of "
                 f"{src.model!r}, which has {n} layers (valid: 0 <= start < end <= {n})"
             )
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, shown
 from evomerge.io.yaml_files import parse_yaml, read_text
 
 Scalar = bool | int | float | str
@@ -177,7 +177,7 @@ class Recipe(BaseModel):
                     first = exc.errors()[0]
                     where = ".".join(str(p) for p in (key, *first["loc"]) if not _is_union_tag(p))
                     msg = first["msg"].removeprefix("Value error, ")
-                    got = "" if first["type"].startswith("value_error") else f" (got {first.get('input')!r})"
+                    got = "" if first["type"].startswith("value_error") else f" (got {shown(first.get('input'))})"
                     raise ValueError(f"{where}: {msg}{got}") from None
         return self
 
@@ -248,12 +248,12 @@ def _format_validation_error(exc: ValidationError) -> str:
         name_end = loc.index("parameters") + 2
         path = _format_loc(loc[:name_end])
         return (
-            f"{path}: invalid parameter value (got {first.get('input')!r}); expected a number, a list of numbers"
+            f"{path}: invalid parameter value (got {shown(first.get('input'))}); expected a number, a list of numbers"
             " (gradient) or a list of {filter: ..., value: ...}"
         )
     if "layer_range" in loc:
         path = _format_loc(loc[: loc.index("layer_range") + 1])
-        return f"{path}: expected [start, end] as two integers (got {first.get('input')!r})"
+        return f"{path}: expected [start, end] as two integers (got {shown(first.get('input'))})"
     msg = first["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
@@ -262,7 +262,7 @@ def _format_validation_error(exc: ValidationError) -> str:
         return f"{path}: unknown key"
     if first["type"] == "missing":
         return f"{path}: required field is missing"
-    return f"{path or 'recipe'}: {msg} (got {first.get('input')!r})"
+    return f"{path or 'recipe'}: {msg} (got {shown(first.get('input'))})"
 
 
 def _is_union_tag(part: Any) -> bool:
@@ -335,7 +335,10 @@ def as_number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond the float range (YAML reads 1000...0 as an int)
+            return None
     if isinstance(value, str):
         try:
             number = float(value)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, shown
 from evomerge.io.dtypes import canonical_dtype
 from evomerge.merge.methods.registry import get_method
 from evomerge.merge.methods.spec import MergeMethod
@@ -60,10 +60,10 @@ def _check_parameters(method: MergeMethod, path: str, params: Parameters, level:
             if isinstance(value, list) and not value:
                 raise EvomergeError(f"{path}.{name}: empty gradient")
             if isinstance(value, float) and not math.isfinite(value):  # YAML .nan / .inf
-                raise EvomergeError(f"{path}.{name}: must be a finite number (got {value!r})")
+                raise EvomergeError(f"{path}.{name}: must be a finite number (got {shown(value)})")
             reason = spec.check(value)
             if reason:
-                raise EvomergeError(f"{path}.{name}: {reason} (got {value!r})")
+                raise EvomergeError(f"{path}.{name}: {reason} (got {shown(value)})")
 
 
 def _check_layout(method: MergeMethod, recipe: Recipe) -> None:
@@ -139,13 +139,13 @@ def _check_slice_ranges(i: int, output_slice) -> None:
         start, end = src.layer_range
         if start < 0 or end <= start:
             raise EvomergeError(
-                f"slices[{i}].sources[{j}].layer_range: [{start}, {end}] is not a non-empty "
+                f"slices[{i}].sources[{j}].layer_range: {shown([start, end])} is not a non-empty "
                 "half-open range [start, end) with 0 <= start < end"
             )
         lengths.append(end - start)
     for j, length in enumerate(lengths):
         if length != lengths[0]:
             raise EvomergeError(
-                f"slices[{i}].sources[{j}].layer_range: {list(output_slice.sources[j].layer_range)} has {length} "
-                f"layers but sources[0] has {lengths[0]}; sources of a slice need equal lengths"
+                f"slices[{i}].sources[{j}].layer_range: {shown(list(output_slice.sources[j].layer_range))} "
+                f"has {length} layers but sources[0] has {lengths[0]}; sources of a slice need equal lengths"
             )

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, shown
 from evomerge.merge.recipe import register_recipe_block
 
 if TYPE_CHECKING:  # torch is imported where tokens are made: recipes validate without it
@@ -106,11 +106,18 @@ def read_examples(source: DataSource, search_dirs: list[Path], where: str) -> li
 
 
 def _locate(name: str, search_dirs: list[Path], where: str) -> Path:
-    path = Path(name).expanduser()
+    path = Path(name)
+    try:
+        path = path.expanduser()
+    except RuntimeError:  # `~name` of no known user: a relative path like any other
+        pass
     options = [path] if path.is_absolute() else [path] + [d / path for d in search_dirs]
     for option in options:
-        if option.is_file():
-            return option
+        try:
+            if option.is_file():
+                return option
+        except OSError as exc:  # a name too long for the file system
+            raise EvomergeError(f"{where}: cannot look for {shown(name)}: {exc.strerror}; check the path") from None
     raise EvomergeError(f"{where}: {name!r} not found (looked in {', '.join(str(o) for o in options)})")
 
 

@@ -7,6 +7,7 @@ counts are read from config.json when the space is bound (`evomerge.search.space
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -14,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, shown
 from evomerge.io.yaml_files import parse_yaml, read_text
 from evomerge.merge.recipe import TokenizerConfig
 from evomerge.scoring.lm_tasks import PromptOptions
@@ -73,9 +74,19 @@ class Splits(_Strict):
 
 class Budget(_Strict):
     max_evals: int = Field(default=200, ge=1)
-    popsize: int | None = Field(default=None, ge=2)  # None: 4 + floor(3 ln n_genes), as in the paper
-    sigma0: float = Field(default=1 / 6, gt=0, le=1)  # fraction of each gene's range
+    # None: 4 + floor(3 ln n_genes), as in the paper; a generation is held in memory, hence the cap
+    popsize: int | None = Field(default=None, ge=2, le=10_000)
+    sigma0: float = Field(default=1 / 6, ge=1e-6, le=1)  # fraction of each gene's range (smaller stalls CMA-ES)
     select_top_k: int = Field(default=5, ge=1)  # re-scored on the selection split at the end
+
+    @model_validator(mode="after")
+    def _generation_fits(self) -> Budget:
+        if self.popsize is not None and self.popsize > self.max_evals:
+            raise ValueError(
+                f"popsize {self.popsize} is more than max_evals {self.max_evals}: a generation must fit in "
+                "the budget; lower popsize or raise max_evals"
+            )
+        return self
 
 
 OPTUNA_SAMPLERS = ("tpe", "cmaes", "nsga2")
@@ -138,7 +149,7 @@ class WorkerConfig(_Strict):
     factory: str = DEFAULT_WORKER
     kwargs: dict[str, Any] = Field(default_factory=dict)
     penalty: float = 0.0  # fitness of a failed evaluation
-    timeout: float | None = Field(default=None, gt=0)  # seconds per candidate
+    timeout: float | None = Field(default=None, gt=0, le=366 * 86400)  # seconds per candidate (at most a year)
 
     @field_validator("kwargs")
     @classmethod
@@ -155,6 +166,12 @@ class WorkerConfig(_Strict):
 
 
 Bounds = tuple[float, float]
+
+
+def _check_span(where: str, low: float, high: float) -> None:
+    """Bounds whose width overflows (e.g. [-1e308, 1e308]) make every step of the optimizer NaN."""
+    if not math.isfinite(high - low):
+        raise ValueError(f"{where}bounds [{low}, {high}] are too far apart to search; narrow them")
 
 
 class PSConfig(_Strict):
@@ -191,6 +208,7 @@ class PSConfig(_Strict):
         for kind, (low, high) in (value or {}).items():
             if not low < high:
                 raise ValueError(f"{kind}: bounds must be [low, high] with low < high (got [{low}, {high}])")
+            _check_span(f"{kind}: ", low, high)
         return value
 
 
@@ -198,7 +216,7 @@ class DFSConfig(_Strict):
     """Data-flow-space merging: which layers of which models the path takes, and transition scales."""
 
     models: list[str] | None = None  # the DFS sources in layout order; default: the space's models
-    repeats: int = Field(default=3, ge=1)  # r: the layout is repeated r times
+    repeats: int = Field(default=3, ge=1, le=100)  # r: the layout is repeated r times (the paper: 3)
     anchor: str | None = None  # supplies embeddings, first and last layer; default: the first DFS model
     anchor_layers: bool = True  # fix the anchor's first and last layers as the path's ends (the paper)
     max_path_length: int | None = Field(default=None, ge=1)
@@ -217,6 +235,7 @@ class DFSConfig(_Strict):
                 f"must be [low, high] with 0 < low < high (got [{low}, {high}]): the scale "
                 "fold into output projections is exact only for positive scales"
             )
+        _check_span("", low, high)
         return value
 
     @field_validator("indicator_bounds")
@@ -227,6 +246,7 @@ class DFSConfig(_Strict):
             raise ValueError(
                 f"must be [low, high] with low < 0 < high (got [{low}, {high}]): a slot is used iff its gene is > 0"
             )
+        _check_span("", low, high)
         return value
 
 
@@ -238,6 +258,13 @@ class ZooRef(_Strict):
     path: str
     seed: int | None = Field(default=None, ge=0)
     mini: bool | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        if "\0" in value:
+            raise ValueError("a path cannot hold a NUL character")
+        return value
 
 
 class SpaceConfig(_Strict):
@@ -323,7 +350,7 @@ def _format_error(exc: ValidationError) -> str:
         return f"{path}: required field is missing"
     if first["type"].startswith("value_error") or first["type"] == "assertion_error":
         return f"{path}: {msg}" if path else msg
-    return f"{path or 'space'}: {msg} (got {first.get('input')!r})"
+    return f"{path or 'space'}: {msg} (got {shown(first.get('input'))})"
 
 
 def parse_space(data: Any, source: str = "search space") -> SpaceConfig:

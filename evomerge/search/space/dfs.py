@@ -18,6 +18,7 @@ same c_t share a slice. `path_from_recipe` undoes the fold (the materializer's v
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -141,6 +142,8 @@ def path_to_recipe(steps: Sequence[Step], models: Sequence[str], projections: Se
     run: dict[str, Any] | None = None
     for step in steps:
         cumulative *= step.scale
+        if not 0.0 < cumulative < math.inf:  # scales near the float limits, multiplied along the path
+            raise EvomergeError(f"genome: the DFS path's scales multiply to {cumulative}; narrow dfs.scale_bounds")
         out_scale = 1.0 / cumulative
         if (
             run is not None

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, shown
 from evomerge.merge.jobs import ModelCatalog, ModelInfo
 from evomerge.merge.plan import plan_merge
 from evomerge.merge.recipe import ModelTokenSource, Recipe, TokenizerConfig
@@ -66,10 +66,7 @@ class SearchSpace:
             update["base_model"] = self._absolute(config.base_model, "base_model")
         if config.tokenizer is not None:
             update["tokenizer"] = self._resolved_tokenizer(config.tokenizer)
-        update["include_paths"] = [str((self.root / p).resolve()) for p in config.include_paths]
-        for i, path in enumerate(update["include_paths"]):
-            if not Path(path).is_dir():
-                raise EvomergeError(f"include_paths[{i}]: {path} is not a folder of task YAMLs")
+        update["include_paths"] = [self._folder(p, f"include_paths[{i}]") for i, p in enumerate(config.include_paths)]
         if config.dfs is not None:
             refs = config.dfs.models or config.models
             absolute = [self._absolute(m, f"dfs.models[{i}]") for i, m in enumerate(refs)]
@@ -82,6 +79,17 @@ class SearchSpace:
                 anchor = absolute[refs.index(config.dfs.anchor)]
             update["dfs"] = config.dfs.model_copy(update={"models": absolute, "anchor": anchor})
         return config.model_copy(update=update)
+
+    def _folder(self, path: str, where: str) -> str:
+        """A folder of task YAMLs as an absolute path."""
+        try:
+            folder = (self.root / path).resolve()
+            found = folder.is_dir()
+        except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+            folder, found = self.root / path, False
+        if not found:
+            raise EvomergeError(f"{where}: {shown(str(folder))} is not a folder of task YAMLs")
+        return str(folder)
 
     def _resolved_tokenizer(self, tokenizer: TokenizerConfig) -> TokenizerConfig:
         """The tokenizer: block with absolute model paths (recipes are merged from anywhere)."""
