@@ -213,3 +213,11 @@ class ProgressBarProbe:
             "datasets": float(not datasets.is_progress_bar_enabled()),
         }
         return EvalResult.success(candidate.id, sum(metrics.values()), metrics)
+
+
+class UnbuildableWorker:
+    """Imports and takes its arguments, then fails to build (a missing GPU, a model that does not
+    load): an error only the run itself can meet."""
+
+    def __init__(self, **kwargs: Any):
+        raise RuntimeError("no device for this worker")

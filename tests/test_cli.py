@@ -228,11 +228,11 @@ def test_ctrl_c_prints_the_resume_command_and_exits_130_and_that_command_finishe
 
 def test_an_error_after_the_run_exists_ends_with_the_resume_command(root, tmp_path):
     run_dir = tmp_path / "run"
-    broken = space(root, worker="Missing")
+    broken = space(root, worker="UnbuildableWorker")
     result = CliRunner().invoke(app, ["search", str(broken), "--run-dir", str(run_dir), "--workers", "1"])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
-    assert lines[-2].startswith("error: worker.factory: cannot build 'search_worker:Missing'")
+    assert lines[-2].startswith("error: worker.factory: cannot build 'search_worker:UnbuildableWorker'")
     assert lines[-1] == f"the run is saved; continue it with: evomerge resume {run_dir} --workers 1"
     assert (run_dir / "space.yaml").exists()
 
@@ -418,4 +418,31 @@ def test_bad_optimizer_options_fail_before_the_run_directory_exists(root, tmp_pa
     assert result.exit_code == 2
     assert "error: optimizer.options: pycma rejected the options: bogus_option" in result.output
     assert "Valid options are" not in result.output and len(result.output.splitlines()) <= 2
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "worker,message",
+    [
+        (
+            '{factory: "search_worker:NoSuchWorker"}',
+            "error: worker.factory: cannot import 'search_worker:NoSuchWorker'",
+        ),
+        (
+            '{factory: "search_worker:ToyFitnessWorker", kwargs: {colour: blue}}',
+            "error: worker.kwargs: search_worker:ToyFitnessWorker does not take these arguments",
+        ),
+    ],
+)
+def test_a_bad_worker_factory_or_argument_fails_before_the_run_directory_exists(root, tmp_path, worker, message):
+    text = SPACE.format(max_evals=12, worker="ToyFitnessWorker").replace(
+        '{factory: "search_worker:ToyFitnessWorker"}', worker
+    )
+    path = write_space(tmp_path / "space.yaml", text)
+    for model in ("a", "b", "base"):
+        (tmp_path / "models").mkdir(exist_ok=True)
+        (tmp_path / "models" / model).symlink_to(root / "models" / model)
+    result = CliRunner().invoke(app, ["search", str(path), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
     assert not (tmp_path / "run").exists()

@@ -322,10 +322,11 @@ dfs: {{repeats: 1, scales: model_pair, models: [models/b]}}
 
 
 def test_a_broken_worker_factory_is_a_one_line_error_and_the_run_stays_resumable(root, tmp_path, monkeypatch):
-    path = write_space(root / "broken.yaml", space(root, "ok").read_text().replace("ToyFitnessWorker", "Missing"))
-    with pytest.raises(EvomergeError, match="worker.factory: cannot build 'search_worker:Missing'"):
+    text = space(root, "ok").read_text().replace("ToyFitnessWorker", "UnbuildableWorker")
+    path = write_space(root / "broken.yaml", text)
+    with pytest.raises(EvomergeError, match="worker.factory: cannot build 'search_worker:UnbuildableWorker'"):
         search(path, tmp_path / "run", max_evals=6)
-    monkeypatch.setattr(search_worker, "Missing", search_worker.ToyFitnessWorker, raising=False)  # the fix
+    monkeypatch.setattr(search_worker, "UnbuildableWorker", search_worker.ToyFitnessWorker)  # the fix
     run_resume(tmp_path / "run", max_evals=None, workers=1, ray_address=None, echo=lambda *_: None)
     search(space(root, "ok"), tmp_path / "straight", max_evals=6)
     assert journal_genomes(journal(tmp_path / "run")) == journal_genomes(journal(tmp_path / "straight"))

@@ -49,7 +49,7 @@ def new_search(
         with run_lock(run.path, "search"):
             return run_staged(run, config, executor_factory, display, new=True)
     space = SearchSpace(config, root=root)
-    check_optimizer(space)
+    check_before_run(space)
     run.create()
     with run_lock(run.path, "search"):
         start_run(space, run)
@@ -97,7 +97,7 @@ def resolve_staged(config: SpaceConfig, root: Path) -> SpaceConfig:
     if config.dfs is not None and config.dfs.anchor is not None:
         raise EvomergeError("dfs.anchor: in a PS+DFS space the PS result is the anchor; remove dfs.anchor")
     ps_space = SearchSpace(config.model_copy(update={"dfs": None}), root=root)
-    check_optimizer(ps_space)
+    check_before_run(ps_space)
     catalog = ModelCatalog([Path(root).resolve()])
     assert config.dfs is not None
     dfs_models = [str(catalog.resolve(m, f"dfs.models[{i}]").path) for i, m in enumerate(config.dfs.models or [])]
@@ -106,12 +106,27 @@ def resolve_staged(config: SpaceConfig, root: Path) -> SpaceConfig:
     return resolved.model_copy(update={"budget": budget})
 
 
-def check_optimizer(space: SearchSpace) -> None:
-    """Build the optimizer once, without files, so that bad optimizer options fail before the run
-    directory exists (afterwards they would leave a half-made run that blocks the retry)."""
+def check_before_run(space: SearchSpace) -> None:
+    """What can be checked without loading a model, checked before the run directory exists
+    (afterwards a mistake leaves a half-made run that blocks the retry): the optimizer is built
+    once, without files, and the worker factory is imported and its keyword arguments bound."""
+    import inspect
+
+    from evomerge.search.driver import worker_spec
     from evomerge.search.optimizers import make_optimizer
 
     make_optimizer(space, 0)
+    spec = worker_spec(space)
+    try:
+        factory = spec.resolve_factory()
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise EvomergeError(f"worker.factory: cannot import {spec.factory!r} ({type(exc).__name__}: {exc})") from None
+    try:
+        inspect.signature(factory).bind(**dict(spec.kwargs))
+    except TypeError as exc:
+        raise EvomergeError(f"worker.kwargs: {spec.factory} does not take these arguments ({exc})") from None
+    except ValueError:  # no signature to check (a builtin): the worker reports its own errors
+        pass
 
 
 def dfs_stage_config(config: SpaceConfig, ps_model: Path) -> SpaceConfig:
