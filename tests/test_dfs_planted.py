@@ -61,8 +61,8 @@ def score(worker: FitnessWorker, planted, steps: list[Step]) -> float:
 
 def test_the_planted_path_rebuilds_the_teacher_and_needs_its_scales(worker, planted) -> None:
     teacher = score(worker, planted, [Step(0, 0), Step(0, 1), Step(0, 2), Step(0, 3)])  # noise at layer 2
-    rebuilt = score(worker, planted, planted.path)
-    unscaled = score(worker, planted, [Step(s.model, s.layer) for s in planted.path])
+    rebuilt = score(worker, planted, [Step(*step) for step in planted.path])
+    unscaled = score(worker, planted, [Step(m, layer) for m, layer, _ in planted.path])
     skipped = score(worker, planted, [Step(0, 0), Step(0, 1), Step(0, 3)])
     # the damaged model (a source) and the path without the missing layer are far below the planted path
     assert rebuilt >= max(teacher, skipped) + 0.5
@@ -104,7 +104,7 @@ DFS = {"repeats": 1, "scales": "model_pair", "scale_bounds": [0.25, 4.0]}
 def test_dfs_search_finds_a_path_as_good_as_the_planted_one_and_scales_are_what_it_needs(
     worker, planted, tmp_path
 ) -> None:
-    rebuilt_test = score(worker, planted, planted.path)
+    rebuilt_test = score(worker, planted, [Step(*step) for step in planted.path])
     found = search(tmp_path, "searched", planted, DFS)
     pinned = search(tmp_path, "pinned", planted, {**DFS, "scale_bounds": [0.999999, 1.000001]})
     assert found["validation"]["score"] >= rebuilt_test - NOISE

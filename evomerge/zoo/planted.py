@@ -22,8 +22,6 @@ from pathlib import Path
 
 import torch
 
-from evomerge.search.space.dfs import Step
-
 RESIDUAL_WRITES = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 
 
@@ -33,7 +31,7 @@ class Planted:
 
     damaged: Path
     carrier: Path
-    path: list[Step]  # model 0 = damaged, 1 = carrier
+    path: list[tuple[int, int, float]]  # (model, layer, input scale); model 0 = damaged, 1 = carrier
     shift: float
 
 
@@ -78,8 +76,9 @@ def build_planted(
     model.save_pretrained(out_dir / "carrier")
     tokenizer.save_pretrained(out_dir / "carrier")
 
-    path = [Step(0, layer) for layer in range(hole)]
-    path.append(Step(1, carrier_slot, shift))
-    path.append(Step(0, hole + 1, 1.0 / shift))
-    path += [Step(0, layer) for layer in range(hole + 2, n)]
+    # plain tuples (evomerge.search.space.dfs.Step's fields): the zoo may not import the search
+    path = [(0, layer, 1.0) for layer in range(hole)]
+    path.append((1, carrier_slot, shift))
+    path.append((0, hole + 1, 1.0 / shift))
+    path += [(0, layer, 1.0) for layer in range(hole + 2, n)]
     return Planted(out_dir / "damaged", out_dir / "carrier", path, shift)
