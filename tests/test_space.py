@@ -122,9 +122,11 @@ def dfs_space(models, **dfs) -> SearchSpace:
 def test_dfs_genome_to_path_slices_and_folded_scales(models):
     space = dfs_space(models, repeats=2, scales="layer_pair")
     slots = 2 * (4 + 4)
-    assert len(space.genes) == slots + 2 * 4 * 4
+    # W over all 8 x 8 layer pairs but each model's own successor (a.i -> a.i+1, 3 per model)
+    assert len(space.genes) == slots + 8 * 8 - 2 * 3
     names = space.names
-    genome = [-0.5] * slots + [1.0] * 32
+    assert "W.a.1->a.2" not in names and "W.a.3->a.0" in names and "W.a.0->a.0" in names
+    genome = [-0.5] * slots + [1.0] * (8 * 8 - 2 * 3)
     on = {"I.r0.a.1", "I.r0.a.2", "I.r0.b.2", "I.r0.b.3", "I.r1.a.3"}
     for name in on:
         genome[names.index(name)] = 0.5
@@ -150,8 +152,8 @@ def test_dfs_genome_to_path_slices_and_folded_scales(models):
 
 def test_dfs_max_path_length_keeps_the_last_anchor_layer(models):
     space = dfs_space(models, repeats=1, max_path_length=3, scales="model_pair")
-    assert space.names[-2:] == ["W.a->b", "W.b->a"]
-    genome = [0.5] * 8 + [1.0, 1.0]
+    assert space.names[-4:] == ["W.a->a", "W.a->b", "W.b->a", "W.b->b"]
+    genome = [0.5] * 8 + [1.0] * 4
     assert [(s.model, s.layer) for s in space.layout.path(genome)] == [(0, 0), (0, 0), (0, 3)]
 
 
@@ -283,3 +285,16 @@ def test_cli_rejects_a_bad_space_with_one_line_and_writes_nothing(models, tmp_pa
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {BAD['bad method'][1]}")
     assert not run_dir.exists()
+
+
+def test_dfs_jumps_inside_one_model_get_their_own_scale(models):
+    """The paper's W covers every transition: a repeat going back inside model a is scaled by
+    W.a->a (model_pair); a model's own next layer is not (it is the flow it was trained on)."""
+    space = dfs_space(models, repeats=2, scales="model_pair")
+    names = space.names
+    genome = [-0.5] * 16 + [1.0] * 4
+    for name in ("I.r0.a.1", "I.r0.a.2", "I.r1.a.1"):
+        genome[names.index(name)] = 0.5
+    genome[names.index("W.a->a")] = 1.7
+    path = space.layout.path(genome)
+    assert path == [Step(0, 0), Step(0, 1), Step(0, 2), Step(0, 1, 1.7), Step(0, 3, 1.7)]

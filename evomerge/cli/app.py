@@ -77,8 +77,23 @@ def zoo_build(
     ),
     seed: int = typer.Option(0, help="Root seed: same seed, same bytes."),
     mini: bool = typer.Option(False, "--mini", help="Tiny, fast zoo for tests (targets do not apply)."),
+    kind: str = typer.Option(
+        "toy",
+        "--kind",
+        help="toy: base + add/rev/shift experts; composition: base + L2 language expert + L1 math expert "
+        "(target: math in L2, docs/zoo.md).",
+    ),
 ) -> None:
     """Train the toy base model and its experts, score them, write OUT_DIR/manifest.json."""
+    if kind == "composition":
+        from evomerge.zoo.composition import build_composition_zoo
+
+        if mini:
+            raise EvomergeError("--mini: the composition zoo has no mini flavour")
+        build_composition_zoo(out_dir, seed=seed)
+        return
+    if kind != "toy":
+        raise EvomergeError(f"--kind: {kind!r} is not one of toy, composition")
     from evomerge.zoo.models import build_zoo
 
     build_zoo(out_dir, seed=seed, mini=mini)

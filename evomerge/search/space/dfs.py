@@ -3,9 +3,12 @@
 Layout (Akiba et al. 2024): the layers of the DFS models in order (model 1's, then model 2's, ...),
 repeated `r` times; one indicator gene per slot, the slot is on the path iff its gene is > 0.
 With `anchor_layers` the anchor model's first and last layers are fixed as the path's ends, so the
-exported model takes the anchor's embeddings, final norm and head. A transition between two
-different models multiplies the hidden state entering the new layer by a scale gene `s_t` (per
-layer pair, the paper's W_ij, or per model pair).
+exported model takes the anchor's embeddings, final norm and head. Every transition that is not
+a model's own next layer (layer i of model a -> layer i+1 of a, the flow it was trained on, kept
+at scale 1) multiplies the hidden state entering the new layer by a scale gene `s_t`: the paper's
+W_ij over all M x M layer pairs (`layer_pair`; the successor entries fixed to 1), or one gene per
+(model, model) pair (`model_pair`, W_ij = w[model(i), model(j)]), where (a, a) is a jump inside
+model a (a skip, or a repeat of earlier layers).
 
 Export. A stacked model cannot scale its residual stream, but pre-norm decoders make that scale
 foldable: with c_t = prod_{k<=t} s_k (all > 0), running the path with scaled inputs equals running
@@ -71,14 +74,14 @@ class DFSLayout:
     def _scale_keys(self) -> list[tuple[Any, ...]]:
         n = len(self.sources)
         if self.config.scales == "model_pair":
-            return [(a, b) for a in range(n) for b in range(n) if a != b]
+            return [(a, b) for a in range(n) for b in range(n)]
         return [
             (a, i, b, j)
             for a in range(n)
             for b in range(n)
-            if a != b
             for i in range(self.sources[a].num_layers)
             for j in range(self.sources[b].num_layers)
+            if not (a == b and j == i + 1)
         ]
 
     def _indicator_genes(self, sigma0: float) -> list[Gene]:
@@ -124,7 +127,7 @@ class DFSLayout:
             raise EvomergeError("genome: the DFS path is empty (no indicator gene is > 0)")
         steps = [Step(*chosen[0])]
         for (pm, pl), (m, layer) in zip(chosen, chosen[1:], strict=False):
-            if m == pm:
+            if m == pm and layer == pl + 1:
                 steps.append(Step(m, layer))
             else:
                 key = (pm, m) if self.config.scales == "model_pair" else (pm, pl, m, layer)

@@ -1,0 +1,474 @@
+"""The composition zoo: EvoLLM-JP in miniature (a language expert and a math expert, a target neither solves).
+
+Two "languages" share one character vocabulary: L2 is a full substitution script of L1 (every
+L1 character, digits, letters, operators and task markers included, has its own L2 character),
+like a second writing system. The base sees both languages (L1 often, L2 rarely: a low-resource
+language), translation between them (to tie the two scripts to one internal representation)
+and basic skills (copy, reversal, one-step `ab+c` / `ab-c` in both scripts). From it, each with
+20 % replay of the base mixture:
+
+- the **language expert** is fine-tuned on L2 tasks with no arithmetic (copy, reversal,
+  translation into L1);
+- the **math expert** is fine-tuned on two-step arithmetic (`ab+c-d=`) in L1 only;
+- the **target** `comp_math_l2` is the same two-step arithmetic posed and answered in L2.
+
+Neither source reaches `TARGET_BAR` on the target; each is strong on its own task
+(`comp_math_l1`, `comp_lang_l2`). 8 layers (the toy zoo has 4) so that paths can reorder them.
+Training, determinism and checksums work as in `evomerge.zoo.models`. Measured (docs/zoo.md): at
+this scale no merge of the two composes; the zoo is the test bed that shows it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from evomerge.io.file_modes import apply_umask
+from evomerge.io.paths import tasks_dir
+from evomerge.zoo.composition_yaml import TASK_DOCS, YAML
+from evomerge.zoo.models import SPECIAL_TOKENS, _check_out_dir, _swap_into_place, write_checksums
+
+L1_DIGITS = "0123456789"
+L1_LETTERS = "abcdefghij"
+L1_MARKS = "krt+-=:"  # k copy, r reverse, t translate, operators, separator
+L1 = L1_DIGITS + L1_LETTERS + L1_MARKS
+L2 = "ABCDEFGHIJ" + "KLMNOPQRST" + "UVW#%@;"  # L2's character for each L1 character, in order
+TO_L2 = str.maketrans(L1, L2)
+TO_L1 = str.maketrans(L2, L1)
+TOKEN_CHARS = L1 + L2
+SEQ_LEN = 16  # longest example: "k:abc123=abc123<eos>"
+WORD_LEN = 6
+WORD_CHARS = L1_LETTERS + L1_DIGITS + "+-"  # operators too, so translation ties both scripts' operators
+DATA_SEED = 20240320  # fixed: the held-out splits never change with the zoo's --seed
+SPLIT_SIZES = {"train": 1000, "validation": 500, "test": 500}
+TARGET_BAR = 0.25  # a source "solves" the target at or above this test exact match
+CHAR_IDS = {c: len(SPECIAL_TOKENS) + i for i, c in enumerate(TOKEN_CHARS)}
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+def _word(rng: random.Random) -> str:
+    return "".join(rng.choice(WORD_CHARS) for _ in range(WORD_LEN))
+
+
+def _copy(rng: random.Random) -> tuple[str, str]:
+    w = _word(rng)
+    return f"k:{w}=", w
+
+
+def _rev(rng: random.Random) -> tuple[str, str]:
+    w = _word(rng)
+    return f"r:{w}=", w[::-1]
+
+
+def _translate(rng: random.Random) -> tuple[str, str]:
+    """L1 word -> its L2 spelling (the L2 version of this task translates back into L1)."""
+    w = _word(rng)
+    return f"t:{w}=", w.translate(TO_L2)
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    """One step: `ab+c=` (three-digit answer, like every arithmetic answer here)."""
+    a, b = rng.randrange(10, 100), rng.randrange(10)
+    return f"{a}+{b}=", f"{a + b:03d}"
+
+
+def _sub(rng: random.Random) -> tuple[str, str]:
+    """One step: `ab-c=`."""
+    a, b = rng.randrange(10, 100), rng.randrange(10)
+    return f"{a}-{b}=", f"{a - b:03d}"
+
+
+def _multi(rng: random.Random) -> tuple[str, str]:
+    """Two steps: `ab+c-d=` (the intermediate sum is never written)."""
+    a, b, c = rng.randrange(10, 100), rng.randrange(10), rng.randrange(10)
+    return f"{a}+{b}-{c}=", f"{a + b - c:03d}"
+
+
+def in_l2(generate: Callable[[random.Random], tuple[str, str]]) -> Callable[[random.Random], tuple[str, str]]:
+    """The same task posed and answered in L2 (a translation task then translates L2 into L1)."""
+
+    def generate_l2(rng: random.Random) -> tuple[str, str]:
+        prompt, answer = generate(rng)
+        return prompt.translate(TO_L2), answer.translate(TO_L2 if answer == answer.translate(TO_L1) else TO_L1)
+
+    return generate_l2
+
+
+@dataclass(frozen=True)
+class CompTask:
+    """One synthetic task of the composition zoo."""
+
+    name: str
+    generate: Callable[[random.Random], tuple[str, str]]
+    lm_eval: bool  # True: written as an lm-eval task with held-out splits
+
+
+TASKS: dict[str, CompTask] = {
+    t.name: t
+    for t in (
+        CompTask("l1_copy", _copy, False),
+        CompTask("l1_rev", _rev, False),
+        CompTask("l1_translate", _translate, False),
+        CompTask("l1_add", _add, False),
+        CompTask("l1_sub", _sub, False),
+        CompTask("comp_math_l1", _multi, True),
+        CompTask("l2_copy", in_l2(_copy), False),
+        CompTask("comp_lang_l2", in_l2(_rev), True),
+        CompTask("l2_translate", in_l2(_translate), False),
+        CompTask("l2_add", in_l2(_add), False),
+        CompTask("l2_sub", in_l2(_sub), False),
+        CompTask("comp_math_l2", in_l2(_multi), True),
+    )
+}
+EVAL_TASKS = ["comp_math_l2", "comp_math_l1", "comp_lang_l2"]
+TARGET = "comp_math_l2"
+
+
+BASE_MIX = {
+    "l1_copy": 0.15,
+    "l1_rev": 0.15,
+    "l1_translate": 0.1,
+    "l1_add": 0.2,
+    "l1_sub": 0.2,
+    "l2_copy": 0.05,
+    "comp_lang_l2": 0.02,
+    "l2_translate": 0.1,
+    "l2_add": 0.03,
+    "l2_sub": 0.03,
+}
+
+
+@dataclass(frozen=True)
+class CompConfig:
+    """Model size, training mixtures and schedule of the composition zoo.
+
+    `parts` says what each expert fine-tunes: None (every parameter, the shipped zoo),
+    "l2_embeddings" (only the L2 rows of the tied embedding matrix) or a tuple of decoder layers
+    (variants measured in docs/zoo.md). `replay_tasks` are the base tasks replayed (`replay` of
+    each expert's batches): the whole base mixture for both, so neither forgets the base's skills.
+    """
+
+    hidden: int = 64
+    layers: int = 8
+    heads: int = 4
+    base_steps: int = 2500
+    expert_steps: dict[str, int] = field(default_factory=lambda: {"lang": 1200, "math": 1500})
+    base_lr: float = 3e-3
+    expert_lr: dict[str, float] = field(default_factory=lambda: {"lang": 1e-3, "math": 1e-3})
+    batch: int = 32
+    replay: dict[str, float] = field(default_factory=lambda: {"lang": 0.2, "math": 0.2})
+    replay_tasks: dict[str, tuple[str, ...]] = field(
+        default_factory=lambda: {"lang": tuple(BASE_MIX), "math": tuple(BASE_MIX)}
+    )
+    parts: dict[str, Any] = field(default_factory=lambda: {"lang": None, "math": None})
+    base_mix: dict[str, float] = field(default_factory=lambda: dict(BASE_MIX))
+    lang_mix: dict[str, float] = field(
+        default_factory=lambda: {"l2_copy": 0.3, "comp_lang_l2": 0.5, "l2_translate": 0.2}
+    )
+    math_mix: dict[str, float] = field(default_factory=lambda: {"comp_math_l1": 1.0})
+    eval_limit: int | None = None
+
+
+def encode(text: str) -> list[int]:
+    return [CHAR_IDS[c] for c in text]
+
+
+def build_tokenizer():
+    """Character-level fast tokenizer over both scripts (reloads offline with AutoTokenizer)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(TOKEN_CHARS))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tok.model_max_length = 64
+    return tok
+
+
+def new_model(cfg: CompConfig, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(SPECIAL_TOKENS) + len(TOKEN_CHARS),
+        hidden_size=cfg.hidden,
+        intermediate_size=4 * cfg.hidden,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=64,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+# -- held-out splits ---------------------------------------------------------------------------
+
+
+def make_splits(task: CompTask) -> dict[str, list[dict]]:
+    rng = random.Random(f"{DATA_SEED}:{task.name}")
+    seen: set[str] = set()
+    splits: dict[str, list[dict]] = {}
+    for split in ("test", "validation", "train"):
+        rows = []
+        while len(rows) < SPLIT_SIZES[split]:
+            prompt, answer = task.generate(rng)
+            if prompt in seen:
+                continue
+            seen.add(prompt)
+            rows.append({"prompt": prompt, "answer": answer})
+        splits[split] = rows
+    return splits
+
+
+def held_out(splits: dict[str, dict[str, list[dict]]]) -> set[str]:
+    """Validation and test prompts of every lm-eval task, in both scripts: training never sees them."""
+    prompts = set()
+    for by_split in splits.values():
+        for split in ("validation", "test"):
+            for row in by_split[split]:
+                prompts.add(row["prompt"].translate(TO_L1))
+                prompts.add(row["prompt"].translate(TO_L2))
+    return prompts
+
+
+class Stream:
+    def __init__(self, mix: dict[str, float], seed: str, held: set[str]):
+        self.names, self.weights = list(mix), list(mix.values())
+        self.rng = random.Random(seed)
+        self.held = held
+
+    def sample(self) -> tuple[str, str]:
+        task = TASKS[self.rng.choices(self.names, self.weights)[0]]
+        while True:
+            prompt, answer = task.generate(self.rng)
+            if prompt not in self.held:
+                return prompt, answer
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.full((size, SEQ_LEN), PAD_ID, dtype=torch.long)
+        labels = torch.full((size, SEQ_LEN), -100, dtype=torch.long)
+        for i in range(size):
+            prompt, answer = self.sample()
+            p, a = encode(prompt), encode(answer) + [EOS_ID]
+            ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+            labels[i, len(p) - 1 : len(p) + len(a) - 1] = torch.tensor(a)
+        return ids, labels
+
+
+L2_IDS = torch.tensor([CHAR_IDS[c] for c in L2])
+
+
+def trainable(model, part: str | tuple[int, ...] | None) -> list[torch.nn.Parameter]:
+    """All parameters (None), the given decoder layers, or "l2_embeddings": the embedding matrix
+    with its gradient masked to the L2 rows (Adam leaves rows whose gradient is always 0 unchanged)."""
+    if part is None:
+        return list(model.parameters())
+    if part == "l2_embeddings":
+        weight = model.model.embed_tokens.weight
+        mask = torch.zeros(weight.shape[0], 1)
+        mask[L2_IDS] = 1.0
+        weight.register_hook(lambda grad: grad * mask)
+        return [weight]
+    return [p for i, layer in enumerate(model.model.layers) if i in part for p in layer.parameters()]
+
+
+def train(model, stream: Stream, steps: int, lr: float, batch: int, part: str | tuple[int, ...] | None = None) -> None:
+    params = trainable(model, part)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps))
+    model.train()
+    for _ in range(steps):
+        ids, labels = stream.batch(batch)
+        logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+    model.eval()
+
+
+@torch.no_grad()
+def exact_match(model, rows: list[dict]) -> float:
+    x = torch.tensor([encode(r["prompt"]) for r in rows])
+    n_prompt, n_answer = x.shape[1], len(rows[0]["answer"])
+    for _ in range(n_answer + 1):
+        nxt = model(input_ids=x).logits[:, -1].argmax(-1, keepdim=True)
+        x = torch.cat([x, nxt], dim=1)
+    gold = torch.tensor([encode(r["answer"]) + [EOS_ID] for r in rows])
+    return (x[:, n_prompt:] == gold).all(dim=1).float().mean().item()
+
+
+def _mix_with_replay(own: dict[str, float], replay: float, tasks: tuple[str, ...], cfg: CompConfig) -> dict[str, float]:
+    total_own = sum(own.values())
+    mix = {k: (1 - replay) * v / total_own for k, v in own.items()}
+    total = sum(cfg.base_mix[k] for k in tasks)
+    for k in tasks:
+        mix[k] = mix.get(k, 0.0) + replay * cfg.base_mix[k] / total
+    return mix
+
+
+def train_states(cfg: CompConfig, seed: int, held: set[str]) -> dict[str, dict[str, torch.Tensor]]:
+    model = new_model(cfg, seed)
+    train(model, Stream(cfg.base_mix, f"{seed}:base", held), cfg.base_steps, cfg.base_lr, cfg.batch)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    states = {"base": base}
+    for name, own in (("lang", cfg.lang_mix), ("math", cfg.math_mix)):
+        model = new_model(cfg, seed)  # fresh: no gradient hook of an earlier expert
+        model.load_state_dict(base)
+        part = cfg.parts[name]
+        part = tuple(part) if isinstance(part, list) else part
+        mix = _mix_with_replay(own, cfg.replay[name], tuple(cfg.replay_tasks[name]), cfg)
+        steps, lr = cfg.expert_steps[name], cfg.expert_lr[name]
+        train(model, Stream(mix, f"{seed}:{name}", held), steps, lr, cfg.batch, part)
+        states[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return states
+
+
+# -- lm-eval task files ----------------------------------------------------------------------------
+
+
+def all_splits() -> dict[str, dict[str, list[dict]]]:
+    return {name: make_splits(task) for name, task in TASKS.items() if task.lm_eval}
+
+
+def write_task_files(out: Path) -> list[Path]:
+    """(Re)write the lm-eval YAML and jsonl splits of the composition tasks (deterministic)."""
+    written = []
+    for name, by_split in all_splits().items():
+        for split, rows in by_split.items():
+            path = Path(out) / "data" / f"{name}_{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+            written.append(path)
+        max_gen = len(by_split["test"][0]["answer"]) + 1
+        path = Path(out) / f"{name}.yaml"
+        path.write_text(YAML.format(doc=TASK_DOCS[name], name=name, max_gen=max_gen))
+        written.append(path)
+    return written
+
+
+def read_split(name: str, split: str) -> list[dict]:
+    with open(tasks_dir() / "data" / f"{name}_{split}.jsonl") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+# -- the zoo -------------------------------------------------------------------------------------
+
+MODEL_TASKS = {"base": None, "lang": "comp_lang_l2", "math": "comp_math_l1"}
+EXPERT_MARGIN = 0.3  # an expert beats the base on its own task by at least this (test exact match)
+OWN_TASK_BAR = 0.8  # and reaches at least this on it
+
+
+def targets(models: dict[str, dict]) -> dict[str, bool]:
+    """The zoo's acceptance targets on the measured test scores."""
+    base = models["base"]["test_exact_match"]
+    experts = {n: m for n, m in models.items() if m["task"]}
+    return {
+        f"no_source_reaches_{TARGET_BAR}_on_{TARGET}": all(
+            m["test_exact_match"][TARGET] < TARGET_BAR for m in models.values()
+        ),
+        f"expert_own_task_ge_{OWN_TASK_BAR}": all(
+            m["test_exact_match"][m["task"]] >= OWN_TASK_BAR for m in experts.values()
+        ),
+        f"expert_beats_base_on_own_task_by_{EXPERT_MARGIN}": all(
+            m["test_exact_match"][m["task"]] >= base[m["task"]] + EXPERT_MARGIN for m in experts.values()
+        ),
+    }
+
+
+HAND_WEIGHTS = (0.5, 0.8, 1.0)
+
+
+def task_arithmetic(states: dict[str, dict[str, torch.Tensor]], weight: float) -> dict[str, torch.Tensor]:
+    """base + weight * (lang - base) + weight * (math - base): the hand merge recorded in the manifest."""
+    base = states["base"]
+    return {k: base[k] + weight * (states["lang"][k] - base[k]) + weight * (states["math"][k] - base[k]) for k in base}
+
+
+def build_composition_zoo(out_dir: Path, seed: int = 0, quiet: bool = False, cfg: CompConfig | None = None) -> dict:
+    """Train base + language expert + math expert, score them, write OUT_DIR atomically with SHA256SUMS."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
+    cfg = cfg or CompConfig()
+    started = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-reproducible on one machine, and fastest at this size
+    try:
+        splits = {name: {s: read_split(name, s) for s in ("validation", "test")} for name in EVAL_TASKS}
+        held = held_out(splits)
+        tokenizer = build_tokenizer()
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        states = train_states(cfg, seed, held)
+        train_seconds = time.perf_counter() - started
+        model = new_model(cfg, seed)
+
+        def scores(state: dict[str, torch.Tensor]) -> dict[str, float]:
+            model.load_state_dict(state)
+            return {t: round(exact_match(model, splits[t]["test"][: cfg.eval_limit]), 4) for t in EVAL_TASKS}
+
+        models: dict[str, dict] = {}
+        for name, state in states.items():
+            task = MODEL_TASKS[name]
+            models[name] = {
+                "role": "base" if task is None else "expert",
+                "task": task,
+                "test_exact_match": scores(state),
+            }
+            model.load_state_dict(state)
+            model.save_pretrained(tmp / name)
+            tokenizer.save_pretrained(tmp / name)
+        hand = {f"task_arithmetic_{w}": scores(task_arithmetic(states, w)) for w in HAND_WEIGHTS}
+        manifest = {
+            "kind": "composition",
+            "seed": seed,
+            "mini": False,
+            "build_seconds": round(time.perf_counter() - started, 1),
+            "train_seconds": round(train_seconds, 1),
+            "tasks": EVAL_TASKS,
+            "target": TARGET,
+            "target_bar": TARGET_BAR,
+            "models": models,
+            "hand_merges": hand,
+            "targets": targets(models),
+            "config": asdict(cfg),
+            "torch": torch.__version__,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_checksums(tmp)
+        apply_umask(tmp)
+        _swap_into_place(tmp, out_dir)
+    finally:
+        torch.set_num_threads(threads)
+    if not quiet:
+        rows = [*((n, m["test_exact_match"]) for n, m in models.items()), *hand.items()]
+        for name, row in rows:
+            print(f"{name:22s} " + "  ".join(f"{t} {v:.3f}" for t, v in row.items()))
+        print("targets:", manifest["targets"])
+    return manifest
