@@ -35,8 +35,9 @@ import torch.nn.functional as F
 
 from evomerge.io.file_modes import apply_umask
 from evomerge.io.paths import tasks_dir
+from evomerge.zoo import models
 from evomerge.zoo.composition_yaml import TASK_DOCS, YAML
-from evomerge.zoo.models import SPECIAL_TOKENS, _check_out_dir, _swap_into_place, write_checksums
+from evomerge.zoo.models import SPECIAL_TOKENS, ExampleStream, _check_out_dir, _swap_into_place, write_checksums
 
 L1_DIGITS = "0123456789"
 L1_LETTERS = "abcdefghij"
@@ -200,23 +201,7 @@ def build_tokenizer():
 
 
 def new_model(cfg: CompConfig, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(SPECIAL_TOKENS) + len(TOKEN_CHARS),
-        hidden_size=cfg.hidden,
-        intermediate_size=4 * cfg.hidden,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.heads,
-        max_position_embeddings=64,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)
+    return models.new_model(cfg, seed, vocab_size=len(SPECIAL_TOKENS) + len(TOKEN_CHARS))
 
 
 # -- held-out splits ---------------------------------------------------------------------------
@@ -249,30 +234,6 @@ def held_out(splits: dict[str, dict[str, list[dict]]]) -> set[str]:
     return prompts
 
 
-class Stream:
-    def __init__(self, mix: dict[str, float], seed: str, held: set[str]):
-        self.names, self.weights = list(mix), list(mix.values())
-        self.rng = random.Random(seed)
-        self.held = held
-
-    def sample(self) -> tuple[str, str]:
-        task = TASKS[self.rng.choices(self.names, self.weights)[0]]
-        while True:
-            prompt, answer = task.generate(self.rng)
-            if prompt not in self.held:
-                return prompt, answer
-
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.full((size, SEQ_LEN), PAD_ID, dtype=torch.long)
-        labels = torch.full((size, SEQ_LEN), -100, dtype=torch.long)
-        for i in range(size):
-            prompt, answer = self.sample()
-            p, a = encode(prompt), encode(answer) + [EOS_ID]
-            ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-            labels[i, len(p) - 1 : len(p) + len(a) - 1] = torch.tensor(a)
-        return ids, labels
-
-
 L2_IDS = torch.tensor([CHAR_IDS[c] for c in L2])
 
 
@@ -290,7 +251,9 @@ def trainable(model, part: str | tuple[int, ...] | None) -> list[torch.nn.Parame
     return [p for i, layer in enumerate(model.model.layers) if i in part for p in layer.parameters()]
 
 
-def train(model, stream: Stream, steps: int, lr: float, batch: int, part: str | tuple[int, ...] | None = None) -> None:
+def train(
+    model, stream: ExampleStream, steps: int, lr: float, batch: int, part: str | tuple[int, ...] | None = None
+) -> None:
     params = trainable(model, part)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     warmup = max(1, steps // 20)
@@ -330,7 +293,13 @@ def _mix_with_replay(own: dict[str, float], replay: float, tasks: tuple[str, ...
 
 def train_states(cfg: CompConfig, seed: int, held: set[str]) -> dict[str, dict[str, torch.Tensor]]:
     model = new_model(cfg, seed)
-    train(model, Stream(cfg.base_mix, f"{seed}:base", held), cfg.base_steps, cfg.base_lr, cfg.batch)
+    train(
+        model,
+        ExampleStream(cfg.base_mix, f"{seed}:base", held, TASKS, encode, SEQ_LEN),
+        cfg.base_steps,
+        cfg.base_lr,
+        cfg.batch,
+    )
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     states = {"base": base}
     for name, own in (("lang", cfg.lang_mix), ("math", cfg.math_mix)):
@@ -340,7 +309,7 @@ def train_states(cfg: CompConfig, seed: int, held: set[str]) -> dict[str, dict[s
         part = tuple(part) if isinstance(part, list) else part
         mix = _mix_with_replay(own, cfg.replay[name], tuple(cfg.replay_tasks[name]), cfg)
         steps, lr = cfg.expert_steps[name], cfg.expert_lr[name]
-        train(model, Stream(mix, f"{seed}:{name}", held), steps, lr, cfg.batch, part)
+        train(model, ExampleStream(mix, f"{seed}:{name}", held, TASKS, encode, SEQ_LEN), steps, lr, cfg.batch, part)
         states[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return states
 

@@ -19,8 +19,10 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -100,12 +102,13 @@ def encode(text: str) -> list[int]:
     return [CHAR_IDS[c] for c in text]
 
 
-def new_model(cfg: ZooConfig, seed: int):
+def new_model(cfg: Any, seed: int, vocab_size: int = len(SPECIAL_TOKENS) + len(TOKEN_CHARS)):
+    """A seeded char-level Llama of `cfg`'s hidden size, layers and heads (toy and composition zoos)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(SPECIAL_TOKENS) + len(TOKEN_CHARS),
+        vocab_size=vocab_size,
         hidden_size=cfg.hidden,
         intermediate_size=4 * cfg.hidden,
         num_hidden_layers=cfg.layers,
@@ -121,15 +124,27 @@ def new_model(cfg: ZooConfig, seed: int):
 
 
 class ExampleStream:
-    """Training examples from a task mixture, never one of the held-out prompts."""
+    """Training examples from a task mixture, never one of the held-out prompts. `tasks` and
+    `encoder` default to the toy zoo's; the composition zoo passes its own (same PAD/EOS ids)."""
 
-    def __init__(self, mix: dict[str, float], seed: str, held_out: set[str]):
+    def __init__(
+        self,
+        mix: dict[str, float],
+        seed: str,
+        held_out: set[str],
+        tasks: Mapping[str, Any] | None = None,
+        encoder: Callable[[str], list[int]] | None = None,
+        seq_len: int = SEQ_LEN,
+    ):
         self.names, self.weights = list(mix), list(mix.values())
         self.rng = random.Random(seed)
         self.held_out = held_out
+        self.tasks = tasks if tasks is not None else TASKS
+        self.encode = encoder or encode
+        self.seq_len = seq_len
 
     def sample(self) -> tuple[str, str]:
-        task = TASKS[self.rng.choices(self.names, self.weights)[0]]
+        task = self.tasks[self.rng.choices(self.names, self.weights)[0]]
         while True:
             prompt, answer = task.generate(self.rng)
             if prompt not in self.held_out:
@@ -137,11 +152,11 @@ class ExampleStream:
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and answer-only next-token labels (-100 elsewhere)."""
-        ids = torch.full((size, SEQ_LEN), PAD_ID, dtype=torch.long)
-        labels = torch.full((size, SEQ_LEN), -100, dtype=torch.long)
+        ids = torch.full((size, self.seq_len), PAD_ID, dtype=torch.long)
+        labels = torch.full((size, self.seq_len), -100, dtype=torch.long)
         for i in range(size):
             prompt, answer = self.sample()
-            p, a = encode(prompt), encode(answer) + [EOS_ID]
+            p, a = self.encode(prompt), self.encode(answer) + [EOS_ID]
             ids[i, : len(p) + len(a)] = torch.tensor(p + a)
             labels[i, len(p) - 1 : len(p) + len(a) - 1] = torch.tensor(a)
         return ids, labels
