@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple
@@ -76,6 +77,7 @@ def _kernel(
     scaled: bool,
     divided: bool,
     input_dtype: torch.dtype | None,
+    l1: bool = False,
 ) -> None:
     """`methods.task_arithmetic.generalized_task_arithmetic` with the same operations in the same
     order, except that an entry below a magnitude cut is a `where` to 0 instead of a product with
@@ -86,9 +88,13 @@ def _kernel(
     magnitude_index |d| > cut, or |d| == cut at a flat index >= `ranks[i]` (0-d, int32 or int64: where many
     equal magnitudes straddle a top-k cut, the kept ones are the last by index); rank: stable
     magnitude rank > cut (`ranks` as fp32); bernoulli u < cut; della u < q = cut + slope * rank (then
-    divided by q when `rescale`). Factors multiply the kept entries (the weight, or weight / density)."""
+    divided by q when `rescale`). Factors multiply the kept entries (the weight, or weight / density).
+    With `l1` (mergekit's L1 rescaling of DARE/DELLA), per input a ratio follows the divisor:
+    before / after of `sparsify.rescale_l1`, computed beforehand (`l1_ratios`); kept entries are
+    then `delta * keep * ratio * weight`, the eager order of operations."""
     n = len(deltas)
     cuts, slopes, factors, weights = (scalars[k * n : (k + 1) * n] for k in range(4))
+    ratios = scalars[4 * n + 2 : 5 * n + 2]
     weighted = []
     for i, delta in enumerate(deltas):
         if sparsifier == "none":
@@ -105,12 +111,15 @@ def _kernel(
             weighted.append(delta * (keep * factors[i]))
         elif sparsifier == "bernoulli":
             keep = (draws[i] - cuts[i]).floor().neg()
-            weighted.append(delta * (keep * factors[i]))
+            weighted.append(delta * keep * ratios[i] * factors[i] if l1 else delta * (keep * factors[i]))
         else:
             probs = cuts[i] + slopes[i] * ranks[i].to(torch.float32)
             keep = (draws[i] - probs).floor().neg()
-            scale = probs.clamp_min(1e-12).reciprocal() * factors[i] if rescale else factors[i]
-            weighted.append(delta * (keep * scale))
+            if l1:
+                weighted.append(delta * keep * ratios[i] * factors[i])
+            else:
+                scale = probs.clamp_min(1e-12).reciprocal() * factors[i] if rescale else factors[i]
+                weighted.append(delta * (keep * scale))
     if consensus is not None:
         if consensus == "sum":
             score = weighted[0] + weighted[1] if len(weighted) > 1 else weighted[0]
@@ -148,6 +157,32 @@ def _kernel(
         mixed = mixed * scalars[4 * n]
     base_fp32 = (base.to(input_dtype) if input_dtype is not None else base).to(torch.float32)
     out.copy_(mixed + base_fp32)
+
+
+def _kept_abs(
+    out: torch.Tensor, delta: torch.Tensor, draws: torch.Tensor, ranks: torch.Tensor | None, cut, slope
+) -> None:
+    """|delta * keep| with `_kernel`'s DARE (`ranks` None) or DELLA keep factor: the tensor whose
+    sum is `sparsify.rescale_l1`'s `after`. Summed by ATen afterwards (`l1_ratio`), so the
+    reduction is the eager one, bit for bit; this only saves the eager method's extra passes."""
+    probs = cut if ranks is None else cut + slope * ranks.to(torch.float32)
+    keep = (draws - probs).floor().neg()
+    out.copy_((delta * keep).abs())
+
+
+L1_EPS = 1e-7  # sparsify.rescale_l1's default
+
+
+def l1_ratio(before: torch.Tensor, kept_abs: torch.Tensor) -> float | None:
+    """`rescale_l1`'s factor before / after (1.0 where it leaves the entries as they are), from
+    `before` = |delta|.sum() and the kept magnitudes; None when `before` is not finite (NaN or inf
+    deltas: the eager method's products with 0 would differ from the kernel's)."""
+    if not bool(torch.isfinite(before)):
+        return None
+    after = kept_abs.sum()
+    if bool(before < L1_EPS) or bool(after < L1_EPS):
+        return 1.0
+    return float(before / after)
 
 
 class DrawStore:
@@ -195,6 +230,8 @@ class _Scalars:
     tied: list[torch.Tensor | None]  # flat indices of kept entries equal to a magnitude cut
     values: list[float] = field(default_factory=list)  # magnitude: the cut value v itself
     starts: list[int] = field(default_factory=list)  # magnitude: first flat index of a kept |d| == v
+    l1: bool = False  # DARE/DELLA with L1 rescaling: `ratios` still to be filled (see `_kernel`)
+    ratios: list[float] = field(default_factory=list)
 
     def by_index(self) -> _Scalars:
         """The same cut as `magnitude_index` takes it: |d| > v, or == v from index `starts[i]`."""
@@ -229,6 +266,8 @@ class FusedTaskVectors:
         self.fused_jobs = 0
         self.eager_jobs = 0
         self.index_jobs = 0  # TIES jobs whose ties at the cut were kept by an index compare
+        self._kept_abs: Callable[..., None] | None = None
+        self._abs_sums: dict[int, tuple[weakref.ref, torch.Tensor]] = {}  # id(delta) -> (delta, |delta|.sum())
 
     @staticmethod
     def covers(plan: MergePlan) -> bool:
@@ -275,9 +314,30 @@ class FusedTaskVectors:
             ranks = [index_scalar(start, deltas[0].numel(), device) for start in scalars.starts]
             self.index_jobs += 1
         consensus, normalize, rescale = job_flags(job, has_consensus)
+        if scalars.l1:
+            try:
+                ratios = self.l1_ratios(caches, draws, ranks, scalars)
+            except Exception:  # compilation fails before anything is written
+                if self.fused_jobs:
+                    raise
+                self.disable_after_failure()
+                ratios = None
+            if ratios is None:
+                self.eager_jobs += 1
+                return False
+            scalars.ratios, rescale = ratios, False  # the ratios replace the 1/q rescaling
         values = packed_scalars(job, scalars, consensus, normalize)
         packed = torch.tensor(values, dtype=torch.float32, device=device)
-        flags = (consensus, normalize, rescale, values[-2] != 1.0, normalize and consensus is None, plan.input_dtype)
+        head = 4 * len(deltas)  # lambda and divisor follow the per-input rows
+        flags = (
+            consensus,
+            normalize,
+            rescale,
+            values[head] != 1.0,
+            normalize and consensus is None,
+            plan.input_dtype,
+            scalars.l1,
+        )
         try:
             self.kernel()(target, base, deltas, draws, ranks, packed, sparsifier, *flags)
         except Exception:  # compilation fails before anything is written
@@ -290,6 +350,43 @@ class FusedTaskVectors:
             patch_tied(target, base, lambda i, at: deltas[i].reshape(-1)[at], scalars, packed, flags)
         self.fused_jobs += 1
         return True
+
+    def abs_sum(self, delta: torch.Tensor) -> torch.Tensor:
+        """|delta|.sum() as `rescale_l1` computes it, once per resident task vector."""
+        key = id(delta)
+        held = self._abs_sums.get(key)
+        if held is not None and held[0]() is delta:
+            return held[1]
+        total = delta.abs().sum()
+        self._abs_sums = {k: v for k, v in self._abs_sums.items() if v[0]() is not None}
+        self._abs_sums[key] = (weakref.ref(delta), total)
+        return total
+
+    def l1_ratios(
+        self,
+        caches: Sequence[DeltaCache],
+        draws: Sequence[torch.Tensor],
+        ranks: Sequence[torch.Tensor],
+        scalars: _Scalars,
+    ) -> list[float] | None:
+        """Per input the L1 factor of `rescale_l1` (None: run the eager method). `after` needs this
+        candidate's mask: one compiled pass writes the kept magnitudes, ATen sums them."""
+        if self._kept_abs is None:
+            self._kept_abs = torch.compile(_kept_abs, dynamic=True, fullgraph=True)
+        ratios = []
+        for i, cache in enumerate(caches):
+            if scalars.cuts[i] >= 1.0:  # density 1: nothing dropped, the eager method does not rescale
+                ratios.append(1.0)
+                continue
+            kept = torch.empty_like(cache.delta)
+            cut = torch.tensor(scalars.cuts[i], dtype=torch.float32, device=kept.device)
+            slope = torch.tensor(scalars.slopes[i], dtype=torch.float32, device=kept.device)
+            self._kept_abs(kept, cache.delta, draws[i], ranks[i] if ranks else None, cut, slope)
+            ratio = l1_ratio(self.abs_sum(cache.delta), kept)
+            if ratio is None:
+                return None
+            ratios.append(ratio)
+        return ratios
 
     def disable_after_failure(self) -> None:
         """The kernel cannot be compiled here (no C++ compiler, ...): eager from now on, said once."""
@@ -347,7 +444,8 @@ def packed_scalars(job: TensorJob, scalars: _Scalars, consensus: str | None, nor
     if normalize and consensus is None:
         total = sum(weights)
         divisor = 1.0 if abs(total) < 1e-8 else total
-    return [*scalars.cuts, *scalars.slopes, *scalars.factors, *weights, float(job.params.get("lambda", 1.0)), divisor]
+    lam = float(job.params.get("lambda", 1.0))
+    return [*scalars.cuts, *scalars.slopes, *scalars.factors, *weights, lam, divisor, *scalars.ratios]
 
 
 def _scalars(job: TensorJob, caches: Sequence[DeltaCache] | None, sparsifier: str) -> _Scalars | None:
@@ -362,7 +460,7 @@ def _scalars(job: TensorJob, caches: Sequence[DeltaCache] | None, sparsifier: st
             return None
         return _topk_cut(cache.sorted_abs, cache.sorted_order, density)
 
-    return job_scalars(job, caches[0].delta, sparsifier, cut, all(c.row_ranks is not None for c in caches))
+    return job_scalars(job, caches[0].delta, sparsifier, cut, all(c.row_ranks is not None for c in caches), l1_ok=True)
 
 
 def job_scalars(
@@ -371,14 +469,18 @@ def job_scalars(
     sparsifier: str,
     topk_cut: Callable[[int, float], TopkCut | None],
     have_ranks: bool,
+    l1_ok: bool = False,
 ) -> _Scalars | None:
     """Per-input scalars of one job (`like`: any tensor of the job's shape, meta is enough);
-    `topk_cut(i, density)` gives input i's magnitude cut (see `_topk_cut`)."""
+    `topk_cut(i, density)` gives input i's magnitude cut (see `_topk_cut`). DARE/DELLA with L1
+    rescaling only where the caller fills the ratios (`l1_ok`: whole-tensor sums first)."""
     rescale = bool(job.params.get("rescale", False))
-    if rescale and (sparsifier in ("magnitude", "rank") or job.params.get("rescale_norm", "l1") != "inverse"):
+    norm = job.params.get("rescale_norm", "l1")
+    l1 = rescale and norm == "l1" and sparsifier in ("bernoulli", "della")
+    if rescale and (sparsifier in ("magnitude", "rank") or (norm != "inverse" and not (l1 and l1_ok))):
         return None  # L1 rescaling needs whole-tensor norms first
     keep_all = {"none": 0.0, "magnitude": float("-inf"), "rank": -1.0, "bernoulli": 1.0, "della": 1.0}[sparsifier]
-    scalars = _Scalars([], [], [], [])
+    scalars = _Scalars([], [], [], [], l1=l1)
     for i, p in enumerate(job.input_params):
         weight = float(p["weight"])
         density = float(p.get("density", 1.0))
@@ -398,7 +500,7 @@ def job_scalars(
             cut = float(n - topk_count(density, n) - 1)
         elif sparsifier == "bernoulli":
             cut = density
-            factor = weight / density if rescale else weight
+            factor = weight / density if rescale and not l1 else weight
         else:
             ramp = della_ramp(like, density, float(p.get("epsilon", 0.15)))
             if ramp is None or not have_ranks:
