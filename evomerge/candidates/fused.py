@@ -78,7 +78,8 @@ def _kernel(
     divided: bool,
     input_dtype: torch.dtype | None,
     l1: bool = False,
-) -> None:
+    finite: bool = False,
+) -> torch.Tensor | None:
     """`methods.task_arithmetic.generalized_task_arithmetic` with the same operations in the same
     order, except that an entry below a magnitude cut is a `where` to 0 instead of a product with
     a 0/1 factor (same values; the sign of a zero may differ; about 7% faster). `scalars` (fp32, packed by
@@ -91,7 +92,9 @@ def _kernel(
     divided by q when `rescale`). Factors multiply the kept entries (the weight, or weight / density).
     With `l1` (mergekit's L1 rescaling of DARE/DELLA), per input a ratio follows the divisor:
     before / after of `sparsify.rescale_l1`, computed beforehand (`l1_ratios`); kept entries are
-    then `delta * keep * ratio * weight`, the eager order of operations."""
+    then `delta * keep * ratio * weight`, the eager order of operations. With `finite` it returns
+    whether every written entry is finite (0-d bool), reduced in the same loop as the write: the
+    finite check of `run_plan` without another read of the output."""
     n = len(deltas)
     cuts, slopes, factors, weights = (scalars[k * n : (k + 1) * n] for k in range(4))
     ratios = scalars[4 * n + 2 : 5 * n + 2]
@@ -156,7 +159,9 @@ def _kernel(
     if scaled:
         mixed = mixed * scalars[4 * n]
     base_fp32 = (base.to(input_dtype) if input_dtype is not None else base).to(torch.float32)
-    out.copy_(mixed + base_fp32)
+    result = mixed + base_fp32
+    out.copy_(result)
+    return torch.isfinite(result.to(out.dtype)).all() if finite else None
 
 
 def _kept_abs(
@@ -266,6 +271,7 @@ class FusedTaskVectors:
         self.fused_jobs = 0
         self.eager_jobs = 0
         self.index_jobs = 0  # TIES jobs whose ties at the cut were kept by an index compare
+        self.finite = True  # whether the last job `write` wrote holds only finite values
         self._kept_abs: Callable[..., None] | None = None
         self._abs_sums: dict[int, tuple[weakref.ref, torch.Tensor]] = {}  # id(delta) -> (delta, |delta|.sum())
 
@@ -339,15 +345,17 @@ class FusedTaskVectors:
             scalars.l1,
         )
         try:
-            self.kernel()(target, base, deltas, draws, ranks, packed, sparsifier, *flags)
+            finite = self.kernel()(target, base, deltas, draws, ranks, packed, sparsifier, *flags, finite=True)
         except Exception:  # compilation fails before anything is written
             if self.fused_jobs:
                 raise
             self.disable_after_failure()
             self.eager_jobs += 1
             return False
+        self.finite = bool(finite)
         if any(t is not None for t in scalars.tied):
-            patch_tied(target, base, lambda i, at: deltas[i].reshape(-1)[at], scalars, packed, flags)
+            patch = patch_tied(target, base, lambda i, at: deltas[i].reshape(-1)[at], scalars, packed, flags)
+            self.finite = self.finite and bool(torch.isfinite(patch).all())
         self.fused_jobs += 1
         return True
 
@@ -403,10 +411,10 @@ def patch_tied(
     scalars: _Scalars,
     packed: torch.Tensor,
     flags: tuple,
-) -> None:
+) -> torch.Tensor:
     """Recompute the entries of `target` where kept magnitudes tie at a top-k cut (the kernel kept
     only those strictly above it) with the same function, eager, and write them over.
-    `delta_at(i, flat_indices)` gives input i's task vector at those entries."""
+    `delta_at(i, flat_indices)` gives input i's task vector at those entries; returns what it wrote."""
     device = target.device
     at = torch.unique(torch.cat([t for t in scalars.tied if t is not None])).to(device)
     masked = []
@@ -419,6 +427,7 @@ def patch_tied(
     patch = torch.empty(at.numel(), dtype=target.dtype, device=device)
     _kernel(patch, base.reshape(-1)[at], masked, [], [], packed, "none", *flags)
     target.view(-1)[at] = patch
+    return patch
 
 
 def index_scalar(start: int, numel: int, device: torch.device) -> torch.Tensor:
