@@ -215,13 +215,8 @@ class DeltaStore:
         if "sorted_abs" in wanted and cache.sorted_abs is None:
             cache = replace(cache, sorted_abs=cache.delta.abs().reshape(-1).sort().values)
         if "row_ranks" in wanted and cache.row_ranks is None:
-            # Ranks within a row are below the row length: int16 where rows are at most 32767 long
-            # (every weight matrix of today's models), else int32. A quarter or half of int64's
-            # memory and of what the DELLA kernel reads per entry and input (2 B instead of 4);
-            # ranks are converted to fp32 before use, so values are equal.
-            ranks = stable_row_ranks(cache.delta.abs())
-            row = ranks.shape[-1] if ranks.dim() <= 1 else ranks[0].numel()
-            cache = replace(cache, row_ranks=ranks.to(torch.int16 if row <= 2**15 - 1 else torch.int32))
+            # int32 halves the memory; ranks are converted to fp32 before use, so values are equal.
+            cache = replace(cache, row_ranks=stable_row_ranks(cache.delta.abs()).to(torch.int32))
         self.cache.put(key, cache, _nbytes(cache))  # room was reserved by `caches`
         self.build_seconds += time.perf_counter() - started
         return cache
@@ -234,7 +229,6 @@ def _cache_bytes(numel: int, fields: set[str]) -> int:
     """Bytes of a `DeltaCache` with these fields (as `_get` builds them)."""
     if "sorted_order" in fields:
         fields = fields | {"sorted_abs"}  # one stable sort gives both
-    # row ranks: int16 or int32 by row length (unknown here), reserved as int32
     per = {"delta": 4, "sorted_abs": 4, "row_ranks": 4, "sorted_order": 4 if numel < 2**31 else 8}
     return numel * sum(per[f] for f in fields)
 
