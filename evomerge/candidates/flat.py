@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import torch
 
 from evomerge.candidates.budget import ByteCache
-from evomerge.candidates.fused import _METHODS, _kept_abs, _kernel, _scalars, job_flags, l1_ratio, packed_scalars
+from evomerge.candidates.fused import _METHODS, _kernel, _scalars, job_flags, packed_scalars
+from evomerge.candidates.rescale import kept_abs, l1_ratio
 from evomerge.merge.jobs import MergePlan, TensorJob
 from evomerge.merge.methods.base import DeltaCache
 from evomerge.merge.methods.sparsify import stable_row_ranks, uniform_like
@@ -206,7 +207,7 @@ class FlatTaskVectors:
                 slopes = torch.tensor([s.slopes[i] for s in all_scalars], dtype=torch.float32, device=row.device)
                 slope = torch.index_select(slopes, 0, layout.segment)
             kept = torch.empty_like(layout.deltas[i])
-            _kept_abs(kept, layout.deltas[i], draws[i], layout.ranks[i] if layout.ranks else None, cut, slope)
+            kept_abs(kept, layout.deltas[i], draws[i], layout.ranks[i] if layout.ranks else None, cut, slope)
             for j, (job, (offset, size)) in enumerate(zip(plan.jobs, layout.spans, strict=True)):
                 if all_scalars[j].cuts[i] >= 1.0:  # density 1: the eager method does not rescale
                     ratios[j].append(1.0)

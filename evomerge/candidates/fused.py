@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple
@@ -33,6 +32,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from evomerge.candidates.budget import ByteCache
+from evomerge.candidates.rescale import L1Ratios
 from evomerge.merge.jobs import MergePlan, TensorJob
 from evomerge.merge.methods.base import DeltaCache
 from evomerge.merge.methods.sparsify import della_ramp, topk_count, uniform_like
@@ -91,7 +91,7 @@ def _kernel(
     magnitude rank > cut (`ranks` as fp32); bernoulli u < cut; della u < q = cut + slope * rank (then
     divided by q when `rescale`). Factors multiply the kept entries (the weight, or weight / density).
     With `l1` (mergekit's L1 rescaling of DARE/DELLA), per input a ratio follows the divisor:
-    before / after of `sparsify.rescale_l1`, computed beforehand (`l1_ratios`); kept entries are
+    before / after of `sparsify.rescale_l1`, computed beforehand (`rescale.L1Ratios`); kept entries are
     then `delta * keep * ratio * weight`, the eager order of operations. With `finite` it returns
     whether every written entry is finite (0-d bool), reduced in the same loop as the write: the
     finite check of `run_plan` without another read of the output."""
@@ -162,32 +162,6 @@ def _kernel(
     result = mixed + base_fp32
     out.copy_(result)
     return torch.isfinite(result.to(out.dtype)).all() if finite else None
-
-
-def _kept_abs(
-    out: torch.Tensor, delta: torch.Tensor, draws: torch.Tensor, ranks: torch.Tensor | None, cut, slope
-) -> None:
-    """|delta * keep| with `_kernel`'s DARE (`ranks` None) or DELLA keep factor: the tensor whose
-    sum is `sparsify.rescale_l1`'s `after`. Summed by ATen afterwards (`l1_ratio`), so the
-    reduction is the eager one, bit for bit; this only saves the eager method's extra passes."""
-    probs = cut if ranks is None else cut + slope * ranks.to(torch.float32)
-    keep = (draws - probs).floor().neg()
-    out.copy_((delta * keep).abs())
-
-
-L1_EPS = 1e-7  # sparsify.rescale_l1's default
-
-
-def l1_ratio(before: torch.Tensor, kept_abs: torch.Tensor) -> float | None:
-    """`rescale_l1`'s factor before / after (1.0 where it leaves the entries as they are), from
-    `before` = |delta|.sum() and the kept magnitudes; None when `before` is not finite (NaN or inf
-    deltas: the eager method's products with 0 would differ from the kernel's)."""
-    if not bool(torch.isfinite(before)):
-        return None
-    after = kept_abs.sum()
-    if bool(before < L1_EPS) or bool(after < L1_EPS):
-        return 1.0
-    return float(before / after)
 
 
 class DrawStore:
@@ -272,8 +246,7 @@ class FusedTaskVectors:
         self.eager_jobs = 0
         self.index_jobs = 0  # TIES jobs whose ties at the cut were kept by an index compare
         self.finite = True  # whether the last job `write` wrote holds only finite values
-        self._kept_abs: Callable[..., None] | None = None
-        self._abs_sums: dict[int, tuple[weakref.ref, torch.Tensor]] = {}  # id(delta) -> (delta, |delta|.sum())
+        self.l1 = L1Ratios()
 
     @staticmethod
     def covers(plan: MergePlan) -> bool:
@@ -322,7 +295,7 @@ class FusedTaskVectors:
         consensus, normalize, rescale = job_flags(job, has_consensus)
         if scalars.l1:
             try:
-                ratios = self.l1_ratios(caches, draws, ranks, scalars)
+                ratios = self.l1.ratios([c.delta for c in caches], draws, ranks, scalars.cuts, scalars.slopes)
             except Exception:  # compilation fails before anything is written
                 if self.fused_jobs:
                     raise
@@ -358,43 +331,6 @@ class FusedTaskVectors:
             self.finite = self.finite and bool(torch.isfinite(patch).all())
         self.fused_jobs += 1
         return True
-
-    def abs_sum(self, delta: torch.Tensor) -> torch.Tensor:
-        """|delta|.sum() as `rescale_l1` computes it, once per resident task vector."""
-        key = id(delta)
-        held = self._abs_sums.get(key)
-        if held is not None and held[0]() is delta:
-            return held[1]
-        total = delta.abs().sum()
-        self._abs_sums = {k: v for k, v in self._abs_sums.items() if v[0]() is not None}
-        self._abs_sums[key] = (weakref.ref(delta), total)
-        return total
-
-    def l1_ratios(
-        self,
-        caches: Sequence[DeltaCache],
-        draws: Sequence[torch.Tensor],
-        ranks: Sequence[torch.Tensor],
-        scalars: _Scalars,
-    ) -> list[float] | None:
-        """Per input the L1 factor of `rescale_l1` (None: run the eager method). `after` needs this
-        candidate's mask: one compiled pass writes the kept magnitudes, ATen sums them."""
-        if self._kept_abs is None:
-            self._kept_abs = torch.compile(_kept_abs, dynamic=True, fullgraph=True)
-        ratios = []
-        for i, cache in enumerate(caches):
-            if scalars.cuts[i] >= 1.0:  # density 1: nothing dropped, the eager method does not rescale
-                ratios.append(1.0)
-                continue
-            kept = torch.empty_like(cache.delta)
-            cut = torch.tensor(scalars.cuts[i], dtype=torch.float32, device=kept.device)
-            slope = torch.tensor(scalars.slopes[i], dtype=torch.float32, device=kept.device)
-            self._kept_abs(kept, cache.delta, draws[i], ranks[i] if ranks else None, cut, slope)
-            ratio = l1_ratio(self.abs_sum(cache.delta), kept)
-            if ratio is None:
-                return None
-            ratios.append(ratio)
-        return ratios
 
     def disable_after_failure(self) -> None:
         """The kernel cannot be compiled here (no C++ compiler, ...): eager from now on, said once."""
