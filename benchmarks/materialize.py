@@ -1,20 +1,24 @@
-"""Per-candidate materialization time of the in-memory path vs copying weights and vs disk.
+"""Per-candidate materialization time against each method's own memory floor, and vs disk.
 
 Builds a ~100M-parameter Llama-shaped base and two fine-tunes (fp32: what a CPU worker scores
 in; `--dtype bfloat16` for the storage dtype of real checkpoints) under benchmarks/work/, then for
-ties, dare_ties and della measures, with one torch thread (as in a CPU worker):
+ties, dare_ties, dare_linear, della, breadcrumbs, task_arithmetic, linear and slerp (DARE/DELLA
+with mergekit's L1 rescaling unless `--rescale-norm inverse`) measures, per torch thread count
+(`--threads 1,2`):
 
-- `materialize`: `Materializer.apply` of a fresh candidate (new densities and weights, the run's
-  mask seed, as a search uses by default) into the resident model, after a warm-up that built the
-  resident task-vector caches, the mask draws and the compiled kernels (the one-time cost is
-  reported as `precompute_seconds`); `new_seed_seconds` is a candidate with a fresh mask seed
-  (DARE/DELLA draw their uniforms again: a search with `mask_seed: candidate`);
-- `copy`: one `copy_` of every weight of the same model from resident tensors (`ratio_vs_copy`,
-  target <= 4);
+- `materialize`: median over `--candidates` of `Materializer.apply` of a fresh candidate (new
+  densities and weights, the run's mask seed, as a search uses by default) into the resident
+  model, after a warm-up that built the resident task-vector caches, the mask draws and the
+  compiled kernels (reported as `precompute_seconds`); `new_seed_seconds` is a candidate with a
+  fresh mask seed (DARE/DELLA draw their uniforms again: `mask_seed: candidate`);
+- the floor: `floor_bytes` (what the method must read and write per output element in the cached
+  path, in the actual dtypes) x parameters / the bandwidth of one `copy_` of the same weights
+  (8 B per element) measured at that thread count; `ratio_vs_floor` (target <= 1.5);
 - `disk`: `evomerge merge` of the same recipe into a directory (in process, so no interpreter
   start-up is counted) plus `from_pretrained` of the result (`speedup_vs_disk`, target >= 20).
 
-    .venv/bin/python benchmarks/materialize.py [--candidates 5] [--disk-repeats 2] [--dtype float32]
+    .venv/bin/python benchmarks/materialize.py [--methods ties,...] [--threads 1,2] [--candidates 5]
+        [--disk-repeats 1] [--dtype float32] [--rescale-norm l1|inverse] [--no-dfs]
 """
 
 from __future__ import annotations
