@@ -35,7 +35,7 @@ def assert_fused_equals_file_merge(zoo: Path, tmp_path: Path, labels: list[str],
 
 
 def test_compiled_kernels_equal_the_file_merge_bit_for_bit(mini_zoo: Path, tmp_path: Path) -> None:
-    assert_fused_equals_file_merge(mini_zoo, tmp_path, ["ties@bf16-inputs", "dare_ties"])
+    assert_fused_equals_file_merge(mini_zoo, tmp_path, ["ties@bf16-inputs", "dare_ties", "dare_ties@l1", "della@l1"])
 
 
 @pytest.mark.slow
@@ -63,14 +63,14 @@ def test_every_fused_method_equals_the_file_merge_bit_for_bit(mini_zoo: Path, tm
             "parameters": {"rescale": False, "lambda": 1.3},
             "models": [{"model": add, "parameters": {"weight": 0.9, "density": 0.4}}],
         },
-        "dare_ties@eager-fallback": {
+        "dare_ties@one-input-l1": {
             "merge_method": "dare_ties",
             "base_model": base,
             "parameters": {"rescale_norm": "l1"},
             "models": [{"model": add, "parameters": {"weight": 0.9, "density": 0.4}}],
         },
     }
-    labels = ["task_arithmetic", "ties", "dare_linear", "della", "della_linear", "della@bf16", *extra]
+    labels = ["task_arithmetic", "ties", "dare_linear", "della", "della_linear", "della@bf16", "dare_linear@l1", *extra]
     assert_fused_equals_file_merge(mini_zoo, tmp_path, labels, extra)
 
 

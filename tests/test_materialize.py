@@ -125,7 +125,10 @@ def ps_recipes(zoo: Path) -> dict[str, dict]:
         },
         "ties@bf16-inputs": {**task_vectors("ties"), "dtype": "bfloat16", "out_dtype": "float32"},
         "della@bf16": {**task_vectors("della", epsilon=0.1), "dtype": "bfloat16"},
-        "dare_ties@l1": {**task_vectors("dare_ties"), "parameters": {}},  # mergekit's L1 rescaling, eager
+        # mergekit's L1 rescaling (the default of DARE and DELLA): ratios from ATen sums, then the kernel
+        "dare_ties@l1": {**task_vectors("dare_ties"), "parameters": {}},
+        "dare_linear@l1": {**task_vectors("dare_linear"), "parameters": {}},
+        "della@l1": {**task_vectors("della", epsilon=0.1), "parameters": {}},
     }
     covered = {name.split("@")[0] for name in recipes}
     # Data-aware methods (a calibration pre-pass, `extra["prepare"]`) run through the same run_plan
@@ -161,7 +164,7 @@ def test_every_parameter_space_method_equals_the_file_merge_bit_for_bit(mini_zoo
         candidate = materializer.apply(recipe, seed=SEED)
         assert candidate.mode == "in_place", label
         # below the compile threshold the task-vector methods run as one flat pass (flat.py)
-        flat = label.split("@")[0] in flat_methods and not label.endswith("@l1")
+        flat = label.split("@")[0] in flat_methods
         assert (materializer.flat.candidates > before) == flat, label
         written = load_file(
             str(file_merge(recipe, tmp_path / label.replace("@", "-"), seed=SEED) / "model.safetensors")

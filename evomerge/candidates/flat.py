@@ -26,6 +26,7 @@ import torch
 
 from evomerge.candidates.budget import ByteCache
 from evomerge.candidates.fused import _METHODS, _kernel, _scalars, job_flags, packed_scalars
+from evomerge.candidates.rescale import kept_abs, l1_ratio
 from evomerge.merge.jobs import MergePlan, TensorJob
 from evomerge.merge.methods.base import DeltaCache
 from evomerge.merge.methods.sparsify import stable_row_ranks, uniform_like
@@ -56,8 +57,8 @@ class _Layout:
 
 def layout_bytes(parameters: int, inputs: int) -> int:
     """Upper bound of one layout's bytes: base, output, task vectors, ranks, the scalar table
-    (4 rows per input + 2), the segment index (int64) and the draws of two mask seeds."""
-    return 4 * parameters * (1 + 1 + inputs + inputs + 4 * inputs + 2 + 2 + 2 * inputs)
+    (5 rows per input + 2), the segment index (int64) and the draws of two mask seeds."""
+    return 4 * parameters * (1 + 1 + inputs + inputs + 5 * inputs + 2 + 2 + 2 * inputs)
 
 
 class FlatTaskVectors:
@@ -84,16 +85,25 @@ class FlatTaskVectors:
             return None
         consensus, normalize, rescale = flags.pop()
         job_caches = [caches(job) for job in jobs]
-        rows: list[list[float]] = [[] for _ in range(4 * inputs + 2)]
-        for job, job_cache in zip(jobs, job_caches, strict=True):
-            scalars = _scalars(job, job_cache, sparsifier)
-            if scalars is None:
-                return None
-            for row, value in zip(rows, packed_scalars(job, scalars, consensus, normalize), strict=True):
-                row.append(value)
+        all_scalars = [_scalars(job, job_cache, sparsifier) for job, job_cache in zip(jobs, job_caches, strict=True)]
+        if any(scalars is None for scalars in all_scalars) or len({s.l1 for s in all_scalars}) != 1:  # type: ignore[union-attr]
+            return None
+        l1 = all_scalars[0].l1  # type: ignore[union-attr]
         layout = self._layout(plan, job_caches, source, sparsifier)  # type: ignore[arg-type]
         if layout is None:
             return None
+        draws = self._draws(plan, layout, job_caches) if sparsifier in ("bernoulli", "della") else []  # type: ignore[arg-type]
+        if l1:
+            ratios = self._l1_ratios(plan, layout, all_scalars, draws)  # type: ignore[arg-type]
+            if ratios is None:
+                return None
+            for scalars, job_ratios in zip(all_scalars, ratios, strict=True):
+                scalars.ratios = job_ratios  # type: ignore[union-attr]
+            rescale = False  # the ratios replace the 1/q rescaling
+        rows: list[list[float]] = [[] for _ in range((5 if l1 else 4) * inputs + 2)]
+        for job, scalars in zip(jobs, all_scalars, strict=True):
+            for row, value in zip(rows, packed_scalars(job, scalars, consensus, normalize), strict=True):  # type: ignore[arg-type]
+                row.append(value)
         scaled = any(value != 1.0 for value in rows[4 * inputs])
         divided = any(value != 1.0 for value in rows[4 * inputs + 1])
         used = list(range(2 * inputs, 3 * inputs))  # factors
@@ -102,10 +112,10 @@ class FlatTaskVectors:
         used += list(range(3 * inputs, 4 * inputs)) if normalize and consensus is not None else []
         used += [4 * inputs] if scaled else []
         used += [4 * inputs + 1] if divided else []
+        used += list(range(4 * inputs + 2, 5 * inputs + 2)) if l1 else []
         per_job = torch.tensor(rows, dtype=torch.float32, device=layout.segment.device)
         for row in used:
             torch.index_select(per_job[row], 0, layout.segment, out=layout.table[row])
-        draws = self._draws(plan, layout, job_caches) if sparsifier in ("bernoulli", "della") else []  # type: ignore[arg-type]
         _kernel(
             layout.out,
             layout.base,
@@ -120,6 +130,7 @@ class FlatTaskVectors:
             scaled,
             divided,
             None,
+            l1,
         )
         self.candidates += 1
         return {
@@ -172,13 +183,41 @@ class FlatTaskVectors:
             deltas=[flat([c[i].delta for c in job_caches]) for i in range(inputs)],
             ranks=ranks,
             out=torch.empty(offset, dtype=jobs[0].out_dtype, device=device),
-            table=torch.empty(4 * inputs + 2, offset, device=device),
+            table=torch.empty(5 * inputs + 2, offset, device=device),
         )
         while len(self._layouts) >= MAX_LAYOUTS:
             self.cache.drop((self.KIND, self._layouts.popitem(last=False)[0]))
         self.cache.put((self.KIND, key), layout, layout_bytes(offset, inputs))
         self._layouts[key] = None
         return layout
+
+    @staticmethod
+    def _l1_ratios(
+        plan: MergePlan, layout: _Layout, all_scalars: Sequence, draws: Sequence[torch.Tensor]
+    ) -> list[list[float]] | None:
+        """Per job and input `rescale_l1`'s factor (see fused.l1_ratio): the kept magnitudes of
+        the whole flat vector in one eager pass per input, then each job's sum over its own
+        entries, viewed with the job's shape as the eager method sums them."""
+        ratios: list[list[float]] = [[] for _ in all_scalars]
+        for i in range(len(layout.deltas)):
+            row = torch.tensor([s.cuts[i] for s in all_scalars], dtype=torch.float32, device=layout.base.device)
+            cut = torch.index_select(row, 0, layout.segment)
+            slope = None
+            if layout.ranks:
+                slopes = torch.tensor([s.slopes[i] for s in all_scalars], dtype=torch.float32, device=row.device)
+                slope = torch.index_select(slopes, 0, layout.segment)
+            kept = torch.empty_like(layout.deltas[i])
+            kept_abs(kept, layout.deltas[i], draws[i], layout.ranks[i] if layout.ranks else None, cut, slope)
+            for j, (job, (offset, size)) in enumerate(zip(plan.jobs, layout.spans, strict=True)):
+                if all_scalars[j].cuts[i] >= 1.0:  # density 1: the eager method does not rescale
+                    ratios[j].append(1.0)
+                    continue
+                delta = layout.deltas[i][offset : offset + size].view(job.shape)
+                ratio = l1_ratio(delta.abs().sum(), kept[offset : offset + size].view(job.shape))
+                if ratio is None:
+                    return None
+                ratios[j].append(ratio)
+        return ratios
 
     @staticmethod
     def _draws(plan: MergePlan, layout: _Layout, job_caches: Sequence[Sequence[DeltaCache]]) -> list[torch.Tensor]:

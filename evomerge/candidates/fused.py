@@ -32,6 +32,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from evomerge.candidates.budget import ByteCache
+from evomerge.candidates.rescale import L1Ratios
 from evomerge.merge.jobs import MergePlan, TensorJob
 from evomerge.merge.methods.base import DeltaCache
 from evomerge.merge.methods.sparsify import della_ramp, topk_count, uniform_like
@@ -76,7 +77,9 @@ def _kernel(
     scaled: bool,
     divided: bool,
     input_dtype: torch.dtype | None,
-) -> None:
+    l1: bool = False,
+    finite: bool = False,
+) -> torch.Tensor | None:
     """`methods.task_arithmetic.generalized_task_arithmetic` with the same operations in the same
     order, except that an entry below a magnitude cut is a `where` to 0 instead of a product with
     a 0/1 factor (same values; the sign of a zero may differ; about 7% faster). `scalars` (fp32, packed by
@@ -86,9 +89,15 @@ def _kernel(
     magnitude_index |d| > cut, or |d| == cut at a flat index >= `ranks[i]` (0-d, int32 or int64: where many
     equal magnitudes straddle a top-k cut, the kept ones are the last by index); rank: stable
     magnitude rank > cut (`ranks` as fp32); bernoulli u < cut; della u < q = cut + slope * rank (then
-    divided by q when `rescale`). Factors multiply the kept entries (the weight, or weight / density)."""
+    divided by q when `rescale`). Factors multiply the kept entries (the weight, or weight / density).
+    With `l1` (mergekit's L1 rescaling of DARE/DELLA), per input a ratio follows the divisor:
+    before / after of `sparsify.rescale_l1`, computed beforehand (`rescale.L1Ratios`); kept entries are
+    then `delta * keep * ratio * weight`, the eager order of operations. With `finite` it returns
+    whether every written entry is finite (0-d bool), reduced in the same loop as the write: the
+    finite check of `run_plan` without another read of the output."""
     n = len(deltas)
     cuts, slopes, factors, weights = (scalars[k * n : (k + 1) * n] for k in range(4))
+    ratios = scalars[4 * n + 2 : 5 * n + 2]
     weighted = []
     for i, delta in enumerate(deltas):
         if sparsifier == "none":
@@ -105,12 +114,15 @@ def _kernel(
             weighted.append(delta * (keep * factors[i]))
         elif sparsifier == "bernoulli":
             keep = (draws[i] - cuts[i]).floor().neg()
-            weighted.append(delta * (keep * factors[i]))
+            weighted.append(delta * keep * ratios[i] * factors[i] if l1 else delta * (keep * factors[i]))
         else:
             probs = cuts[i] + slopes[i] * ranks[i].to(torch.float32)
             keep = (draws[i] - probs).floor().neg()
-            scale = probs.clamp_min(1e-12).reciprocal() * factors[i] if rescale else factors[i]
-            weighted.append(delta * (keep * scale))
+            if l1:
+                weighted.append(delta * keep * ratios[i] * factors[i])
+            else:
+                scale = probs.clamp_min(1e-12).reciprocal() * factors[i] if rescale else factors[i]
+                weighted.append(delta * (keep * scale))
     if consensus is not None:
         if consensus == "sum":
             score = weighted[0] + weighted[1] if len(weighted) > 1 else weighted[0]
@@ -147,7 +159,9 @@ def _kernel(
     if scaled:
         mixed = mixed * scalars[4 * n]
     base_fp32 = (base.to(input_dtype) if input_dtype is not None else base).to(torch.float32)
-    out.copy_(mixed + base_fp32)
+    result = mixed + base_fp32
+    out.copy_(result)
+    return torch.isfinite(result.to(out.dtype)).all() if finite else None
 
 
 class DrawStore:
@@ -195,6 +209,8 @@ class _Scalars:
     tied: list[torch.Tensor | None]  # flat indices of kept entries equal to a magnitude cut
     values: list[float] = field(default_factory=list)  # magnitude: the cut value v itself
     starts: list[int] = field(default_factory=list)  # magnitude: first flat index of a kept |d| == v
+    l1: bool = False  # DARE/DELLA with L1 rescaling: `ratios` still to be filled (see `_kernel`)
+    ratios: list[float] = field(default_factory=list)
 
     def by_index(self) -> _Scalars:
         """The same cut as `magnitude_index` takes it: |d| > v, or == v from index `starts[i]`."""
@@ -229,6 +245,8 @@ class FusedTaskVectors:
         self.fused_jobs = 0
         self.eager_jobs = 0
         self.index_jobs = 0  # TIES jobs whose ties at the cut were kept by an index compare
+        self.finite = True  # whether the last job `write` wrote holds only finite values
+        self.l1 = L1Ratios()
 
     @staticmethod
     def covers(plan: MergePlan) -> bool:
@@ -275,19 +293,42 @@ class FusedTaskVectors:
             ranks = [index_scalar(start, deltas[0].numel(), device) for start in scalars.starts]
             self.index_jobs += 1
         consensus, normalize, rescale = job_flags(job, has_consensus)
+        if scalars.l1:
+            try:
+                ratios = self.l1.ratios([c.delta for c in caches], draws, ranks, scalars.cuts, scalars.slopes)
+            except Exception:  # compilation fails before anything is written
+                if self.fused_jobs:
+                    raise
+                self.disable_after_failure()
+                ratios = None
+            if ratios is None:
+                self.eager_jobs += 1
+                return False
+            scalars.ratios, rescale = ratios, False  # the ratios replace the 1/q rescaling
         values = packed_scalars(job, scalars, consensus, normalize)
         packed = torch.tensor(values, dtype=torch.float32, device=device)
-        flags = (consensus, normalize, rescale, values[-2] != 1.0, normalize and consensus is None, plan.input_dtype)
+        head = 4 * len(deltas)  # lambda and divisor follow the per-input rows
+        flags = (
+            consensus,
+            normalize,
+            rescale,
+            values[head] != 1.0,
+            normalize and consensus is None,
+            plan.input_dtype,
+            scalars.l1,
+        )
         try:
-            self.kernel()(target, base, deltas, draws, ranks, packed, sparsifier, *flags)
+            finite = self.kernel()(target, base, deltas, draws, ranks, packed, sparsifier, *flags, finite=True)
         except Exception:  # compilation fails before anything is written
             if self.fused_jobs:
                 raise
             self.disable_after_failure()
             self.eager_jobs += 1
             return False
+        self.finite = bool(finite)
         if any(t is not None for t in scalars.tied):
-            patch_tied(target, base, lambda i, at: deltas[i].reshape(-1)[at], scalars, packed, flags)
+            patch = patch_tied(target, base, lambda i, at: deltas[i].reshape(-1)[at], scalars, packed, flags)
+            self.finite = self.finite and bool(torch.isfinite(patch).all())
         self.fused_jobs += 1
         return True
 
@@ -306,10 +347,10 @@ def patch_tied(
     scalars: _Scalars,
     packed: torch.Tensor,
     flags: tuple,
-) -> None:
+) -> torch.Tensor:
     """Recompute the entries of `target` where kept magnitudes tie at a top-k cut (the kernel kept
     only those strictly above it) with the same function, eager, and write them over.
-    `delta_at(i, flat_indices)` gives input i's task vector at those entries."""
+    `delta_at(i, flat_indices)` gives input i's task vector at those entries; returns what it wrote."""
     device = target.device
     at = torch.unique(torch.cat([t for t in scalars.tied if t is not None])).to(device)
     masked = []
@@ -322,6 +363,7 @@ def patch_tied(
     patch = torch.empty(at.numel(), dtype=target.dtype, device=device)
     _kernel(patch, base.reshape(-1)[at], masked, [], [], packed, "none", *flags)
     target.view(-1)[at] = patch
+    return patch
 
 
 def index_scalar(start: int, numel: int, device: torch.device) -> torch.Tensor:
@@ -347,7 +389,8 @@ def packed_scalars(job: TensorJob, scalars: _Scalars, consensus: str | None, nor
     if normalize and consensus is None:
         total = sum(weights)
         divisor = 1.0 if abs(total) < 1e-8 else total
-    return [*scalars.cuts, *scalars.slopes, *scalars.factors, *weights, float(job.params.get("lambda", 1.0)), divisor]
+    lam = float(job.params.get("lambda", 1.0))
+    return [*scalars.cuts, *scalars.slopes, *scalars.factors, *weights, lam, divisor, *scalars.ratios]
 
 
 def _scalars(job: TensorJob, caches: Sequence[DeltaCache] | None, sparsifier: str) -> _Scalars | None:
@@ -362,7 +405,7 @@ def _scalars(job: TensorJob, caches: Sequence[DeltaCache] | None, sparsifier: st
             return None
         return _topk_cut(cache.sorted_abs, cache.sorted_order, density)
 
-    return job_scalars(job, caches[0].delta, sparsifier, cut, all(c.row_ranks is not None for c in caches))
+    return job_scalars(job, caches[0].delta, sparsifier, cut, all(c.row_ranks is not None for c in caches), l1_ok=True)
 
 
 def job_scalars(
@@ -371,14 +414,18 @@ def job_scalars(
     sparsifier: str,
     topk_cut: Callable[[int, float], TopkCut | None],
     have_ranks: bool,
+    l1_ok: bool = False,
 ) -> _Scalars | None:
     """Per-input scalars of one job (`like`: any tensor of the job's shape, meta is enough);
-    `topk_cut(i, density)` gives input i's magnitude cut (see `_topk_cut`)."""
+    `topk_cut(i, density)` gives input i's magnitude cut (see `_topk_cut`). DARE/DELLA with L1
+    rescaling only where the caller fills the ratios (`l1_ok`: whole-tensor sums first)."""
     rescale = bool(job.params.get("rescale", False))
-    if rescale and (sparsifier in ("magnitude", "rank") or job.params.get("rescale_norm", "l1") != "inverse"):
+    norm = job.params.get("rescale_norm", "l1")
+    l1 = rescale and norm == "l1" and sparsifier in ("bernoulli", "della")
+    if rescale and (sparsifier in ("magnitude", "rank") or (norm != "inverse" and not (l1 and l1_ok))):
         return None  # L1 rescaling needs whole-tensor norms first
     keep_all = {"none": 0.0, "magnitude": float("-inf"), "rank": -1.0, "bernoulli": 1.0, "della": 1.0}[sparsifier]
-    scalars = _Scalars([], [], [], [])
+    scalars = _Scalars([], [], [], [], l1=l1)
     for i, p in enumerate(job.input_params):
         weight = float(p["weight"])
         density = float(p.get("density", 1.0))
@@ -398,7 +445,7 @@ def job_scalars(
             cut = float(n - topk_count(density, n) - 1)
         elif sparsifier == "bernoulli":
             cut = density
-            factor = weight / density if rescale else weight
+            factor = weight / density if rescale and not l1 else weight
         else:
             ramp = della_ramp(like, density, float(p.get("epsilon", 0.15)))
             if ramp is None or not have_ranks:

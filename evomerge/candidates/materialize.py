@@ -52,7 +52,7 @@ from evomerge.errors import EvomergeError
 from evomerge.merge.jobs import MergePlan, ModelCatalog, TensorJob
 from evomerge.merge.plan import PlanCache
 from evomerge.merge.recipe import Recipe, parse_recipe
-from evomerge.merge.runner import run_plan
+from evomerge.merge.runner import assert_finite, run_plan
 from evomerge.merge.vocabulary import AlignedTensors
 
 
@@ -305,6 +305,7 @@ class Materializer:
 
             def direct(job: TensorJob) -> bool:
                 sink.target(job).copy_(flat[job.name])
+                assert_finite(job, sink.target(job))
                 sink.written_directly(job)
                 return True
 
@@ -317,13 +318,17 @@ class Materializer:
                 if job_caches is not None:
                     if not fused or not self.fused.write(plan, job, job_caches, source.get(job.base), sink.target(job)):
                         return False  # the method runs with the cached task vectors
+                    if not self.fused.finite:  # the kernel reduced it while writing
+                        assert_finite(job, sink.target(job))  # raises, naming the tensor
                 elif not streamed or not self.stream.write(plan, job, source, sink.target(job), compiled=fused):
                     return False
+                else:
+                    assert_finite(job, sink.target(job))
                 sink.written_directly(job)
                 return True
 
         with torch.no_grad():
-            run_plan(plan, sink, source, device=self.device, caches=caches, direct=direct)
+            run_plan(plan, sink, source, device=self.device, caches=caches, direct=direct, direct_checks_finite=True)
         return model
 
     def _target(self, plan: MergePlan) -> tuple[torch.nn.Module, ModuleSink]:

@@ -154,13 +154,15 @@ def run_plan(
     caches: DeltaCaches | None = None,
     direct: Callable[[TensorJob], bool] | None = None,
     check_finite: bool = True,
+    direct_checks_finite: bool = False,
 ) -> None:
     """Every job of the plan into the sink; on any exception (Ctrl-C included) the sink aborts.
     With `check_finite`, an output tensor holding NaN or inf stops the merge, naming the tensor.
 
     `caches` is how an in-memory materializer hands its resident task vectors to the methods;
     `direct(job)` lets it write a job into the sink's own storage with a fused kernel (True:
-    written; False: compute the job here as usual).
+    written; False: compute the job here as usual). With `direct_checks_finite` it has also checked
+    (or raised) what it wrote, so the runner does not read the output again.
     A data-aware method (`extra["prepare"]`) first computes its model-level data (statistics,
     permutations); after that every job is again a pure function of its inputs."""
     prepare = plan.method.extra.get("prepare")
@@ -172,7 +174,7 @@ def run_plan(
         with _progress(len(plan.jobs), enabled=progress) as advance:
             for i, job in enumerate(plan.jobs):
                 if direct is not None and direct(job):
-                    if check_finite:
+                    if check_finite and not direct_checks_finite:
                         assert_finite(job, sink.target(job))  # type: ignore[attr-defined]
                     advance(job.name)
                     continue

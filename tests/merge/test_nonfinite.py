@@ -42,7 +42,8 @@ def test_a_source_with_nan_stops_the_merge_naming_the_tensor(tmp_path, llama_zoo
     assert torch.isnan(load_file(out / "model.safetensors")[name]).any()
 
 
-def test_a_nan_candidate_in_memory_is_refused_naming_the_tensor(tmp_path, llama_zoo):
+@pytest.mark.parametrize("kernels", ["auto", "compiled"])  # the flat pass; the kernel's own check
+def test_a_nan_candidate_in_memory_is_refused_naming_the_tensor(tmp_path, llama_zoo, kernels):
     from evomerge.candidates.materialize import Materializer
     from evomerge.errors import EvomergeError
 
@@ -51,7 +52,7 @@ def test_a_nan_candidate_in_memory_is_refused_naming_the_tensor(tmp_path, llama_
     state = load_file(broken / "model.safetensors")
     state["model.norm.weight"][0] = float("inf")
     save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
-    materializer = Materializer([llama_zoo["base"], broken])
+    materializer = Materializer([llama_zoo["base"], broken], kernels=kernels)
     recipe = {
         "merge_method": "ties",
         "base_model": str(llama_zoo["base"]),
@@ -59,3 +60,4 @@ def test_a_nan_candidate_in_memory_is_refused_naming_the_tensor(tmp_path, llama_
     }
     with pytest.raises(EvomergeError, match=r"model.norm.weight: the merged tensor holds NaN or inf"):
         materializer.apply(recipe)
+    assert (materializer.fused.fused_jobs > 0) == (kernels == "compiled")
