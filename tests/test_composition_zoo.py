@@ -51,13 +51,14 @@ def test_task_files_are_what_the_generator_writes(tmp_path: Path) -> None:
 
 def test_training_never_sees_a_held_out_prompt_in_either_script() -> None:
     """The math expert trains on L1 arithmetic: an L2 test prompt spelled in L1 is held out too."""
-    from evomerge.zoo.composition import TO_L1, Stream, all_splits, held_out
+    from evomerge.zoo.composition import SEQ_LEN, TASKS, TO_L1, all_splits, encode, held_out
+    from evomerge.zoo.models import ExampleStream
 
     splits = all_splits()
     held = held_out(splits)
     target_test = {r["prompt"].translate(TO_L1) for r in splits[TARGET]["test"]}
     assert target_test <= held
-    stream = Stream({"comp_math_l1": 1.0, "comp_math_l2": 1.0}, "probe", held)
+    stream = ExampleStream({"comp_math_l1": 1.0, "comp_math_l2": 1.0}, "probe", held, TASKS, encode, SEQ_LEN)
     drawn = {stream.sample()[0] for _ in range(20000)}
     assert not drawn & held and len(drawn) > 5000
 
