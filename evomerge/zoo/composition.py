@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from evomerge.io.file_modes import apply_umask
 from evomerge.io.paths import tasks_dir
-from evomerge.zoo import models
+from evomerge.zoo import models, toy_tasks
 from evomerge.zoo.composition_yaml import TASK_DOCS, YAML
 from evomerge.zoo.models import SPECIAL_TOKENS, ExampleStream, _check_out_dir, _swap_into_place, write_checksums
 
@@ -186,18 +186,7 @@ def encode(text: str) -> list[int]:
 
 def build_tokenizer():
     """Character-level fast tokenizer over both scripts (reloads offline with AutoTokenizer)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(TOKEN_CHARS))}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tok.model_max_length = 64
-    return tok
+    return models.build_tokenizer(TOKEN_CHARS)
 
 
 def new_model(cfg: CompConfig, seed: int):
@@ -208,19 +197,7 @@ def new_model(cfg: CompConfig, seed: int):
 
 
 def make_splits(task: CompTask) -> dict[str, list[dict]]:
-    rng = random.Random(f"{DATA_SEED}:{task.name}")
-    seen: set[str] = set()
-    splits: dict[str, list[dict]] = {}
-    for split in ("test", "validation", "train"):
-        rows = []
-        while len(rows) < SPLIT_SIZES[split]:
-            prompt, answer = task.generate(rng)
-            if prompt in seen:
-                continue
-            seen.add(prompt)
-            rows.append({"prompt": prompt, "answer": answer})
-        splits[split] = rows
-    return splits
+    return toy_tasks.make_splits(task, SPLIT_SIZES, DATA_SEED)
 
 
 def held_out(splits: dict[str, dict[str, list[dict]]]) -> set[str]:

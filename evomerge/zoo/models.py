@@ -77,12 +77,13 @@ MINI = ZooConfig(
 )
 
 
-def build_tokenizer():
-    """A character-level fast tokenizer that AutoTokenizer reloads offline."""
+def build_tokenizer(chars: str = TOKEN_CHARS):
+    """A character-level fast tokenizer over `chars` (after the special tokens) that AutoTokenizer
+    reloads offline."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(TOKEN_CHARS))}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(chars))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()

@@ -14,6 +14,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 WORD_LEN = 6
@@ -73,10 +74,11 @@ TASKS: dict[str, ToyTask] = {
 EXPERT_TASKS = [n for n, t in TASKS.items() if t.expert]
 
 
-def make_splits(task: ToyTask, sizes: dict[str, int] | None = None) -> dict[str, list[dict]]:
-    """Disjoint train / validation / test examples for one task (deterministic)."""
+def make_splits(task: Any, sizes: dict[str, int] | None = None, data_seed: int = DATA_SEED) -> dict[str, list[dict]]:
+    """Disjoint train / validation / test examples for one task (deterministic); any task with a
+    `name` and `generate(rng)` (the composition zoo passes its own tasks and seed)."""
     sizes = sizes or SPLIT_SIZES
-    rng = random.Random(f"{DATA_SEED}:{task.name}")
+    rng = random.Random(f"{data_seed}:{task.name}")
     seen: set[str] = set()
     splits: dict[str, list[dict]] = {}
     for split in ("test", "validation", "train"):
