@@ -127,6 +127,21 @@ def test_merge_help_lists_the_registry_methods_without_importing_it():
         assert f"  {name}: {summary}\n" in output
 
 
+def cli_in_fresh_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """The CLI in a new interpreter; stdout ends with its exit code and the heavy libraries it loaded."""
+    code = f"""
+import os, sys
+os.chdir({str(cwd)!r})
+import evomerge.cli.app
+try:
+    evomerge.cli.app.app({args!r})
+except SystemExit as exc:
+    print("exit", exc.code)
+print("loaded", [m for m in {HEAVY!r} if m in sys.modules])
+"""
+    return python(code)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -138,17 +153,7 @@ def test_merge_help_lists_the_registry_methods_without_importing_it():
     ],
 )
 def test_a_missing_input_is_one_line_before_torch_is_imported(args, message, tmp_path):
-    code = f"""
-import os, sys
-os.chdir({str(tmp_path)!r})
-import evomerge.cli.app
-try:
-    evomerge.cli.app.app({args!r})
-except SystemExit as exc:
-    print("exit", exc.code)
-print("loaded", [m for m in {HEAVY!r} if m in sys.modules])
-"""
-    result = python(code)
+    result = cli_in_fresh_process(args, tmp_path)
     assert result.stderr.strip() == message or result.stderr.startswith(message), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "exit 2\nloaded []" in result.stdout
@@ -178,17 +183,7 @@ def test_a_bad_recipe_or_space_is_one_line_before_torch_is_imported(case, tmp_pa
     text, message = BAD_INPUTS[case]
     (tmp_path / "input.yaml").write_text(text)
     args = ["merge", "input.yaml", "out"] if case.startswith("merge") else ["search", "input.yaml", "--run-dir", "r"]
-    code = f"""
-import os, sys
-os.chdir({str(tmp_path)!r})
-import evomerge.cli.app
-try:
-    evomerge.cli.app.app({args!r})
-except SystemExit as exc:
-    print("exit", exc.code)
-print("loaded", [m for m in {HEAVY!r} if m in sys.modules])
-"""
-    result = python(code)
+    result = cli_in_fresh_process(args, tmp_path)
     assert result.stderr.startswith(message), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "exit 2\nloaded []" in result.stdout
