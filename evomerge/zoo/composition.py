@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from evomerge.io.file_modes import apply_umask
 from evomerge.io.paths import tasks_dir
@@ -231,21 +230,7 @@ def trainable(model, part: str | tuple[int, ...] | None) -> list[torch.nn.Parame
 def train(
     model, stream: ExampleStream, steps: int, lr: float, batch: int, part: str | tuple[int, ...] | None = None
 ) -> None:
-    params = trainable(model, part)
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps))
-    model.train()
-    for _ in range(steps):
-        ids, labels = stream.batch(batch)
-        logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-    model.eval()
+    models.train(model, stream, steps, lr, batch, params=trainable(model, part))
 
 
 @torch.no_grad()

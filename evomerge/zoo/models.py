@@ -171,9 +171,11 @@ def expert_mix(task: str, cfg: ZooConfig) -> dict[str, float]:
     return mix
 
 
-def train(model, stream: ExampleStream, steps: int, lr: float, batch: int, progress=None) -> None:
-    """AdamW with linear warm-up and decay; answer-only cross-entropy."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+def train(model, stream: ExampleStream, steps: int, lr: float, batch: int, progress=None, params=None) -> None:
+    """AdamW with linear warm-up and decay; answer-only cross-entropy. `params`: the parameters to
+    train (default all; the composition zoo trains chosen layers)."""
+    params = list(model.parameters()) if params is None else params
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps))
     model.train()
@@ -183,7 +185,7 @@ def train(model, stream: ExampleStream, steps: int, lr: float, batch: int, progr
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if progress is not None:
