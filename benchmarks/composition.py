@@ -15,12 +15,16 @@ Systems, each at the same total number of evaluations per seed (`--budget`):
   ps                search_spaces/composition_ps.yaml (CMA-ES)
   dfs               search_spaces/composition_dfs.yaml (CMA-ES over the layer path and W)
   ps_dfs            search_spaces/composition_ps_dfs.yaml, half the budget per stage
+  mergekit_pipeline mergekit-evolve's serial strategy on composition_ps.yaml's problem (the same
+                    models, TIES genome per layer, fitness items), rebuilt from mergekit's library
+                    calls as in benchmarks/search_vs_mergekit_evolve.py
 
 Also recorded (`dfs_diagnostics`): the target score of DFS paths that swap the language expert's
 first k inner layers for the math expert's (k = 0..6), and how far each math layer moved from the base.
 
 Per system: test mean, std and a 95% CI over seeds (Student t), per-seed values, and paired
-differences for the issue's targets (PS - best source >= 0.20, PS+DFS - PS >= 0, DFS - best source > 0).
+differences for the issue's targets (PS - best source >= 0.20, PS+DFS - PS >= 0, DFS - best source > 0,
+PS - mergekit pipeline >= 0.05).
 
     PYTHONPATH=. python benchmarks/composition.py [--seeds 0 1 2 3 4] [--budget 120]
 
@@ -48,12 +52,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SPACES = ROOT / "search_spaces"
 ZOO = ROOT / "zoo" / "composition"
 TARGET = "comp_math_l2"
-SEARCHES = ("random", "ps", "dfs", "ps_dfs")
+SEARCHES = ("random", "ps", "dfs", "ps_dfs", "mergekit_pipeline")
 SPACE_OF = {
     "random": "composition_ps.yaml",
     "ps": "composition_ps.yaml",
     "dfs": "composition_dfs.yaml",
     "ps_dfs": "composition_ps_dfs.yaml",
+    "mergekit_pipeline": "composition_ps.yaml",
 }
 # two-sided 97.5 % Student t quantiles by degrees of freedom (for the 95 % CI of a mean over seeds)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -78,6 +83,8 @@ def run_search(system: str, seed: int, budget: int, work: Path) -> dict[str, Any
     from evomerge.search.run import RunDir
 
     run_dir = work / f"{system}-seed{seed}"
+    if system == "mergekit_pipeline":
+        return pipeline_record(seed, budget, run_dir)
     started = time.perf_counter()
     summary = new_search(search_config(system, seed, budget), SPACES, RunDir(run_dir), local_or_ray_executor(1, None))
     final = summary.get("final") or {}
@@ -100,6 +107,32 @@ def run_search(system: str, seed: int, budget: int, work: Path) -> dict[str, Any
     if system == "dfs":
         record["kept_anchor"] = _kept_anchor(run_dir / "final.yaml")
     return record
+
+
+def pipeline_record(seed: int, budget: int, run_dir: Path) -> dict[str, Any]:
+    """The mergekit-evolve pipeline on the PS space's problem; its test score is lm-eval's on the
+    whole test split of the pipeline's bfloat16 merge (as mergekit-evolve would ship it)."""
+    import os
+
+    from search_vs_mergekit_evolve import run_pipeline
+
+    cwd = os.getcwd()
+    started = time.perf_counter()
+    try:
+        result = run_pipeline(seed, budget, run_dir, SPACES / SPACE_OF["mergekit_pipeline"])
+    finally:
+        os.chdir(cwd)  # the pipeline runs in its run directory
+    return {
+        "system": "mergekit_pipeline",
+        "seed": seed,
+        "status": result["status"],
+        "test_score": result["test_score"],
+        "test_score_float32": result.get("test_score_float32"),
+        "search_score": result.get("search_score"),
+        "evaluations": result.get("evaluations"),
+        "seconds": round(time.perf_counter() - started, 1),
+        "final_recipe": result.get("final_recipe"),
+    }
 
 
 def _kept_anchor(final: Path) -> bool:
@@ -255,6 +288,8 @@ def benchmark(seeds: Sequence[int], budget: int, systems: Sequence[str], work: P
         targets["ps_dfs_minus_ps_ge_0"] = paired(score["ps_dfs"], score["ps"], 0.0)
     if "dfs" in score:
         targets["dfs_minus_best_source_gt_0"] = paired(score["dfs"], best, 0.0, strict=True)
+    if "ps" in score and "mergekit_pipeline" in score and None not in score["mergekit_pipeline"]:
+        targets["ps_minus_mergekit_pipeline_ge_0.05"] = paired(score["ps"], score["mergekit_pipeline"], 0.05)
     return {
         "benchmark": "composition",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

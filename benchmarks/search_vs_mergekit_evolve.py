@@ -157,14 +157,14 @@ def ps_stage_scores(run_dir: Path) -> dict[str, Any]:
     return {"ps_stage_test_score": final.get("test", {}).get("score")}
 
 
-def pipeline_problem(seed: int) -> dict[str, Any]:
-    """The toy_ps problem as the pipeline sees it: models, base, tasks, and evomerge's item subset."""
+def pipeline_problem(seed: int, space: Path = PS_SPACE) -> dict[str, Any]:
+    """A PS space's problem as the pipeline sees it: models, base, tasks, and evomerge's item subset."""
     from evomerge.scoring.lm_tasks import seeded_subset, task_seed
     from evomerge.search.payload import derive_seed
     from evomerge.search.space import load_space_config
 
-    config = load_space_config(PS_SPACE)
-    root = PS_SPACE.parent
+    config = load_space_config(space)
+    root = space.parent
 
     def absolute(ref: str) -> str:
         return str((root / ref).resolve())
@@ -194,8 +194,9 @@ def train_size(task: str) -> int:
         return sum(1 for line in handle if line.strip())
 
 
-def run_pipeline(seed: int, budget: int, run_dir: Path) -> dict[str, Any]:
-    """mergekit-evolve's serial strategy for one seed; a raised evaluation fails the run, as there."""
+def run_pipeline(seed: int, budget: int, run_dir: Path, space: Path = PS_SPACE) -> dict[str, Any]:
+    """mergekit-evolve's serial strategy for one seed on a PS space's problem (the toy zoo's by
+    default); a raised evaluation fails the run, as there."""
     import torch
     from mergekit_pipeline import FitnessTask, SerialPipeline, cma_search, make_genome, split_task_folder
 
@@ -203,7 +204,7 @@ def run_pipeline(seed: int, budget: int, run_dir: Path) -> dict[str, Any]:
     from evomerge.zoo.models import verify_zoo
 
     torch.set_num_threads(1)  # a Ray task with num_cpus=1 runs with OMP_NUM_THREADS=1
-    problem = pipeline_problem(seed)
+    problem = pipeline_problem(seed, space)
     verify_zoo(*problem["zoo"])
     run_dir.mkdir(parents=True, exist_ok=True)
     os.chdir(run_dir)  # pycma writes outcmaes/ and lm-eval looks for git here

@@ -90,3 +90,33 @@ def test_zoo_build_kind_is_checked(tmp_path: Path) -> None:
         result = CliRunner().invoke(app, ["zoo", "build", str(tmp_path / "z"), *args])
         assert result.exit_code != 0 and message in result.output, result.output
     assert not (tmp_path / "z").exists()
+
+
+@pytest.mark.parametrize(
+    ("tied", "parts", "changed"),
+    [
+        (False, ("head", 7), {"lm_head.weight", "model.layers.7."}),
+        (False, ("l2_rows",), {"model.embed_tokens.weight", "lm_head.weight"}),
+        (True, ("l2_rows",), {"model.embed_tokens.weight", "lm_head.weight"}),  # one tied tensor
+        (False, (2, 3), {"model.layers.2.", "model.layers.3."}),
+    ],
+)
+def test_an_expert_of_a_design_variant_changes_only_its_parts(tied: bool, parts: tuple, changed: set[str]) -> None:
+    """benchmarks/composition_variants.py's designs fine-tune named parts; everything else must stay
+    the base's bytes, and row-masked matrices change only in the L2 rows."""
+    from dataclasses import replace
+
+    from evomerge.zoo.composition import L2_IDS, CompConfig, new_model, train_expert
+
+    cfg = replace(CompConfig(hidden=16, layers=8, heads=2, tie_embeddings=tied), batch=4)
+    cfg = replace(cfg, parts={"lang": parts, "math": None}, expert_steps={"lang": 3, "math": 3})
+    base = {k: v.clone() for k, v in new_model(cfg, 0).state_dict().items()}
+    tuned = train_expert(cfg, 0, set(), base, "lang")
+    moved = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert moved and all(any(k.startswith(c) for c in changed) for k in moved), moved
+    assert all(any(k.startswith(c) for k in moved) for c in changed), moved
+    if "l2_rows" in parts:
+        rows = torch.ones(base["model.embed_tokens.weight"].shape[0], dtype=torch.bool)
+        rows[L2_IDS] = False
+        for key in moved:
+            assert torch.equal(base[key][rows], tuned[key][rows]) and not torch.equal(base[key], tuned[key])

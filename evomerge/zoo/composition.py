@@ -94,6 +94,16 @@ def _multi(rng: random.Random) -> tuple[str, str]:
     return f"{a}+{b}-{c}=", f"{a + b - c:03d}"
 
 
+def posed_in_l2(generate: Callable[[random.Random], tuple[str, str]]) -> Callable[[random.Random], tuple[str, str]]:
+    """The task posed in L2 and answered in L1 (a model that reads L2 but writes L1; variants only)."""
+
+    def generate_l2_question(rng: random.Random) -> tuple[str, str]:
+        prompt, answer = generate(rng)
+        return prompt.translate(TO_L2), answer
+
+    return generate_l2_question
+
+
 def in_l2(generate: Callable[[random.Random], tuple[str, str]]) -> Callable[[random.Random], tuple[str, str]]:
     """The same task posed and answered in L2 (a translation task then translates L2 into L1)."""
 
@@ -128,6 +138,10 @@ TASKS: dict[str, CompTask] = {
         CompTask("l2_add", in_l2(_add), False),
         CompTask("l2_sub", in_l2(_sub), False),
         CompTask("comp_math_l2", in_l2(_multi), True),
+        CompTask("l2q_rev", posed_in_l2(_rev), False),
+        CompTask("l2q_add", posed_in_l2(_add), False),
+        CompTask("l2q_sub", posed_in_l2(_sub), False),
+        CompTask("l2q_multi", posed_in_l2(_multi), False),
     )
 }
 EVAL_TASKS = ["comp_math_l2", "comp_math_l1", "comp_lang_l2"]
@@ -152,14 +166,18 @@ BASE_MIX = {
 class CompConfig:
     """Model size, training mixtures and schedule of the composition zoo.
 
-    `parts` says what each expert fine-tunes: None (every parameter, the shipped zoo),
-    "l2_embeddings" (only the L2 rows of the tied embedding matrix) or a tuple of decoder layers
-    (variants measured in docs/zoo.md). `replay_tasks` are the base tasks replayed (`replay` of
-    each expert's batches): the whole base mixture for both, so neither forgets the base's skills.
+    `parts` says what each expert fine-tunes: None (every parameter, the shipped zoo) or a tuple
+    of decoder layer indices and the names "l2_rows" (the L2 rows of the embeddings and, untied,
+    of the head), "char_rows" (every character's rows), "l2_head_rows" (the L2 rows of an untied
+    head) and "head" (the whole untied head); the
+    variants of docs/zoo.md (benchmarks/composition_variants.py). `replay_tasks` are the base
+    tasks replayed (`replay` of each expert's batches): the whole base mixture for both, so neither
+    forgets the base's skills.
     """
 
     hidden: int = 64
     layers: int = 8
+    tie_embeddings: bool = True
     heads: int = 4
     base_steps: int = 2500
     expert_steps: dict[str, int] = field(default_factory=lambda: {"lang": 1200, "math": 1500})
@@ -189,7 +207,8 @@ def build_tokenizer():
 
 
 def new_model(cfg: CompConfig, seed: int):
-    return models.new_model(cfg, seed, vocab_size=len(SPECIAL_TOKENS) + len(TOKEN_CHARS))
+    vocab_size = len(SPECIAL_TOKENS) + len(TOKEN_CHARS)
+    return models.new_model(cfg, seed, vocab_size=vocab_size, tie_word_embeddings=cfg.tie_embeddings)
 
 
 # -- held-out splits ---------------------------------------------------------------------------
@@ -213,22 +232,46 @@ def held_out(splits: dict[str, dict[str, list[dict]]]) -> set[str]:
 L2_IDS = torch.tensor([CHAR_IDS[c] for c in L2])
 
 
-def trainable(model, part: str | tuple[int, ...] | None) -> list[torch.nn.Parameter]:
-    """All parameters (None), the given decoder layers, or "l2_embeddings": the embedding matrix
-    with its gradient masked to the L2 rows (Adam leaves rows whose gradient is always 0 unchanged)."""
+CHAR_ROW_IDS = torch.arange(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + len(TOKEN_CHARS))
+# part name -> (rows, matrices): the embeddings and, untied, the head, or the head alone
+ROWS = {
+    "l2_rows": (L2_IDS, ("embed", "head")),
+    "char_rows": (CHAR_ROW_IDS, ("embed", "head")),
+    "l2_head_rows": (L2_IDS, ("head",)),
+}
+
+
+def _masked_rows(model, ids: torch.Tensor, matrices: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    """The matrices with gradients masked to rows `ids` (AdamW without weight decay leaves rows
+    whose gradient is always 0 unchanged); a tied head is the embedding matrix."""
+    weights = [model.model.embed_tokens.weight] if "embed" in matrices else []
+    if "head" in matrices and not (weights and model.config.tie_word_embeddings):
+        weights.append(model.lm_head.weight)
+    for weight in weights:
+        mask = torch.zeros(weight.shape[0], 1)
+        mask[ids] = 1.0
+        weight.register_hook(lambda grad, mask=mask: grad * mask)
+    return weights
+
+
+def trainable(model, part: tuple[int | str, ...] | None) -> list[torch.nn.Parameter]:
+    """Every parameter (None), or the named rows / head first, then the listed decoder layers."""
     if part is None:
         return list(model.parameters())
-    if part == "l2_embeddings":
-        weight = model.model.embed_tokens.weight
-        mask = torch.zeros(weight.shape[0], 1)
-        mask[L2_IDS] = 1.0
-        weight.register_hook(lambda grad: grad * mask)
-        return [weight]
-    return [p for i, layer in enumerate(model.model.layers) if i in part for p in layer.parameters()]
+    params: list[torch.nn.Parameter] = []
+    for item in part:
+        if item in ROWS:
+            params += _masked_rows(model, *ROWS[item])
+        elif item == "head":
+            params.append(model.lm_head.weight)
+    for item in part:
+        if isinstance(item, int):
+            params += list(model.model.layers[item].parameters())
+    return params
 
 
 def train(
-    model, stream: ExampleStream, steps: int, lr: float, batch: int, part: str | tuple[int, ...] | None = None
+    model, stream: ExampleStream, steps: int, lr: float, batch: int, part: tuple[int | str, ...] | None = None
 ) -> None:
     models.train(model, stream, steps, lr, batch, params=trainable(model, part))
 
@@ -253,27 +296,31 @@ def _mix_with_replay(own: dict[str, float], replay: float, tasks: tuple[str, ...
     return mix
 
 
-def train_states(cfg: CompConfig, seed: int, held: set[str]) -> dict[str, dict[str, torch.Tensor]]:
+def train_base(cfg: CompConfig, seed: int, held: set[str]) -> dict[str, torch.Tensor]:
     model = new_model(cfg, seed)
-    train(
-        model,
-        ExampleStream(cfg.base_mix, f"{seed}:base", held, TASKS, encode, SEQ_LEN),
-        cfg.base_steps,
-        cfg.base_lr,
-        cfg.batch,
-    )
-    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    states = {"base": base}
-    for name, own in (("lang", cfg.lang_mix), ("math", cfg.math_mix)):
-        model = new_model(cfg, seed)  # fresh: no gradient hook of an earlier expert
-        model.load_state_dict(base)
-        part = cfg.parts[name]
-        part = tuple(part) if isinstance(part, list) else part
-        mix = _mix_with_replay(own, cfg.replay[name], tuple(cfg.replay_tasks[name]), cfg)
-        steps, lr = cfg.expert_steps[name], cfg.expert_lr[name]
-        train(model, ExampleStream(mix, f"{seed}:{name}", held, TASKS, encode, SEQ_LEN), steps, lr, cfg.batch, part)
-        states[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return states
+    stream = ExampleStream(cfg.base_mix, f"{seed}:base", held, TASKS, encode, SEQ_LEN)
+    train(model, stream, cfg.base_steps, cfg.base_lr, cfg.batch)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train_expert(
+    cfg: CompConfig, seed: int, held: set[str], base: dict[str, torch.Tensor], name: str
+) -> dict[str, torch.Tensor]:
+    """Fine-tune `name` ("lang" or "math") from the base: its mixture with replay, its parts."""
+    model = new_model(cfg, seed)  # fresh: no gradient hook of an earlier expert
+    model.load_state_dict(base)
+    part = cfg.parts[name]
+    part = tuple(part) if isinstance(part, list) else part
+    own = cfg.lang_mix if name == "lang" else cfg.math_mix
+    mix = _mix_with_replay(own, cfg.replay[name], tuple(cfg.replay_tasks[name]), cfg)
+    stream = ExampleStream(mix, f"{seed}:{name}", held, TASKS, encode, SEQ_LEN)
+    train(model, stream, cfg.expert_steps[name], cfg.expert_lr[name], cfg.batch, part)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train_states(cfg: CompConfig, seed: int, held: set[str]) -> dict[str, dict[str, torch.Tensor]]:
+    base = train_base(cfg, seed, held)
+    return {"base": base, **{name: train_expert(cfg, seed, held, base, name) for name in ("lang", "math")}}
 
 
 # -- lm-eval task files ----------------------------------------------------------------------------

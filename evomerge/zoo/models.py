@@ -103,7 +103,9 @@ def encode(text: str) -> list[int]:
     return [CHAR_IDS[c] for c in text]
 
 
-def new_model(cfg: Any, seed: int, vocab_size: int = len(SPECIAL_TOKENS) + len(TOKEN_CHARS)):
+def new_model(
+    cfg: Any, seed: int, vocab_size: int = len(SPECIAL_TOKENS) + len(TOKEN_CHARS), tie_word_embeddings: bool = True
+):
     """A seeded char-level Llama of `cfg`'s hidden size, layers and heads (toy and composition zoos)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -119,7 +121,7 @@ def new_model(cfg: Any, seed: int, vocab_size: int = len(SPECIAL_TOKENS) + len(T
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
     )
     return LlamaForCausalLM(config)
 

@@ -1,0 +1,214 @@
+"""Composition zoo designs (issue #17): which fine-tunes of one base compose into the target?
+
+Each variant trains a base and the two experts of the composition zoo (evomerge/zoo/composition.py)
+with its own base mixture, embedding tying and trained parts, then scores on the first `--limit`
+test items of each task: the three sources, task arithmetic at 0.5 and 1.0 per expert (with
+disjoint trained parts, 1.0 is exactly the union of both fine-tunes). Besides the zoo's three
+tasks, `l2q_multi` is the target's questions with L1 answers: it tells a model that computes the
+answer but writes it in the wrong script from one that cannot compute it. A design composes when
+no source reaches the bar on `comp_math_l2` and a merge does. Variants sharing a base mixture and
+tying share one trained base (the same bytes a separate run trains).
+
+    PYTHONPATH=. python benchmarks/composition_variants.py [--variants NAME ...] [--limit 200]
+
+Writes benchmarks/results/composition_variants.json and prints the table (docs/zoo.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_util import RESULTS, machine, print_table  # noqa: E402
+
+INNER = tuple(range(1, 7))
+ALL_LAYERS = tuple(range(8))
+BASE_MIXES: dict[str, dict[str, float]] = {
+    # the shipped base: L1 skills, and L2 rarely (copy, reversal, translation, one-step arithmetic)
+    "shipped": {},
+    # L2 only as copy and translation (a script seen, never used for a task)
+    "l2_low": {
+        **{"l1_copy": 0.2, "l1_rev": 0.2, "l1_translate": 0.1, "l1_add": 0.2, "l1_sub": 0.2},
+        **{"l2_copy": 0.05, "l2_translate": 0.05},
+    },
+    # translation both ways, no other L2 task
+    "readwrite": {
+        **{"l1_copy": 0.2, "l1_rev": 0.2, "l1_translate": 0.1, "l1_add": 0.2, "l1_sub": 0.2},
+        **{"l2_translate": 0.1},
+    },
+    # reads L2 and answers in L1 (reversal and one-step arithmetic posed in L2), writes L2 only in translation
+    "reads_l2": {
+        **{"l1_copy": 0.15, "l1_rev": 0.15, "l1_translate": 0.1, "l1_add": 0.15, "l1_sub": 0.15},
+        **{"l2q_rev": 0.08, "l2q_add": 0.06, "l2q_sub": 0.06, "l2_translate": 0.1},
+    },
+    # the same with a little L1 two-step arithmetic, so the math fine-tune can be small
+    "reads_l2_some_two_step": {
+        **{"l1_copy": 0.15, "l1_rev": 0.15, "l1_translate": 0.1, "l1_add": 0.13, "l1_sub": 0.13, "comp_math_l1": 0.04},
+        **{"l2q_rev": 0.08, "l2q_add": 0.06, "l2q_sub": 0.06, "l2_translate": 0.1},
+    },
+    # the shipped mixture without L2 reversal (the language expert's task)
+    "shipped_without_l2_reversal": {},
+}
+# name: (base mixture, tied, lang parts, math parts, overrides); None = every parameter.
+# "rows" variants: the language expert learns only token rows (a script is its vocabulary).
+CHAR_ROWS = ("char_rows",)
+VARIANTS: dict[str, tuple[str, bool, Any, Any, dict[str, Any]]] = {
+    "tied_l2_rows__inner": ("shipped", True, ("l2_rows",), INNER, {"lang_lr": 3e-3}),
+    "untied_l2_rows__inner": ("shipped", False, ("l2_rows",), INNER, {"lang_lr": 3e-3}),
+    "untied_char_rows__full": ("shipped", False, CHAR_ROWS, None, {}),
+    "l2_low_l2_rows__inner": ("l2_low", False, ("l2_rows",), INNER, {"lang_lr": 3e-3}),
+    "l2_low_char_rows__inner": ("l2_low", False, CHAR_ROWS, INNER, {}),
+    "readwrite_char_rows__full": ("readwrite", False, CHAR_ROWS, None, {}),
+    "reads_l2_char_rows__inner": ("reads_l2", False, CHAR_ROWS, INNER, {}),
+    "reads_l2_char_rows__all_layers": ("reads_l2", False, CHAR_ROWS, ALL_LAYERS, {"lang_lr": 3e-3}),
+    "reads_l2_head__all_layers": ("reads_l2", False, ("head",), ALL_LAYERS, {"lang_lr": 3e-3}),
+    "reads_l2_l2_head_rows__all_layers": ("reads_l2", False, ("l2_head_rows",), ALL_LAYERS, {"lang_lr": 3e-3}),
+    "reads_l2_l2_rows__all_layers": ("reads_l2", False, ("l2_rows",), ALL_LAYERS, {"lang_lr": 3e-3}),
+    "two_step_char_rows__0_6_low_lr": ("reads_l2_some_two_step", False, CHAR_ROWS, tuple(range(7)), {"math_lr": 3e-4}),
+    "no_l2_rev_l2_rows__all_layers_l1_replay": (
+        "shipped_without_l2_reversal",
+        False,
+        ("l2_rows",),
+        ALL_LAYERS,
+        {"lang_lr": 3e-3, "math_replay": "l1"},
+    ),
+    "no_l2_rev_char_rows__full_l1_replay": (
+        "shipped_without_l2_reversal",
+        False,
+        CHAR_ROWS,
+        None,
+        {"math_replay": "l1"},
+    ),
+}
+TASKS = ("comp_math_l2", "comp_math_l1", "comp_lang_l2", "l2q_multi")
+
+
+def base_mix(name: str) -> dict[str, float]:
+    from evomerge.zoo.composition import BASE_MIX
+
+    if name == "shipped":
+        return dict(BASE_MIX)
+    if name == "shipped_without_l2_reversal":
+        return {k: v for k, v in BASE_MIX.items() if k != "comp_lang_l2"}
+    return BASE_MIXES[name]
+
+
+def variant_config(name: str) -> Any:
+    from evomerge.zoo.composition import CompConfig
+
+    mix_name, tied, lang, math, over = VARIANTS[name]
+    mix = base_mix(mix_name)
+    cfg = CompConfig()
+    math_replay = tuple(k for k in mix if k.startswith("l1_")) if over.get("math_replay") == "l1" else tuple(mix)
+    return replace(
+        cfg,
+        tie_embeddings=tied,
+        base_mix=mix,
+        parts={"lang": lang, "math": math},
+        replay_tasks={"lang": tuple(mix), "math": math_replay},
+        expert_steps={"lang": over.get("lang_steps", 1200), "math": over.get("math_steps", 1500)},
+        expert_lr={"lang": over.get("lang_lr", 1e-3), "math": over.get("math_lr", 1e-3)},
+    )
+
+
+def eval_rows(limit: int) -> dict[str, list[dict]]:
+    from evomerge.zoo.composition import TO_L1, read_split
+
+    rows = {t: read_split(t, "test")[:limit] for t in TASKS if t != "l2q_multi"}
+    rows["l2q_multi"] = [{"prompt": r["prompt"], "answer": r["answer"].translate(TO_L1)} for r in rows["comp_math_l2"]]
+    return rows
+
+
+def scores(model: Any, state: dict[str, Any], rows: dict[str, list[dict]]) -> dict[str, float]:
+    from evomerge.zoo.composition import exact_match
+
+    model.load_state_dict(state)
+    return {t: round(exact_match(model, rows[t]), 4) for t in TASKS}
+
+
+def run_variants(names: Sequence[str], limit: int) -> list[dict[str, Any]]:
+    import torch
+
+    from evomerge.zoo import composition as comp
+
+    torch.set_num_threads(1)
+    splits = {n: {s: comp.read_split(n, s) for s in ("validation", "test")} for n in comp.EVAL_TASKS}
+    held = comp.held_out(splits)
+    rows = eval_rows(limit)
+    bases: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}
+    out = []
+    for name in names:
+        started = time.perf_counter()
+        cfg = variant_config(name)
+        key = (VARIANTS[name][0], cfg.tie_embeddings)
+        if key not in bases:
+            bases[key] = comp.train_base(cfg, 0, held)
+        states = {"base": bases[key]}
+        states.update({n: comp.train_expert(cfg, 0, held, bases[key], n) for n in ("lang", "math")})
+        model = comp.new_model(cfg, 0)
+        record = {n: scores(model, s, rows) for n, s in states.items()}
+        for weight in (0.5, 1.0):
+            record[f"task_arithmetic_{weight}"] = scores(model, comp.task_arithmetic(states, weight), rows)
+        out.append({"variant": name, "scores": record, "seconds": round(time.perf_counter() - started, 1)})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=RESULTS / "composition_variants.json")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    results = run_variants(args.variants, args.limit)
+    result = {
+        "benchmark": "composition_variants",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "command": " ".join(["python", "benchmarks/composition_variants.py", *sys.argv[1:]]),
+        "test_items_per_task": args.limit,
+        "variants": {name: {"base_mix": base_mix(VARIANTS[name][0]), **_describe(name)} for name in args.variants},
+        "results": results,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    table = []
+    for r in results:
+        s = r["scores"]
+        best_source = max(s[m]["comp_math_l2"] for m in ("base", "lang", "math"))
+        table.append(
+            [
+                r["variant"],
+                f"{s['lang']['comp_lang_l2']:.3f}",
+                f"{s['math']['comp_math_l1']:.3f}",
+                f"{s['math']['l2q_multi']:.3f}",
+                f"{best_source:.3f}",
+                f"{s['task_arithmetic_0.5']['comp_math_l2']:.3f} / {s['task_arithmetic_1.0']['comp_math_l2']:.3f}",
+            ]
+        )
+    print_table(
+        f"composition designs, first {args.limit} test items",
+        ["variant", "lang own", "math own", "math l2q_multi", "best source target", "TA 0.5 / 1.0 target"],
+        table,
+    )
+    print(f"wrote {args.out}")
+
+
+def _describe(name: str) -> dict[str, Any]:
+    _, tied, lang, math, over = VARIANTS[name]
+    return {"tied": tied, "lang_parts": lang, "math_parts": math, "overrides": over}
+
+
+if __name__ == "__main__":
+    main()
