@@ -5,7 +5,8 @@ with its own base mixture, embedding tying and trained parts, then scores on the
 test items of each task: the three sources, task arithmetic at 0.5 and 1.0 per expert (with
 disjoint trained parts, 1.0 is exactly the union of both fine-tunes). Besides the zoo's three
 tasks, `l2q_multi` is the target's questions with L1 answers: it tells a model that computes the
-answer but writes it in the wrong script from one that cannot compute it. A design composes when
+answer but writes it in the wrong script from one that cannot compute it, and `l2m_multi`
+(the target's questions with L1 numerals, L1 answers) one that cannot read L2 numerals. A design composes when
 no source reaches the bar on `comp_math_l2` and a merge does. Variants sharing a base mixture and
 tying share one trained base (the same bytes a separate run trains).
 
@@ -40,20 +41,15 @@ BASE_MIXES: dict[str, dict[str, float]] = {
         **{"l1_copy": 0.2, "l1_rev": 0.2, "l1_translate": 0.1, "l1_add": 0.2, "l1_sub": 0.2},
         **{"l2_copy": 0.05, "l2_translate": 0.05},
     },
-    # translation both ways, no other L2 task
-    "readwrite": {
-        **{"l1_copy": 0.2, "l1_rev": 0.2, "l1_translate": 0.1, "l1_add": 0.2, "l1_sub": 0.2},
-        **{"l2_translate": 0.1},
-    },
     # reads L2 and answers in L1 (reversal and one-step arithmetic posed in L2), writes L2 only in translation
     "reads_l2": {
         **{"l1_copy": 0.15, "l1_rev": 0.15, "l1_translate": 0.1, "l1_add": 0.15, "l1_sub": 0.15},
         **{"l2q_rev": 0.08, "l2q_add": 0.06, "l2q_sub": 0.06, "l2_translate": 0.1},
     },
-    # the same with a little L1 two-step arithmetic, so the math fine-tune can be small
-    "reads_l2_some_two_step": {
-        **{"l1_copy": 0.15, "l1_rev": 0.15, "l1_translate": 0.1, "l1_add": 0.13, "l1_sub": 0.13, "comp_math_l1": 0.04},
-        **{"l2q_rev": 0.08, "l2q_add": 0.06, "l2q_sub": 0.06, "l2_translate": 0.1},
+    # L2 written with L1 numerals only: L2's own digits are new vocabulary for the experts
+    "l2_without_numerals": {
+        **{"l1_copy": 0.15, "l1_rev": 0.15, "l1_translate_mixed": 0.1, "l1_add": 0.15, "l1_sub": 0.15},
+        **{"l2m_copy": 0.05, "l2m_rev": 0.05, "l2m_add": 0.05, "l2m_sub": 0.05, "l2m_translate": 0.1},
     },
     # the shipped mixture without L2 reversal (the language expert's task)
     "shipped_without_l2_reversal": {},
@@ -66,14 +62,25 @@ VARIANTS: dict[str, tuple[str, bool, Any, Any, dict[str, Any]]] = {
     "untied_l2_rows__inner": ("shipped", False, ("l2_rows",), INNER, {"lang_lr": 3e-3}),
     "untied_char_rows__full": ("shipped", False, CHAR_ROWS, None, {}),
     "l2_low_l2_rows__inner": ("l2_low", False, ("l2_rows",), INNER, {"lang_lr": 3e-3}),
-    "l2_low_char_rows__inner": ("l2_low", False, CHAR_ROWS, INNER, {}),
-    "readwrite_char_rows__full": ("readwrite", False, CHAR_ROWS, None, {}),
     "reads_l2_char_rows__inner": ("reads_l2", False, CHAR_ROWS, INNER, {}),
-    "reads_l2_char_rows__all_layers": ("reads_l2", False, CHAR_ROWS, ALL_LAYERS, {"lang_lr": 3e-3}),
     "reads_l2_head__all_layers": ("reads_l2", False, ("head",), ALL_LAYERS, {"lang_lr": 3e-3}),
-    "reads_l2_l2_head_rows__all_layers": ("reads_l2", False, ("l2_head_rows",), ALL_LAYERS, {"lang_lr": 3e-3}),
     "reads_l2_l2_rows__all_layers": ("reads_l2", False, ("l2_rows",), ALL_LAYERS, {"lang_lr": 3e-3}),
-    "two_step_char_rows__0_6_low_lr": ("reads_l2_some_two_step", False, CHAR_ROWS, tuple(range(7)), {"math_lr": 3e-4}),
+    "new_numerals_l2_rows__inner": ("l2_without_numerals", False, ("l2_rows",), INNER, {"lang_lr": 3e-3}),
+    "new_numerals_full__full": ("l2_without_numerals", False, None, None, {}),
+    "aligned_numerals_l2_rows__inner": (
+        "l2_without_numerals",
+        False,
+        ("l2_rows",),
+        INNER,
+        {"lang_lr": 3e-3, "aligned": True},
+    ),
+    "aligned_numerals_l2_rows_lr3e-4__inner_no_l2_arith_replay": (
+        "l2_without_numerals",
+        False,
+        ("l2_rows",),
+        INNER,
+        {"lang_lr": 3e-4, "aligned": True, "lang_replay": "no_l2_arithmetic"},
+    ),
     "no_l2_rev_l2_rows__all_layers_l1_replay": (
         "shipped_without_l2_reversal",
         False,
@@ -81,15 +88,8 @@ VARIANTS: dict[str, tuple[str, bool, Any, Any, dict[str, Any]]] = {
         ALL_LAYERS,
         {"lang_lr": 3e-3, "math_replay": "l1"},
     ),
-    "no_l2_rev_char_rows__full_l1_replay": (
-        "shipped_without_l2_reversal",
-        False,
-        CHAR_ROWS,
-        None,
-        {"math_replay": "l1"},
-    ),
 }
-TASKS = ("comp_math_l2", "comp_math_l1", "comp_lang_l2", "l2q_multi")
+TASKS = ("comp_math_l2", "comp_math_l1", "comp_lang_l2", "l2q_multi", "l2m_multi")
 
 
 def base_mix(name: str) -> dict[str, float]:
@@ -109,22 +109,30 @@ def variant_config(name: str) -> Any:
     mix = base_mix(mix_name)
     cfg = CompConfig()
     math_replay = tuple(k for k in mix if k.startswith("l1_")) if over.get("math_replay") == "l1" else tuple(mix)
+    lang_replay = tuple(mix)
+    if over.get("lang_replay") == "no_l2_arithmetic":
+        lang_replay = tuple(k for k in mix if not k.startswith("l2") or k.split("_")[-1] not in ("add", "sub"))
     return replace(
         cfg,
         tie_embeddings=tied,
         base_mix=mix,
         parts={"lang": lang, "math": math},
-        replay_tasks={"lang": tuple(mix), "math": math_replay},
+        replay_tasks={"lang": lang_replay, "math": math_replay},
+        lang_aligned_numerals=over.get("aligned", False),
         expert_steps={"lang": over.get("lang_steps", 1200), "math": over.get("math_steps", 1500)},
         expert_lr={"lang": over.get("lang_lr", 1e-3), "math": over.get("math_lr", 1e-3)},
     )
 
 
 def eval_rows(limit: int) -> dict[str, list[dict]]:
-    from evomerge.zoo.composition import TO_L1, read_split
+    from evomerge.zoo.composition import TO_L1, TO_L2_MIXED, read_split
 
-    rows = {t: read_split(t, "test")[:limit] for t in TASKS if t != "l2q_multi"}
+    rows = {t: read_split(t, "test")[:limit] for t in TASKS[:3]}
     rows["l2q_multi"] = [{"prompt": r["prompt"], "answer": r["answer"].translate(TO_L1)} for r in rows["comp_math_l2"]]
+    rows["l2m_multi"] = [
+        {"prompt": r["prompt"].translate(TO_L1).translate(TO_L2_MIXED), "answer": r["answer"].translate(TO_L1)}
+        for r in rows["comp_math_l2"]
+    ]
     return rows
 
 

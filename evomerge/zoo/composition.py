@@ -45,6 +45,8 @@ L1 = L1_DIGITS + L1_LETTERS + L1_MARKS
 L2 = "ABCDEFGHIJ" + "KLMNOPQRST" + "UVW#%@;"  # L2's character for each L1 character, in order
 TO_L2 = str.maketrans(L1, L2)
 TO_L1 = str.maketrans(L2, L1)
+# L2 written with L1 numerals (a base that has never seen L2's own digits; variants only)
+TO_L2_MIXED = str.maketrans(L1[len(L1_DIGITS) :], L2[len(L1_DIGITS) :])
 TOKEN_CHARS = L1 + L2
 SEQ_LEN = 16  # longest example: "k:abc123=abc123<eos>"
 WORD_LEN = 6
@@ -104,6 +106,24 @@ def posed_in_l2(generate: Callable[[random.Random], tuple[str, str]]) -> Callabl
     return generate_l2_question
 
 
+def in_mixed_l2(generate: Callable[[random.Random], tuple[str, str]]) -> Callable[[random.Random], tuple[str, str]]:
+    """The task posed and answered in L2 with L1 numerals (translation tasks: into L1)."""
+
+    def generate_mixed(rng: random.Random) -> tuple[str, str]:
+        prompt, answer = generate(rng)
+        if prompt.startswith("t:"):  # the word in mixed L2, its L1 spelling as the answer
+            return prompt.translate(TO_L2_MIXED), answer.translate(TO_L1)
+        return prompt.translate(TO_L2_MIXED), answer.translate(TO_L2_MIXED)
+
+    return generate_mixed
+
+
+def _translate_mixed(rng: random.Random) -> tuple[str, str]:
+    """L1 word -> its L2 spelling with L1 numerals."""
+    w = _word(rng)
+    return f"t:{w}=", w.translate(TO_L2_MIXED)
+
+
 def in_l2(generate: Callable[[random.Random], tuple[str, str]]) -> Callable[[random.Random], tuple[str, str]]:
     """The same task posed and answered in L2 (a translation task then translates L2 into L1)."""
 
@@ -112,6 +132,9 @@ def in_l2(generate: Callable[[random.Random], tuple[str, str]]) -> Callable[[ran
         return prompt.translate(TO_L2), answer.translate(TO_L2 if answer == answer.translate(TO_L1) else TO_L1)
 
     return generate_l2
+
+
+TASK_GENERATORS = {"copy": _copy, "rev": _rev, "translate": _translate, "add": _add, "sub": _sub}
 
 
 @dataclass(frozen=True)
@@ -142,6 +165,8 @@ TASKS: dict[str, CompTask] = {
         CompTask("l2q_add", posed_in_l2(_add), False),
         CompTask("l2q_sub", posed_in_l2(_sub), False),
         CompTask("l2q_multi", posed_in_l2(_multi), False),
+        CompTask("l1_translate_mixed", _translate_mixed, False),
+        *(CompTask(f"l2m_{n}", in_mixed_l2(g), False) for n, g in TASK_GENERATORS.items()),
     )
 }
 EVAL_TASKS = ["comp_math_l2", "comp_math_l1", "comp_lang_l2"]
@@ -195,6 +220,9 @@ class CompConfig:
     )
     math_mix: dict[str, float] = field(default_factory=lambda: {"comp_math_l1": 1.0})
     eval_limit: int | None = None
+    # variants: the language expert starts L2's numeral rows from L1's (a new script's embeddings
+    # initialised from aligned tokens of the old vocabulary, as WECHSEL and FOCUS do)
+    lang_aligned_numerals: bool = False
 
 
 def encode(text: str) -> list[int]:
@@ -226,6 +254,7 @@ def held_out(splits: dict[str, dict[str, list[dict]]]) -> set[str]:
             for row in by_split[split]:
                 prompts.add(row["prompt"].translate(TO_L1))
                 prompts.add(row["prompt"].translate(TO_L2))
+                prompts.add(row["prompt"].translate(TO_L1).translate(TO_L2_MIXED))
     return prompts
 
 
@@ -303,12 +332,23 @@ def train_base(cfg: CompConfig, seed: int, held: set[str]) -> dict[str, torch.Te
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@torch.no_grad()
+def align_numerals(model) -> None:
+    """Copy each L1 digit's embedding (and untied head) row onto its L2 numeral's row."""
+    l1 = torch.tensor([CHAR_IDS[c] for c in L1_DIGITS])
+    l2 = torch.tensor([CHAR_IDS[c] for c in L1_DIGITS.translate(TO_L2)])
+    for weight in {id(w): w for w in (model.model.embed_tokens.weight, model.lm_head.weight)}.values():
+        weight[l2] = weight[l1]
+
+
 def train_expert(
     cfg: CompConfig, seed: int, held: set[str], base: dict[str, torch.Tensor], name: str
 ) -> dict[str, torch.Tensor]:
     """Fine-tune `name` ("lang" or "math") from the base: its mixture with replay, its parts."""
     model = new_model(cfg, seed)  # fresh: no gradient hook of an earlier expert
     model.load_state_dict(base)
+    if name == "lang" and cfg.lang_aligned_numerals:
+        align_numerals(model)
     part = cfg.parts[name]
     part = tuple(part) if isinstance(part, list) else part
     own = cfg.lang_mix if name == "lang" else cfg.math_mix
