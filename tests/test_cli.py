@@ -197,7 +197,8 @@ def test_ctrl_c_prints_the_resume_command_and_exits_130_and_that_command_finishe
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "evomerge.cli.app", "search", str(space(root)), "--run-dir", str(run_dir)],
-        env=env(EVOMERGE_TEST_WORKER_DELAY="0.25"),
+        # 1 s per evaluation: the interrupt lands mid-search even when this process is starved for seconds
+        env=env(EVOMERGE_TEST_WORKER_DELAY="1.0"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
