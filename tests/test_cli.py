@@ -197,11 +197,13 @@ def test_ctrl_c_prints_the_resume_command_and_exits_130_and_that_command_finishe
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "evomerge.cli.app", "search", str(space(root)), "--run-dir", str(run_dir)],
-        # 1 s per evaluation: the interrupt lands mid-search even when this process is starved for seconds
-        env=env(EVOMERGE_TEST_WORKER_DELAY="1.0"),
+        env=env(EVOMERGE_TEST_WORKER_DELAY="0.25"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a terminal's Ctrl-C: SIGINT at its default even when pytest runs as a background job, whose
+        # children inherit SIGINT ignored (Python then never raises KeyboardInterrupt)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 90
     while len(search_ids(run_dir)) < 2:
