@@ -51,6 +51,12 @@ BASE_MIXES: dict[str, dict[str, float]] = {
         **{"l1_copy": 0.15, "l1_rev": 0.15, "l1_translate_mixed": 0.1, "l1_add": 0.15, "l1_sub": 0.15},
         **{"l2m_copy": 0.05, "l2m_rev": 0.05, "l2m_add": 0.05, "l2m_sub": 0.05, "l2m_translate": 0.1},
     },
+    # the same, and numbers compared (the larger of two) in L1 and in L2 with L1 numerals
+    "l2_without_numerals_larger": {
+        **{"l1_copy": 0.15, "l1_rev": 0.15, "l1_translate_mixed": 0.1, "l1_add": 0.1, "l1_sub": 0.1},
+        **{"l1_larger": 0.1, "l2m_copy": 0.05, "l2m_rev": 0.05, "l2m_add": 0.05, "l2m_sub": 0.05},
+        **{"l2m_translate": 0.05, "l2m_larger": 0.05},
+    },
     # the shipped mixture without L2 reversal (the language expert's task)
     "shipped_without_l2_reversal": {},
 }
@@ -80,6 +86,20 @@ VARIANTS: dict[str, tuple[str, bool, Any, Any, dict[str, Any]]] = {
         ("l2_rows",),
         INNER,
         {"lang_lr": 3e-4, "aligned": True, "lang_replay": "no_l2_arithmetic"},
+    ),
+    "numbers_in_l2_l2_rows__inner": (
+        "l2_without_numerals_larger",
+        False,
+        ("l2_rows",),
+        INNER,
+        {"lang_lr": 3e-3, "lang_mix": {"l2_copy": 0.2, "comp_lang_l2": 0.4, "l2_translate": 0.1, "l2_larger": 0.3}},
+    ),
+    "numbers_in_l2_full__full": (
+        "l2_without_numerals_larger",
+        False,
+        None,
+        None,
+        {"lang_mix": {"l2_copy": 0.2, "comp_lang_l2": 0.4, "l2_translate": 0.1, "l2_larger": 0.3}},
     ),
     "no_l2_rev_l2_rows__all_layers_l1_replay": (
         "shipped_without_l2_reversal",
@@ -119,6 +139,7 @@ def variant_config(name: str) -> Any:
         parts={"lang": lang, "math": math},
         replay_tasks={"lang": lang_replay, "math": math_replay},
         lang_aligned_numerals=over.get("aligned", False),
+        lang_mix=over.get("lang_mix", cfg.lang_mix),
         expert_steps={"lang": over.get("lang_steps", 1200), "math": over.get("math_steps", 1500)},
         expert_lr={"lang": over.get("lang_lr", 1e-3), "math": over.get("math_lr", 1e-3)},
     )

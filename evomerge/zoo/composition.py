@@ -96,6 +96,12 @@ def _multi(rng: random.Random) -> tuple[str, str]:
     return f"{a}+{b}-{c}=", f"{a + b - c:03d}"
 
 
+def _larger(rng: random.Random) -> tuple[str, str]:
+    """The larger of two numbers, `47:82=` -> `082` (numbers compared, nothing computed; variants only)."""
+    a, b = rng.randrange(100), rng.randrange(100)
+    return f"{a}:{b}=", f"{max(a, b):03d}"
+
+
 def posed_in_l2(generate: Callable[[random.Random], tuple[str, str]]) -> Callable[[random.Random], tuple[str, str]]:
     """The task posed in L2 and answered in L1 (a model that reads L2 but writes L1; variants only)."""
 
@@ -134,7 +140,7 @@ def in_l2(generate: Callable[[random.Random], tuple[str, str]]) -> Callable[[ran
     return generate_l2
 
 
-TASK_GENERATORS = {"copy": _copy, "rev": _rev, "translate": _translate, "add": _add, "sub": _sub}
+TASK_GENERATORS = {"copy": _copy, "rev": _rev, "translate": _translate, "add": _add, "sub": _sub, "larger": _larger}
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,8 @@ TASKS: dict[str, CompTask] = {
         CompTask("l2q_sub", posed_in_l2(_sub), False),
         CompTask("l2q_multi", posed_in_l2(_multi), False),
         CompTask("l1_translate_mixed", _translate_mixed, False),
+        CompTask("l1_larger", _larger, False),
+        CompTask("l2_larger", in_l2(_larger), False),
         *(CompTask(f"l2m_{n}", in_mixed_l2(g), False) for n, g in TASK_GENERATORS.items()),
     )
 }
