@@ -5,9 +5,9 @@ with its own base mixture, embedding tying and trained parts, then scores on the
 test items of each task: the three sources, task arithmetic at 0.5 and 1.0 per expert (with
 disjoint trained parts, 1.0 is exactly the union of both fine-tunes). Besides the zoo's three
 tasks, `l2q_multi` is the target's questions with L1 answers: it tells a model that computes the
-answer but writes it in the wrong script from one that cannot compute it, and `l2m_multi`
-(the target's questions with L1 numerals, L1 answers) one that cannot read L2 numerals. A design composes when
-no source reaches the bar on `comp_math_l2` and a merge does. Variants sharing a base mixture and
+answer but writes it in the wrong script from one that cannot compute it, and `l2m_multi` (the
+target's questions with L1 numerals, L1 answers) one that cannot read L2 numerals. A design
+composes when no source reaches the bar on `comp_math_l2` and a merge does. Variants sharing a base mixture and
 tying share one trained base (the same bytes a separate run trains).
 
     PYTHONPATH=. python benchmarks/composition_variants.py [--variants NAME ...] [--limit 200]
@@ -140,8 +140,7 @@ def variant_config(name: str) -> Any:
         replay_tasks={"lang": lang_replay, "math": math_replay},
         lang_aligned_numerals=over.get("aligned", False),
         lang_mix=over.get("lang_mix", cfg.lang_mix),
-        expert_steps={"lang": over.get("lang_steps", 1200), "math": over.get("math_steps", 1500)},
-        expert_lr={"lang": over.get("lang_lr", 1e-3), "math": over.get("math_lr", 1e-3)},
+        expert_lr={**cfg.expert_lr, "lang": over.get("lang_lr", cfg.expert_lr["lang"])},
     )
 
 
