@@ -202,10 +202,9 @@ class CompConfig:
     `parts` says what each expert fine-tunes: None (every parameter, the shipped zoo) or a tuple
     of decoder layer indices and the names "l2_rows" (the L2 rows of the embeddings and, untied,
     of the head), "char_rows" (every character's rows), "l2_head_rows" (the L2 rows of an untied
-    head) and "head" (the whole untied head); the
-    variants of docs/zoo.md (benchmarks/composition_variants.py). `replay_tasks` are the base
-    tasks replayed (`replay` of each expert's batches): the whole base mixture for both, so neither
-    forgets the base's skills.
+    head) and "head" (the whole untied head): the variants of docs/zoo.md
+    (benchmarks/composition_variants.py). `replay_tasks` are the base tasks replayed (`replay` of
+    each expert's batches): the whole base mixture for both, so neither forgets the base's skills.
     """
 
     hidden: int = 64
