@@ -31,11 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_util import RESULTS, machine, print_table  # noqa: E402
 
+from evomerge.zoo.composition import BASE_MIX  # noqa: E402
+
 INNER = tuple(range(1, 7))
 ALL_LAYERS = tuple(range(8))
 BASE_MIXES: dict[str, dict[str, float]] = {
     # the shipped base: L1 skills, and L2 rarely (copy, reversal, translation, one-step arithmetic)
-    "shipped": {},
+    "shipped": dict(BASE_MIX),
     # L2 only as copy and translation (a script seen, never used for a task)
     "l2_low": {
         **{"l1_copy": 0.2, "l1_rev": 0.2, "l1_translate": 0.1, "l1_add": 0.2, "l1_sub": 0.2},
@@ -58,7 +60,7 @@ BASE_MIXES: dict[str, dict[str, float]] = {
         **{"l2m_translate": 0.05, "l2m_larger": 0.05},
     },
     # the shipped mixture without L2 reversal (the language expert's task)
-    "shipped_without_l2_reversal": {},
+    "shipped_without_l2_reversal": {k: v for k, v in BASE_MIX.items() if k != "comp_lang_l2"},
 }
 # name: (base mixture, tied, lang parts, math parts, overrides); None = every parameter.
 # "rows" variants: the language expert learns only token rows (a script is its vocabulary).
@@ -112,21 +114,11 @@ VARIANTS: dict[str, tuple[str, bool, Any, Any, dict[str, Any]]] = {
 TASKS = ("comp_math_l2", "comp_math_l1", "comp_lang_l2", "l2q_multi", "l2m_multi")
 
 
-def base_mix(name: str) -> dict[str, float]:
-    from evomerge.zoo.composition import BASE_MIX
-
-    if name == "shipped":
-        return dict(BASE_MIX)
-    if name == "shipped_without_l2_reversal":
-        return {k: v for k, v in BASE_MIX.items() if k != "comp_lang_l2"}
-    return BASE_MIXES[name]
-
-
 def variant_config(name: str) -> Any:
     from evomerge.zoo.composition import CompConfig
 
     mix_name, tied, lang, math, over = VARIANTS[name]
-    mix = base_mix(mix_name)
+    mix = BASE_MIXES[mix_name]
     cfg = CompConfig()
     math_replay = tuple(k for k in mix if k.startswith("l1_")) if over.get("math_replay") == "l1" else tuple(mix)
     lang_replay = tuple(mix)
@@ -205,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "machine": machine(),
         "command": " ".join(["python", "benchmarks/composition_variants.py", *sys.argv[1:]]),
         "test_items_per_task": args.limit,
-        "variants": {name: {"base_mix": base_mix(VARIANTS[name][0]), **_describe(name)} for name in args.variants},
+        "variants": {name: {"base_mix": BASE_MIXES[VARIANTS[name][0]], **_describe(name)} for name in args.variants},
         "results": results,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
